@@ -1,0 +1,197 @@
+"""Backend registry: which kernel family runs an op, and why the others decline.
+
+Four backends, tried in this order when ``backend=None``:
+
+- ``triton``: fused GPU kernels for CUDA tensors (and CPU tensors when ``TRITON_INTERPRET=1``,
+  which is how they are tested without a GPU); float32/float16/bfloat16, computed in float32.
+- ``cuda``: hand-written CUDA C++ kernels from ``csrc/``, loaded through CuPy.
+- ``numba``: fused parallel CPU kernels; float32/float64, computed in float64.
+- ``reference``: pure torch, any device and floating dtype; the oracle and the last resort.
+
+``backend="name"`` (or the ``FASTFLOW_BACKEND`` environment variable) forces one and raises
+:class:`BackendUnavailableError` with the reason when it cannot run the op on those tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "backend_status",
+    "register_kernel",
+    "resolve_backend",
+    "get_kernel",
+]
+
+ENV_VAR = "FASTFLOW_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the requested op on the given tensors."""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _import_reason(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"cannot import {module}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _probe_numba() -> str | None:
+    return _import_reason("numba")
+
+
+def _probe_triton() -> str | None:
+    reason = _import_reason("triton")
+    if reason:
+        return reason
+    if not torch.cuda.is_available() and not _interpreting():
+        return "no CUDA device visible to torch (set TRITON_INTERPRET=1 to run on the CPU interpreter)"
+    return None
+
+
+def _probe_cuda() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
+    return _import_reason("cupy")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A kernel family: the devices and dtypes it takes, and a probe for its requirements."""
+
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    probe: Callable[[], str | None] = lambda: None
+    description: str = ""
+    kernels: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def device_ok(self, device: torch.device) -> bool:
+        if self.name == "triton" and device.type == "cpu":
+            return _interpreting()
+        return device.type in self.devices or "any" in self.devices
+
+    def decline_reason(self, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this backend cannot run ``op`` on tensors of this device and dtype (None: it can)."""
+        if op not in self.kernels:
+            return f"backend {self.name!r} has no kernel for {op!r}"
+        reason = self.probe()
+        if reason:
+            return reason
+        if not self.device_ok(device):
+            return f"backend {self.name!r} runs on {'/'.join(self.devices)} tensors, got device {device}"
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"backend {self.name!r} takes dtypes ({names}), got {str(dtype).replace('torch.', '')}"
+        return None
+
+
+_F = (torch.float32, torch.float64)
+_LOW = (torch.float16, torch.bfloat16)
+
+BACKENDS: dict[str, Backend] = {
+    "triton": Backend("triton", ("cuda",), (torch.float32,) + _LOW, _probe_triton, "fused Triton GPU kernels"),
+    "cuda": Backend("cuda", ("cuda",), (torch.float32,) + _LOW, _probe_cuda, "CUDA C++ kernels via CuPy"),
+    "numba": Backend("numba", ("cpu",), _F, _probe_numba, "fused parallel Numba CPU kernels"),
+    "reference": Backend("reference", ("any",), _F + _LOW, lambda: None, "pure PyTorch (oracle)"),
+}
+_ORDER = ("triton", "cuda", "numba", "reference")
+
+
+def register_kernel(op: str, backend: str, loader: Callable[[], object]) -> None:
+    """Declare that ``backend`` implements ``op``; ``loader()`` imports and returns the kernels.
+
+    Loading is deferred to first use so that ``import fastflow`` never compiles or imports
+    numba/triton/cupy.
+    """
+    BACKENDS[backend].kernels[op] = functools.lru_cache(maxsize=None)(loader)
+
+
+def get_kernel(op: str, backend: str):
+    """The kernel module/object of ``backend`` for ``op`` (imported on first call)."""
+    return BACKENDS[backend].kernels[op]()
+
+
+def _resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None) -> str:
+    requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    if requested is not None:
+        requested = requested.strip().lower()
+        if requested not in BACKENDS:
+            raise ValueError(
+                f"backend={requested!r} is not a fastflow backend; expected one of {sorted(BACKENDS)} "
+                f"(from {'the backend argument' if backend is not None else ENV_VAR})"
+            )
+        reason = BACKENDS[requested].decline_reason(op, device, dtype)
+        if reason:
+            raise BackendUnavailableError(f"{op}: forced backend {requested!r} cannot run: {reason}")
+        return requested
+    for name in _ORDER:
+        if BACKENDS[name].decline_reason(op, device, dtype) is None:
+            return name
+    raise BackendUnavailableError(f"{op}: no backend can run on device {device} with dtype {dtype}")
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(op: str, device_str: str, dtype_str: str, backend: str | None) -> str:
+    # torch.compile evaluates this once while tracing and bakes the answer into the graph
+    # (the device and dtype are static there), so backend choice never breaks the graph.
+    return _resolve(op, torch.device(device_str), getattr(torch, dtype_str), backend)
+
+
+def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None = None) -> str:
+    """Name of the backend that runs ``op`` on tensors like ``tensor``.
+
+    Raises:
+        BackendUnavailableError: a forced backend cannot run here (the message says why).
+        ValueError: an unknown backend name.
+    """
+    if torch.compiler.is_compiling():
+        return _resolve_constant(op, str(tensor.device), str(tensor.dtype).replace("torch.", ""), backend)
+    return _resolve(op, tensor.device, tensor.dtype, backend)
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "?")
+    except Exception:
+        return None
+
+
+def backend_status() -> dict:
+    """Everything ``fastflow info`` prints: versions, devices, and per backend/op availability."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    status = {
+        "versions": {m: _version(m) for m in ("fastflow", "torch", "numpy", "numba", "triton", "cupy")},
+        "devices": devices,
+        "triton_interpret": _interpreting(),
+        "backends": {},
+    }
+    for name in _ORDER:
+        b = BACKENDS[name]
+        probe = b.probe()
+        status["backends"][name] = {
+            "description": b.description,
+            "available": probe is None,
+            "reason": probe,
+            "devices": list(b.devices),
+            "dtypes": [str(d).replace("torch.", "") for d in b.dtypes],
+            "ops": sorted(b.kernels),
+        }
+    return status

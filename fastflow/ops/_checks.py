@@ -1,0 +1,42 @@
+"""Argument checks shared by the functional ops: clear errors naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
+
+
+def check_tensor(name: str, t, *, op: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must have a floating dtype (float16/bfloat16/float32/float64), got {describe(t)}")
+    return t
+
+
+def check_same(op: str, named: dict[str, torch.Tensor]) -> None:
+    """All tensors share the first one's dtype and device."""
+    (n0, t0), *rest = named.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {name} is on device {t.device} but {n0} is on {t0.device}; move them to one device")
+        if t.dtype != t0.dtype:
+            raise TypeError(
+                f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')} but {n0} has "
+                f"{str(t0.dtype).replace('torch.', '')}; cast them to one dtype"
+            )
+
+
+def check_positive_float(op: str, name: str, value, *, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{op}: {name} must be a finite {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+    return v

@@ -1,0 +1,396 @@
+"""rq_spline: every backend against the reference, the reference and numba against nflows' own
+function, round trips, the naive Jacobian log-det, gradcheck/opcheck, edge cases, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastflow import BackendUnavailableError
+from fastflow.kernels.reference.spline import _knots, rq_spline_reference
+from fastflow.ops import rq_spline
+from fastflow.ops.rq_spline import _rq_spline_op
+from fastflow.testing import assert_close, elementwise_jacobian_logabsdet, tolerances
+from tests._backends import ALL_BACKENDS, INTERPRET, KERNEL_BACKENDS, device_for, dtypes_for
+
+nflows_rq = pytest.importorskip("nflows.transforms.splines.rational_quadratic")
+nflows_spline = nflows_rq.unconstrained_rational_quadratic_spline
+
+CPU_BACKENDS = ["reference", "numba"]
+
+
+def make_params(shape, k, scale=3.0, dtype=torch.float64, device="cpu", tail_bound=1.0, gen=None):
+    x = torch.randn(shape, dtype=torch.float64, generator=gen) * tail_bound * 0.8
+    uw = torch.randn(*shape, k, dtype=torch.float64, generator=gen) * scale
+    uh = torch.randn(*shape, k, dtype=torch.float64, generator=gen) * scale
+    ud = torch.randn(*shape, k - 1, dtype=torch.float64, generator=gen) * scale
+    return [t.to(dtype=dtype, device=device) for t in (x, uw, uh, ud)]
+
+
+def run_with_grads(fn, tensors, g_out, g_lad, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out, lad = fn(*leaves, **kw)
+    grads = torch.autograd.grad((out, lad), leaves, (g_out.to(out.dtype), g_lad.to(out.dtype)))
+    return out.detach(), lad.detach(), grads
+
+
+# ------------------------------------------------------------------ backends vs reference
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("k", [2, 8, 23])
+def test_backend_matches_reference(backend, inverse, k):
+    device = device_for(backend)
+    n = 2**9 + 17
+    for dtype in dtypes_for(backend):
+        x, uw, uh, ud = make_params((n,), k, device=device)
+        x = x * 1.4  # a share of the points in the linear tails
+        if inverse:
+            x = rq_spline_reference(x, uw, uh, ud)[0]
+        t = [v.to(dtype) for v in (x, uw, uh, ud)]
+        g_out, g_lad = torch.randn(n, dtype=torch.float64, device=device), torch.randn(n, dtype=torch.float64, device=device)
+        # Oracle: the reference evaluated in float64 on the same (rounded) inputs.
+        ref = run_with_grads(rq_spline, [v.double() for v in t], g_out, g_lad, inverse=inverse, backend="reference")
+        got = run_with_grads(rq_spline, t, g_out, g_lad, inverse=inverse, backend=backend)
+        assert got[0].dtype == dtype and got[1].dtype == dtype
+        assert_close(got[0], ref[0], dtype)
+        assert_close(got[1], ref[1], dtype)
+        for g, r in zip(got[2], ref[2]):
+            assert g.dtype == dtype
+            # Gradients are compared relative to their scale: raw-parameter gradients mix
+            # terms of very different size.
+            scale = r.abs().max().clamp_min(1.0)
+            assert_close(g / scale, r / scale, dtype)
+
+
+# ------------------------------------------------------------------ against nflows
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("k", [2, 8, 64])
+def test_matches_nflows_float64(backend, inverse, k):
+    gen = torch.Generator().manual_seed(k)
+    x, uw, uh, ud = make_params((1000,), k, scale=4.0, tail_bound=2.5, gen=gen)
+    x = x * 1.5
+    g_out, g_lad = torch.randn(1000, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
+    ref = run_with_grads(nflows_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, tail_bound=2.5)
+    got = run_with_grads(rq_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, tail_bound=2.5, backend=backend)
+    for a, b in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8 * float(b.abs().max().clamp_min(1.0)))
+
+
+def _max_err(a, oracle):
+    return float((a.double() - oracle).abs().max())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_float32_never_worse_than_nflows(backend, inverse):
+    gen = torch.Generator().manual_seed(7)
+    x64, uw64, uh64, ud64 = make_params((4000,), 8, scale=4.0, gen=gen)
+    x64 = x64 * 1.3
+    if inverse:
+        x64 = rq_spline_reference(x64, uw64, uh64, ud64)[0]
+    x, uw, uh, ud = (t.float() for t in (x64, uw64, uh64, ud64))
+    g_out, g_lad = torch.randn(4000), torch.randn(4000)
+    # The oracle is nflows in float64 on the float32 inputs.
+    oracle = run_with_grads(nflows_spline, [t.double() for t in (x, uw, uh, ud)], g_out, g_lad, inverse=inverse)
+    theirs = run_with_grads(nflows_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse)
+    ours = run_with_grads(rq_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, backend=backend)
+    names = ["outputs", "logabsdet", "grad inputs", "grad widths", "grad heights", "grad derivatives"]
+    for name, o, t, r in zip(names, (ours[0], ours[1], *ours[2]), (theirs[0], theirs[1], *theirs[2]), (oracle[0], oracle[1], *oracle[2])):
+        e_ours, e_theirs = _max_err(o, r), _max_err(t, r)
+        assert e_ours <= e_theirs, f"{name}: our float32 error {e_ours:.3g} > nflows' {e_theirs:.3g}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float32_inverse_where_nflows_asserts(backend):
+    # Points on (or one ulp beside) the height knots with extreme parameters: there nflows'
+    # float32 inverse computes a negative discriminant and raises.
+    failures = 0
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        n, k = 4096, 8
+        uw, uh = torch.randn(n, k, generator=gen) * 5, torch.randn(n, k, generator=gen) * 5
+        ud = torch.randn(n, k - 1, generator=gen) * 5
+        ch, _ = _knots(uh.double(), -1.0, 1.0, 1e-3)
+        j = torch.randint(0, k + 1, (n,), generator=gen)
+        y = ch.gather(-1, j[:, None])[:, 0].float()
+        y = torch.nextafter(y, y + torch.randn(n, generator=gen))
+        try:
+            nflows_spline(y, uw, uh, ud, inverse=True)
+        except AssertionError:
+            failures += 1
+        else:
+            continue
+        out, lad = rq_spline(y, uw, uh, ud, inverse=True, backend=backend)
+        ref_out, ref_lad = rq_spline_reference(*(t.double() for t in (y, uw, uh, ud)), inverse=True)
+        assert torch.isfinite(out).all() and torch.isfinite(lad).all()
+        torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=1e-6)
+        torch.testing.assert_close(lad.double(), ref_lad, rtol=1e-4, atol=1e-3)
+    assert failures > 0, "no input made nflows' float32 inverse assert: the test lost its point"
+
+
+# ------------------------------------------------------------------ maths
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("k", [2, 8, 64])
+def test_round_trip(backend, k):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    x, uw, uh, ud = make_params((2**10 + 17,), k, dtype=dtype, device=device, tail_bound=3.0)
+    x = x * 1.5
+    y, lad = rq_spline(x, uw, uh, ud, tail_bound=3.0, backend=backend)
+    x2, lad_inv = rq_spline(y, uw, uh, ud, inverse=True, tail_bound=3.0, backend=backend)
+    tol = 1e-8 if dtype == torch.float64 else 2e-4  # the inverse of a steep bin loses digits
+    torch.testing.assert_close(x2, x, rtol=tol, atol=tol)
+    torch.testing.assert_close(lad + lad_inv, torch.zeros_like(lad), rtol=0, atol=tol * 10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_logabsdet_matches_jacobian_slogdet(backend, inverse):
+    x, uw, uh, ud = make_params((3, 7), 5)
+    x = x * 1.4
+    fn = lambda v: rq_spline(v, uw, uh, ud, inverse=inverse, backend=backend)[0]  # noqa: E731
+    _, lad = rq_spline(x, uw, uh, ud, inverse=inverse, backend=backend)
+    naive = elementwise_jacobian_logabsdet(fn, x)
+    torch.testing.assert_close(lad.sum(), naive, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_gradcheck_float64(backend, inverse):
+    x, uw, uh, ud = make_params((13,), 4, scale=1.5)
+    x = x * 1.3
+    if inverse:
+        x = rq_spline_reference(x, uw, uh, ud)[0]
+    leaves = [t.clone().requires_grad_(True) for t in (x, uw, uh, ud)]
+
+    def fn(*a):
+        return rq_spline(*a, inverse=inverse, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_opcheck(backend):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    x, uw, uh, ud = make_params((5, 6), 4, dtype=dtype, device=device)
+    args = (x, uw.requires_grad_(), uh.requires_grad_(), ud, False, 1.0, 1e-3, 1e-3, 1e-3, backend)
+    torch.library.opcheck(_rq_spline_op, args)
+
+
+@pytest.mark.skipif(INTERPRET, reason="covered in the CPU run; compile does not trace the interpreter")
+def test_torch_compile_fullgraph():
+    x, uw, uh, ud = make_params((64,), 8, dtype=torch.float32)
+    uw.requires_grad_(True)
+
+    def f(x, uw, uh, ud):
+        y, lad = rq_spline(x, uw, uh, ud, tail_bound=2.0)
+        return (y**2).sum() + lad.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    expected = f(x, uw, uh, ud)
+    got = compiled(x, uw, uh, ud)
+    torch.testing.assert_close(got, expected)
+    (g,) = torch.autograd.grad(got, uw)
+    (ge,) = torch.autograd.grad(f(x, uw, uh, ud), uw)
+    torch.testing.assert_close(g, ge)
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_inputs_on_knots_and_bounds(backend):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    k, b = 6, 2.0
+    _, uw, uh, ud = make_params((4,), k, dtype=torch.float64)
+    cw, _ = _knots(uw, -b, b, 1e-3)
+    ch, _ = _knots(uh, -b, b, 1e-3)
+    # Every knot (ends included), and points just beyond the bounds, for each of 4 parameter rows.
+    for inverse, knots in ((False, cw), (True, ch)):
+        xs = torch.cat([knots, torch.tensor([[-b - 1e-9, b + 1e-9, -7.0, 7.0]], dtype=torch.float64).expand(4, 4)], 1)
+        m = xs.shape[1]
+        args = [xs.reshape(-1)] + [p[:, None].expand(4, m, p.shape[-1]).reshape(4 * m, -1) for p in (uw, uh, ud)]
+        args = [a.to(dtype=dtype, device=device).contiguous() for a in args]
+        got = rq_spline(*args, inverse=inverse, tail_bound=b, backend=backend)
+        ref = rq_spline_reference(*(a.double() for a in args), inverse=inverse, tail_bound=b)
+        assert_close(got[0], ref[0], dtype)
+        assert_close(got[1], ref[1], dtype)
+        flat_x = args[0]
+        outside = flat_x.abs() > b
+        assert torch.equal(got[0][outside], flat_x[outside])
+        assert torch.all(got[1][outside] == 0)
+        # The knots map to the knots of the other axis.
+        on_knot = got[0].reshape(4, m)[:, : k + 1].double().cpu()
+        other = (ch if not inverse else cw)
+        torch.testing.assert_close(on_knot, other, rtol=0, atol=1e-10 if dtype == torch.float64 else 2e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_extreme_parameters(backend, inverse):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    n, k = 301, 8
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * 1.1
+    params = [((torch.rand(n, kk, generator=gen, dtype=torch.float64) > 0.5) * 100.0 - 50.0) for kk in (k, k, k - 1)]
+    if inverse:
+        x = rq_spline_reference(x, *params)[0]
+    t = [v.to(dtype=dtype, device=device) for v in (x, *params)]
+    got = rq_spline(*t, inverse=inverse, backend=backend)
+    ref = rq_spline_reference(*(v.double() for v in t), inverse=inverse)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[0].double().cpu(), ref[0].cpu(), rtol=0, atol=1e-9 if dtype == torch.float64 else 1e-4)
+    torch.testing.assert_close(got[1].double().cpu(), ref[1].cpu(), rtol=1e-6 if dtype == torch.float64 else 1e-3, atol=1e-6 if dtype == torch.float64 else 2e-3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_and_shapes(backend):
+    device = device_for(backend)
+    for shape in [(0,), (3, 0), (0, 5)]:
+        x, uw, uh, ud = make_params(shape, 4, dtype=torch.float32, device=device)
+        x.requires_grad_(True)
+        out, lad = rq_spline(x, uw, uh, ud, backend=backend)
+        assert out.shape == shape and lad.shape == shape
+        (out.sum() + lad.sum()).backward()
+        assert x.grad.shape == shape
+    # Any leading shape, odd sizes.
+    x, uw, uh, ud = make_params((3, 2**5 + 17, 5), 7, dtype=torch.float32, device=device)
+    out, lad = rq_spline(x, uw, uh, ud, backend=backend)
+    ref = rq_spline_reference(x.double(), uw.double(), uh.double(), ud.double())
+    assert_close(out, ref[0])
+    assert_close(lad, ref[1])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_contiguous_and_broadcast(backend):
+    device = device_for(backend)
+    x, uw, uh, ud = make_params((40, 12), 5, dtype=torch.float32, device=device)
+    xt = x.t()  # (12, 40), non-contiguous
+    uwt, uht, udt = (p.transpose(0, 1) for p in (uw, uh, ud))
+    assert not xt.is_contiguous() and not uwt.is_contiguous()
+    out, lad = rq_spline(xt, uwt, uht, udt, backend=backend)
+    ref = rq_spline(xt.contiguous(), uwt.contiguous(), uht.contiguous(), udt.contiguous(), backend="reference")
+    assert_close(out, ref[0])
+    assert_close(lad, ref[1])
+    # Parameters shared along the batch dimension broadcast, and their gradient sums back.
+    shared = [p[:1].clone().requires_grad_(True) for p in (uw, uh, ud)]
+    out, lad = rq_spline(x, *shared, backend=backend)
+    expanded = [p.detach().expand(40, 12, p.shape[-1]).clone().requires_grad_(True) for p in shared]
+    out2, lad2 = rq_spline(x, *expanded, backend="reference")
+    assert_close(out, out2)
+    (out.sum() + lad.sum()).backward()
+    (out2.sum() + lad2.sum()).backward()
+    for p, e in zip(shared, expanded):
+        assert_close(p.grad, e.grad.sum(0, keepdim=True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_nan_stays_in_its_element(backend):
+    device = device_for(backend)
+    x, uw, uh, ud = make_params((64,), 6, dtype=torch.float32, device=device)
+    x[5] = float("nan")
+    uw[9, 2] = float("nan")
+    out, lad = rq_spline(x, uw, uh, ud, backend=backend)
+    bad = torch.zeros(64, dtype=torch.bool)
+    bad[5] = True
+    bad[9] = abs(float(x[9])) <= 1.0  # an outside element ignores its parameters
+    assert torch.isnan(out[5]) and torch.isnan(lad[5])
+    assert torch.isfinite(out.cpu()[~bad]).all() and torch.isfinite(lad.cpu()[~bad]).all()
+    ref = rq_spline_reference(x.double(), uw.double(), uh.double(), ud.double())
+    assert_close(out.cpu()[~bad], ref[0].cpu()[~bad])
+
+
+# ------------------------------------------------------------------ properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(2, 33),
+    n=st.integers(1, 70),
+    scale=st.floats(0.0, 20.0),
+    bound=st.floats(0.1, 10.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_monotone_invertible(k, n, scale, bound, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, uw, uh, ud = make_params((n,), k, scale=scale, tail_bound=bound, gen=gen)
+    x = torch.sort(x * 1.5).values
+    y, lad = rq_spline(x, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), tail_bound=bound, backend="numba")
+    assert torch.isfinite(y).all() and torch.isfinite(lad).all()
+    assert torch.all(y[1:] >= y[:-1])  # one spline (shared parameters) is monotone
+    assert torch.all(y.abs() <= torch.maximum(x.abs(), torch.tensor(bound, dtype=x.dtype)) + 1e-12)
+    x2, lad2 = rq_spline(y, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), inverse=True, tail_bound=bound, backend="numba")
+    torch.testing.assert_close(x2, x, rtol=1e-9, atol=1e-9 * bound)
+    torch.testing.assert_close(lad + lad2, torch.zeros_like(lad), rtol=0, atol=1e-7)
+    ref = rq_spline_reference(x, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), tail_bound=bound)
+    torch.testing.assert_close(y, ref[0], **tolerances(torch.float64))
+
+
+# ------------------------------------------------------------------ bad input and dispatch
+
+
+def test_bad_input_messages():
+    x, uw, uh, ud = make_params((10,), 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unnormalized_heights.*K=4"):
+        rq_spline(x, uw, uh[:, :3], ud)
+    with pytest.raises(ValueError, match="unnormalized_derivatives.*K-1=3"):
+        rq_spline(x, uw, uh, uh)
+    with pytest.raises(ValueError, match="unnormalized_widths must have leading shape"):
+        rq_spline(x, uw[:7], uh, ud)
+    with pytest.raises(TypeError, match="inputs must have a floating dtype"):
+        rq_spline(torch.arange(10), uw, uh, ud)
+    with pytest.raises(TypeError, match="unnormalized_widths has dtype float64 but inputs has float32"):
+        rq_spline(x, uw.double(), uh, ud)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        rq_spline(x, uw.tolist(), uh, ud)
+    with pytest.raises(ValueError, match="tail_bound must be a finite positive"):
+        rq_spline(x, uw, uh, ud, tail_bound=-1.0)
+    with pytest.raises(ValueError, match="min_bin_width=0.3 times K=4"):
+        rq_spline(x, uw, uh, ud, min_bin_width=0.3)
+    with pytest.raises(ValueError, match="is on device meta but inputs is on cpu"):
+        rq_spline(x, uw.to("meta"), uh, ud)
+
+
+def test_backend_forcing(monkeypatch):
+    x, uw, uh, ud = make_params((10,), 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="not a fastflow backend"):
+        rq_spline(x, uw, uh, ud, backend="fortran")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            rq_spline(x, uw, uh, ud, backend="cuda")
+    if not INTERPRET and not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="triton.*(CUDA|cannot import)"):
+            rq_spline(x, uw, uh, ud, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="numba.*float16"):
+        rq_spline(x.half(), uw.half(), uh.half(), ud.half(), backend="numba")
+    monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+    ref = rq_spline(x, uw, uh, ud)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "numba")
+    got = rq_spline(x, uw, uh, ud)
+    assert_close(got[0], ref[0])
+    monkeypatch.setenv("FASTFLOW_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTFLOW_BACKEND"):
+        rq_spline(x, uw, uh, ud)
+
+
+def test_half_precision_on_cpu_uses_reference():
+    x, uw, uh, ud = make_params((50,), 4, dtype=torch.float32)
+    out, lad = rq_spline(*(t.bfloat16() for t in (x, uw, uh, ud)))
+    ref = rq_spline_reference(*(t.bfloat16().double() for t in (x, uw, uh, ud)))
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref[0])
+    assert math.isfinite(float(lad.float().sum()))
