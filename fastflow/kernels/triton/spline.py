@@ -29,7 +29,11 @@ def _sigmoid(z):
 
 @triton.jit
 def _knots(u_ptr, rows, rmask, cols, cmask, K: tl.constexpr, bound, min_size):
-    """softmax probabilities (BLOCK, KP) and each bin's left/right knot (BLOCK, KP)."""
+    """softmax probabilities (BLOCK, KP) and each bin's right knot (BLOCK, KP).
+
+    Bin j spans [right[j-1], right[j]] (right[-1] = -bound): left knots are never recomputed
+    separately, so adjacent bins share their knot bit for bit and no point falls in a gap.
+    """
     u = tl.load(u_ptr + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
     u = tl.where(cmask[None, :], u.to(tl.float32), float("-inf"))
     m = tl.max(u, axis=1)
@@ -39,8 +43,7 @@ def _knots(u_ptr, rows, rmask, cols, cmask, K: tl.constexpr, bound, min_size):
     size = tl.where(cmask[None, :], min_size + (1.0 - min_size * K) * p, 0.0)
     cum = tl.cumsum(size, axis=1)
     right = tl.where(cols[None, :] >= K - 1, bound, 2.0 * bound * cum - bound)
-    left = tl.where(cols[None, :] == 0, -bound, 2.0 * bound * (cum - size) - bound)
-    return p, left, right
+    return p, right
 
 
 @triton.jit
@@ -49,15 +52,16 @@ def _pick(t, sel):
 
 
 @triton.jit
-def _locate(x, ud_ptr, rows, inside, cols, cmask, pw, lw, rw, lh, rh, K: tl.constexpr, INVERSE: tl.constexpr, md):
+def _locate(x, ud_ptr, rows, inside, cols, cmask, rw, rh, K: tl.constexpr, INVERSE: tl.constexpr, bound, md):
     """Bin index and local quantities for each row, as in the numba/reference kernels."""
-    lo = lh if INVERSE else lw
-    # Bin = number of interior left knots <= x (value on a knot takes the right bin).
-    idx = tl.sum(tl.where((cols[None, :] >= 1) & cmask[None, :] & (x[:, None] >= lo), 1, 0), axis=1)
+    knots = rh if INVERSE else rw
+    # Bin = number of interior knots <= x (a value on a knot takes the bin to its right).
+    idx = tl.sum(tl.where((cols[None, :] < K - 1) & (x[:, None] >= knots), 1, 0), axis=1)
     sel = cols[None, :] == idx[:, None]
-    xk = _pick(lw, sel)
+    sel_left = cols[None, :] == (idx - 1)[:, None]
+    xk = tl.where(idx == 0, -bound, _pick(rw, sel_left))
     wk = _pick(rw, sel) - xk
-    yk = _pick(lh, sel)
+    yk = tl.where(idx == 0, -bound, _pick(rh, sel_left))
     hk = _pick(rh, sel) - yk
     s = hk / wk
     lm = inside & (idx >= 1)
@@ -73,7 +77,9 @@ def _locate(x, ud_ptr, rows, inside, cols, cmask, pw, lw, rw, lh, rh, K: tl.cons
         qb = hk * dk - dy * sum_d
         qc = -s * dy
         disc = tl.maximum(qb * qb - 4.0 * qa * qc, 0.0)
-        theta = (2.0 * qc) / (-qb - tl.sqrt(disc))
+        # Rounding can push the root a hair outside the bin; the bin's map is only monotone on
+        # [0, 1], so clamp (float32 arithmetic, unlike the float64 CPU kernels, needs it).
+        theta = tl.minimum(tl.maximum((2.0 * qc) / (-qb - tl.sqrt(disc)), 0.0), 1.0)
     else:
         theta = (x - xk) / wk
     return idx, xk, wk, yk, hk, s, dk, dk1, zl, zh, lm, hm, theta
@@ -91,10 +97,10 @@ def _rq_spline_fwd_kernel(
     xr = tl.load(x_ptr + rows, mask=rmask, other=0.0)
     x = xr.to(tl.float32)
     inside = rmask & (x >= -bound) & (x <= bound)
-    pw, lw, rw = _knots(uw_ptr, rows, inside, cols, cmask, K, bound, mbw)
-    ph, lh, rh = _knots(uh_ptr, rows, inside, cols, cmask, K, bound, mbh)
+    pw, rw = _knots(uw_ptr, rows, inside, cols, cmask, K, bound, mbw)
+    ph, rh = _knots(uh_ptr, rows, inside, cols, cmask, K, bound, mbh)
     idx, xk, wk, yk, hk, s, dk, dk1, zl, zh, lm, hm, theta = _locate(
-        x, ud_ptr, rows, inside, cols, cmask, pw, lw, rw, lh, rh, K, INVERSE, md
+        x, ud_ptr, rows, inside, cols, cmask, rw, rh, K, INVERSE, bound, md
     )
     t = theta * (1.0 - theta)
     den = s + (dk + dk1 - 2.0 * s) * t
@@ -139,10 +145,10 @@ def _rq_spline_bwd_kernel(
     go = tl.load(gout_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     gl = tl.load(glad_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     inside = rmask & (x >= -bound) & (x <= bound)
-    pw, lw, rw = _knots(uw_ptr, rows, inside, cols, cmask, K, bound, mbw)
-    ph, lh, rh = _knots(uh_ptr, rows, inside, cols, cmask, K, bound, mbh)
+    pw, rw = _knots(uw_ptr, rows, inside, cols, cmask, K, bound, mbw)
+    ph, rh = _knots(uh_ptr, rows, inside, cols, cmask, K, bound, mbh)
     idx, xk, wk, yk, hk, s, dk, dk1, zl, zh, lm, hm, theta = _locate(
-        x, ud_ptr, rows, inside, cols, cmask, pw, lw, rw, lh, rh, K, INVERSE, md
+        x, ud_ptr, rows, inside, cols, cmask, rw, rh, K, INVERSE, bound, md
     )
     tt = theta * (1.0 - theta)
     omt = 1.0 - theta
