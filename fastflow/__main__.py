@@ -1,0 +1,3 @@
+from fastflow.cli.main import main
+
+raise SystemExit(main())

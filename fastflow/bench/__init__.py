@@ -1,0 +1,127 @@
+"""Benchmark harness shared by ``fastflow bench`` and ``benchmarks/``: median timings, ratios
+measured in the same run, and JSON results carrying the device, library versions and date.
+
+A suite is a module in this package with ``SUITE = "name"`` and
+``run(device, sizes=None, repeats=..., quick=False) -> list[dict]``; each row has at least
+``op, impl, mode, n, median_s`` (and ``ns_per_element`` where it makes sense).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SUITES = ["spline"]
+
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device="cpu", repeats: int = 7, warmup: int = 2, min_time: float = 0.0) -> dict:
+    """Median wall time of ``fn()`` over ``repeats`` runs (after ``warmup`` runs), synchronising
+    the device around each. Returns ``{"median_s", "min_s", "max_s", "repeats"}``."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start_all) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return importlib.import_module(mod).__version__
+    except Exception:
+        return None
+
+
+def environment(device: str) -> dict:
+    """Device name, versions and date recorded with every result file."""
+    import fastflow
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(dev),
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            "fastflow": fastflow.__version__,
+            **{m: _version(m) for m in ("torch", "numpy", "numba", "triton", "cupy", "nflows", "zuko")},
+        },
+    }
+
+
+def add_ratios(rows: list[dict], baselines=("nflows", "reference")) -> list[dict]:
+    """Attach ``speedup_vs_<baseline>`` (baseline median / this median) for rows of the same
+    op/mode/size/dtype measured in this run."""
+    key = lambda r: (r["op"], r["mode"], r["n"], r.get("dtype"), r.get("k"))  # noqa: E731
+    index = {(key(r), r["impl"]): r["median_s"] for r in rows if r.get("median_s")}
+    for r in rows:
+        for b in baselines:
+            base = index.get((key(r), b))
+            if base and r.get("median_s"):
+                r[f"speedup_vs_{b}"] = base / r["median_s"]
+    return rows
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def get_suite(name: str):
+    if name not in SUITES:
+        raise ValueError(f"unknown benchmark suite {name!r}; expected one of {SUITES}")
+    return importlib.import_module(f"fastflow.bench.{name}")

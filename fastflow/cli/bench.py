@@ -1,0 +1,48 @@
+"""``fastflow bench``: run benchmark suites, print a table of medians and speed-ups, write JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub):
+    from fastflow.bench import SUITES
+
+    p = sub.add_parser("bench", help="benchmark the fused ops against the reference, nflows and zuko")
+    p.add_argument("suites", nargs="*", default=None, help=f"suites to run (default: all of {', '.join(SUITES)})")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--sizes", type=lambda s: [int(eval(v, {"__builtins__": {}})) for v in s.split(",")], default=None,
+                   help="comma-separated element counts, e.g. 2**16,2**20")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from fastflow.bench import SUITES, add_ratios, environment, format_table, get_suite, write_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    names = args.suites or SUITES
+    print(f"fastflow bench on {env['device_name']} ({device}), torch {env['versions']['torch']}, {env['date']}")
+    for name in names:
+        suite = get_suite(name)
+        kwargs = {"device": device, "repeats": args.repeats, "quick": args.quick}
+        if args.sizes:
+            kwargs["sizes"] = args.sizes
+        rows = add_ratios(suite.run(**kwargs))
+        payload = {"suite": name, "environment": env, "results": rows}
+        stamp = env["date"].replace(":", "").replace("-", "")[:15]
+        path = write_json(Path(args.out) / f"{name}_{device}_{stamp}.json", payload)
+        cols = getattr(suite, "TABLE_COLUMNS", ["op", "impl", "mode", "n", "median_s", "ns_per_element",
+                                                "speedup_vs_nflows", "speedup_vs_reference"])
+        print(f"\n## {name}\n")
+        print(format_table([r for r in rows if "error" not in r], cols))
+        for r in rows:
+            if "error" in r:
+                print(f"  {r['impl']} {r['mode']} n={r['n']}: failed: {r['error']}")
+        print(f"\nresults: {path}")
+    return 0

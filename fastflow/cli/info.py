@@ -1,0 +1,36 @@
+"""``fastflow info``: versions, devices, and which backends run which ops (and why not)."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="show versions, devices and backend availability")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import fastflow
+    from fastflow.backends import backend_status
+
+    status = backend_status()
+    status["versions"]["fastflow"] = fastflow.__version__
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print("fastflow", fastflow.__version__)
+    print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in status["versions"].items() if k != "fastflow"))
+    print("devices:  " + ", ".join(status["devices"]))
+    if status["triton_interpret"]:
+        print("TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter")
+    print("backends (tried in this order when backend=None):")
+    for name, b in status["backends"].items():
+        mark = "available  " if b["available"] else "unavailable"
+        dtypes = "/".join(b["dtypes"])
+        ops = ", ".join(b["ops"]) or "none"
+        print(f"  {name:<10} {mark} {b['description']}; devices {'/'.join(b['devices'])}; dtypes {dtypes}; ops: {ops}")
+        if b["reason"]:
+            print(f"  {'':<10} why not: {b['reason']}")
+    return 0
