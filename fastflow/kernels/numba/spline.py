@@ -1,9 +1,11 @@
 """Numba CPU kernels for the rational-quadratic spline: fused forward/inverse and backward.
 
-One parallel pass over the elements; per element the raw widths, heights and derivatives are
-normalised, the bin found, the rational quadratic evaluated (or inverted) and the log-det
-formed, all in float64 registers whatever the storage dtype, so float32 results carry only the
-final rounding. The backward recomputes the forward from the inputs (nothing is saved) and
+One parallel pass over the elements, all arithmetic in float64 whatever the storage dtype (so
+float32 results carry only the final rounding). Elements go in tiles of ``_TILE``: the tile's
+raw widths/heights are transposed into a (K, TILE) scratch so that the softmax, its exp and the
+cumulative knots run as element-wise loops LLVM vectorises (3.6x faster than per element);
+then per element the bin is found, the rational quadratic evaluated (or inverted) and the
+log-det formed. The backward recomputes the forward from the inputs (nothing is saved) and
 applies the analytic derivatives, through the softmax/cumsum normalisation, in the same pass.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 # Elements per parallel task: large enough to amortise the scratch allocation and scheduling,
 # small enough to balance two to a few dozen threads.
 _CHUNK = 2048
+_TILE = 32  # a multiple of the vector width; _CHUNK is a multiple of it
 
 _FASTMATH = {"contract", "arcp"}  # no nnan/ninf (NaN must propagate), no reassoc (bitwise reproducible)
 
@@ -51,37 +54,53 @@ def _exp_nonpos(x):
     return y if x == x else x
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH)
-def _normalise(u, i, k, bound, min_size, prob, knots):
-    """softmax(u[i]) -> prob[:k]; knot positions -> knots[:k+1] (ends pinned to +-bound)."""
-    m = np.float64(u[i, 0])
+@nb.njit(fastmath=_FASTMATH)  # compiled on its own (not inlined): LLVM vectorises it there
+def _normalise_tile(u, i0, nt, bound, min_size, ut, m, tot, prob, knots):
+    """Rows ``u[i0:i0+nt]`` -> softmax ``prob[:k, t]`` and knot positions ``knots[:k+1, t]``.
+
+    Knot j is ``2*bound*sum_{i<j} size_i - bound`` with ``size = min_size + (1 - min_size*k)
+    * softmax(u)``; the end knots are pinned to +-bound. Columns ``t >= nt`` hold stale values
+    and are never read.
+    """
+    k = u.shape[1]
+    for t in range(nt):
+        for j in range(k):
+            ut[j, t] = u[i0 + t, j]
+    for t in range(_TILE):
+        m[t] = ut[0, t]
     for j in range(1, k):
-        m = max(m, np.float64(u[i, j]))
-    tot = 0.0
+        for t in range(_TILE):
+            m[t] = max(m[t], ut[j, t])
+    for t in range(_TILE):
+        tot[t] = 0.0
     for j in range(k):
-        e = _exp_nonpos(np.float64(u[i, j]) - m)
-        prob[j] = e
-        tot += e
-    inv = 1.0 / tot
+        for t in range(_TILE):
+            e = _exp_nonpos(ut[j, t] - m[t])
+            prob[j, t] = e
+            tot[t] += e
     scale = 1.0 - min_size * k
-    cum = 0.0
-    knots[0] = -bound
+    for t in range(_TILE):
+        tot[t] = 1.0 / tot[t]
+        m[t] = 0.0  # reused as the running cumulative size
+        knots[0, t] = -bound
     for j in range(k):
-        p = prob[j] * inv
-        prob[j] = p
-        cum += min_size + scale * p
-        knots[j + 1] = 2.0 * bound * cum - bound
-    knots[k] = bound
+        for t in range(_TILE):
+            p = prob[j, t] * tot[t]
+            prob[j, t] = p
+            m[t] += min_size + scale * p
+            knots[j + 1, t] = 2.0 * bound * m[t] - bound
+    for t in range(_TILE):
+        knots[k, t] = bound
 
 
 @nb.njit(inline="always")
-def _search(knots, k, v):
-    """Bin of ``v``: the last interior knot <= v (nflows' rule: a value on a knot takes the
-    bin to its right; the upper bound takes the last bin)."""
+def _search(knots, t, k, v):
+    """Bin of ``v``: the number of interior knots <= v (nflows' rule: a value on a knot takes
+    the bin to its right; the upper bound takes the last bin). Branch-free: the comparisons
+    are data-dependent and mispredicted branches cost more than the adds."""
     idx = 0
     for j in range(1, k):
-        if v >= knots[j]:
-            idx = j
+        idx += v >= knots[j, t]
     return idx
 
 
@@ -118,14 +137,13 @@ def _invert_theta(dy, hk, s, dk, dk1):
 
 
 @nb.njit(inline="always", fastmath=_FASTMATH)
-def _locate(x, i, ud, inverse, k, md, cw, ch):
+def _locate(v, i, t, ud, inverse, k, md, cw, ch):
     """Bin and local coordinates of element i (tile column t): (idx, xk, wk, yk, hk, s, dk, dk1, theta)."""
-    v = np.float64(x[i])
-    idx = _search(ch if inverse else cw, k, v)
-    xk = cw[idx]
-    wk = cw[idx + 1] - xk
-    yk = ch[idx]
-    hk = ch[idx + 1] - yk
+    idx = _search(ch, t, k, v) if inverse else _search(cw, t, k, v)
+    xk = cw[idx, t]
+    wk = cw[idx + 1, t] - xk
+    yk = ch[idx, t]
+    hk = ch[idx + 1, t] - yk
     s = hk / wk
     dk, dk1 = _boundary_slopes(ud, i, idx, k, md)
     if inverse:
@@ -141,20 +159,25 @@ def _rq_spline_fwd_kernel(x, uw, uh, ud, inverse, bound, mbw, mbh, md, out, lad)
     k = uw.shape[1]
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in nb.prange(nchunks):
-        pw = np.empty(k, np.float64)
-        ph = np.empty(k, np.float64)
-        cw = np.empty(k + 1, np.float64)
-        ch = np.empty(k + 1, np.float64)
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            if True:
+        ut = np.zeros((k, _TILE), np.float64)
+        m = np.empty(_TILE, np.float64)
+        tot = np.empty(_TILE, np.float64)
+        pw = np.empty((k, _TILE), np.float64)
+        ph = np.empty((k, _TILE), np.float64)
+        cw = np.empty((k + 1, _TILE), np.float64)
+        ch = np.empty((k + 1, _TILE), np.float64)
+        for i0 in range(c * _CHUNK, min(n, (c + 1) * _CHUNK), _TILE):
+            nt = min(_TILE, n - i0)
+            _normalise_tile(uw, i0, nt, bound, mbw, ut, m, tot, pw, cw)
+            _normalise_tile(uh, i0, nt, bound, mbh, ut, m, tot, ph, ch)
+            for t in range(nt):
+                i = i0 + t
                 v = np.float64(x[i])
                 if not (v >= -bound and v <= bound):
                     out[i] = v
                     lad[i] = v if v != v else 0.0
                     continue
-                _normalise(uw, i, k, bound, mbw, pw, cw)
-                _normalise(uh, i, k, bound, mbh, ph, ch)
-                idx, xk, wk, yk, hk, s, dk, dk1, theta = _locate(x, i, ud, inverse, k, md, cw, ch)
+                idx, xk, wk, yk, hk, s, dk, dk1, theta = _locate(v, i, t, ud, inverse, k, md, cw, ch)
                 tt = theta * (1.0 - theta)
                 den = s + (dk + dk1 - 2.0 * s) * tt
                 num = s * s * (dk1 * theta * theta + 2.0 * s * tt + dk * (1.0 - theta) * (1.0 - theta))
@@ -168,7 +191,7 @@ def _rq_spline_fwd_kernel(x, uw, uh, ud, inverse, bound, mbw, mbh, md, out, lad)
 
 
 @nb.njit(inline="always", fastmath=_FASTMATH)
-def _scatter_knot_grads(g, prob, k, bound, min_size, idx, g_lo, g_hi):
+def _scatter_knot_grads(g, prob, t, k, bound, min_size, idx, g_lo, g_hi):
     """Chain d/d(knot idx) = g_lo and d/d(knot idx+1) = g_hi back to the raw sizes -> g[:k].
 
     Knot j (0 < j < k) is ``2*bound*sum_{i<j} size_i - bound`` with
@@ -181,9 +204,9 @@ def _scatter_knot_grads(g, prob, k, bound, min_size, idx, g_lo, g_hi):
     for j in range(k):
         gp = (glo if j < idx else 0.0) + (ghi if j <= idx else 0.0)
         g[j] = gp  # d/d prob_j
-        dot += prob[j] * gp
+        dot += prob[j, t] * gp
     for j in range(k):
-        g[j] = prob[j] * (g[j] - dot)
+        g[j] = prob[j, t] * (g[j] - dot)
 
 
 @nb.njit(parallel=True, fastmath=_FASTMATH)
@@ -194,14 +217,21 @@ def _rq_spline_bwd_kernel(
     k = uw.shape[1]
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in nb.prange(nchunks):
-        pw = np.empty(k, np.float64)
-        ph = np.empty(k, np.float64)
-        cw = np.empty(k + 1, np.float64)
-        ch = np.empty(k + 1, np.float64)
+        ut = np.zeros((k, _TILE), np.float64)
+        m = np.empty(_TILE, np.float64)
+        tot = np.empty(_TILE, np.float64)
+        pw = np.empty((k, _TILE), np.float64)
+        ph = np.empty((k, _TILE), np.float64)
+        cw = np.empty((k + 1, _TILE), np.float64)
+        ch = np.empty((k + 1, _TILE), np.float64)
         gw = np.empty(k, np.float64)
         gh = np.empty(k, np.float64)
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            if True:
+        for i0 in range(c * _CHUNK, min(n, (c + 1) * _CHUNK), _TILE):
+            nt = min(_TILE, n - i0)
+            _normalise_tile(uw, i0, nt, bound, mbw, ut, m, tot, pw, cw)
+            _normalise_tile(uh, i0, nt, bound, mbh, ut, m, tot, ph, ch)
+            for t in range(nt):
+                i = i0 + t
                 for j in range(k - 1):
                     g_ud[i, j] = 0.0
                 v = np.float64(x[i])
@@ -213,9 +243,7 @@ def _rq_spline_bwd_kernel(
                         g_uw[i, j] = 0.0
                         g_uh[i, j] = 0.0
                     continue
-                _normalise(uw, i, k, bound, mbw, pw, cw)
-                _normalise(uh, i, k, bound, mbh, ph, ch)
-                idx, xk, wk, yk, hk, s, dk, dk1, theta = _locate(x, i, ud, inverse, k, md, cw, ch)
+                idx, xk, wk, yk, hk, s, dk, dk1, theta = _locate(v, i, t, ud, inverse, k, md, cw, ch)
                 # Partials of y = yk + hk*N/den and lad = log(s^2 M) - 2 log(den) in the local
                 # variables (theta, s, hk, yk, dk, dk1), holding the others fixed.
                 tt = theta * (1.0 - theta)
@@ -253,8 +281,8 @@ def _rq_spline_bwd_kernel(
                 # theta = (x - xk)/wk and s = hk/wk; xk, wk, yk, hk come from the knots.
                 g_wk = -(g_th * theta + g_s * s) / wk
                 g_hk = a * dy_dhk + g_s / wk
-                _scatter_knot_grads(gw, pw, k, bound, mbw, idx, -g_th / wk - g_wk, g_wk)
-                _scatter_knot_grads(gh, ph, k, bound, mbh, idx, a - g_hk, g_hk)
+                _scatter_knot_grads(gw, pw, t, k, bound, mbw, idx, -g_th / wk - g_wk, g_wk)
+                _scatter_knot_grads(gh, ph, t, k, bound, mbh, idx, a - g_hk, g_hk)
                 for j in range(k):
                     g_uw[i, j] = gw[j]
                     g_uh[i, j] = gh[j]
