@@ -1,0 +1,43 @@
+"""pytest-benchmark over the spline suite's cases: `pytest benchmarks/bench_spline.py`.
+
+Each implementation (every available fastflow backend, nflows, zuko) on the same inputs;
+`fastflow bench spline` runs the same cases and writes the JSON results with ratios.
+"""
+
+import pytest
+import torch
+
+from fastflow.bench.spline import _impls, _inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = _impls(DEVICE, torch.float32)
+
+
+@pytest.mark.parametrize("n", [2**16, 2**20])
+@pytest.mark.parametrize("mode", ["forward", "inverse", "forward+backward"])
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_spline(benchmark, impl, mode, n):
+    fn = IMPLS[impl]
+    x, uw, uh, ud = _inputs(n, 8, DEVICE, torch.float32)
+    benchmark.group = f"rq_spline {mode} n={n}"
+    if mode == "forward+backward":
+        leaves = [t.clone().requires_grad_(True) for t in (x, uw, uh, ud)]
+
+        def run():
+            out, lad = fn(leaves[0], leaves[1:], False)
+            (out.sum() + lad.sum()).backward()
+    else:
+        inverse = mode == "inverse"
+        inp = fn(x, (uw, uh, ud), False)[0].detach() if inverse else x
+
+        def run():
+            with torch.no_grad():
+                return fn(inp, (uw, uh, ud), inverse)
+
+    if DEVICE == "cuda":
+        def timed():
+            run()
+            torch.cuda.synchronize()
+        benchmark(timed)
+    else:
+        benchmark(run)
