@@ -85,6 +85,7 @@ def _load_cuda():
 register_kernel(OP, "reference", lambda: _Reference)
 register_kernel(OP, "numba", lambda: _Numba)
 register_kernel(OP, "triton", _load_triton)
+register_kernel(OP, "cuda", _load_cuda)
 
 
 def _flat(x, uw, uh, ud):
@@ -198,8 +199,9 @@ def _check(inputs, uw, uh, ud, tail_bound, mbw, mbh, md):
         if t.dim() < 1:
             raise ValueError(f"{op}: {name} needs a trailing bin dimension, got {describe(t)}")
     k = uw.shape[-1]
-    if not 1 <= k <= _MAX_BINS:
-        raise ValueError(f"{op}: unnormalized_widths must have 1..{_MAX_BINS} bins in its last dim, got {describe(uw)}")
+    if not 2 <= k <= _MAX_BINS:
+        # K=1 is the identity (one bin, unit end slopes): almost surely a shape mistake.
+        raise ValueError(f"{op}: unnormalized_widths must have 2..{_MAX_BINS} bins in its last dim, got {describe(uw)}")
     if uh.shape[-1] != k:
         raise ValueError(
             f"{op}: unnormalized_heights must have K={k} bins in its last dim like unnormalized_widths, got {describe(uh)}"

@@ -384,6 +384,8 @@ def test_bad_input_messages():
         rq_spline(x, uw, uh[:, :3], ud)
     with pytest.raises(ValueError, match="unnormalized_derivatives.*K-1=3"):
         rq_spline(x, uw, uh, uh)
+    with pytest.raises(ValueError, match="must have 2..1024 bins"):
+        rq_spline(x, uw[:, :1], uh[:, :1], ud[:, :0])
     with pytest.raises(ValueError, match="unnormalized_widths must have leading shape"):
         rq_spline(x, uw[:7], uh, ud)
     with pytest.raises(TypeError, match="inputs must have a floating dtype"):
