@@ -54,7 +54,7 @@ def _exp_nonpos(x):
     return y if x == x else x
 
 
-@nb.njit(fastmath=_FASTMATH)  # compiled on its own (not inlined): LLVM vectorises it there
+@nb.njit(fastmath=_FASTMATH, cache=True)  # compiled on its own (not inlined): LLVM vectorises it there
 def _normalise_tile(u, i0, nt, bound, min_size, ut, m, tot, prob, knots):
     """Rows ``u[i0:i0+nt]`` -> softmax ``prob[:k, t]`` and knot positions ``knots[:k+1, t]``.
 
@@ -181,7 +181,7 @@ def _locate(v, i, t, ud, inverse, k, md, cw, ch):
     return idx, xk, wk, yk, hk, s, dk, dk1, theta
 
 
-@nb.njit(parallel=True, fastmath=_FASTMATH)
+@nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _rq_spline_fwd_kernel(x, uw, uh, ud, inverse, bound, mbw, mbh, md, out, lad):
     n = x.shape[0]
     k = uw.shape[1]
@@ -237,7 +237,7 @@ def _scatter_knot_grads(g, prob, t, k, bound, min_size, idx, g_lo, g_hi):
         g[j] = prob[j, t] * (g[j] - dot)
 
 
-@nb.njit(parallel=True, fastmath=_FASTMATH)
+@nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _rq_spline_bwd_kernel(
     g_out, g_lad, x, uw, uh, ud, inverse, bound, mbw, mbh, md, g_x, g_uw, g_uh, g_ud
 ):
