@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-SUITES = ["spline"]
+SUITES = ["spline", "lu", "logdet", "coupling"]
 
 
 def sync(device: str | torch.device) -> None:

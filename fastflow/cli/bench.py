@@ -45,4 +45,8 @@ def run(args) -> int:
             if "error" in r:
                 print(f"  {r['impl']} {r['mode']} n={r['n']}: failed: {r['error']}")
         print(f"\nresults: {path}")
+        hook = getattr(suite, "after", None)  # optional: extra outputs (e.g. plots) next to the JSON
+        if hook is not None:
+            for extra in hook(rows, path) or ():
+                print(f"wrote: {extra}")
     return 0

@@ -1,0 +1,23 @@
+"""pytest-benchmark wrappers of the ``logdet`` suite's cases: the O(D) log-det of the LU
+parameterisation against slogdet and the naive Jacobian route (``fastflow bench logdet`` fits the
+slopes and draws the plot).
+
+    .venv/bin/python -m pytest benchmarks/bench_logdet.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastflow.bench import logdet as suite
+
+pytest.importorskip("pytest_benchmark")
+
+
+@pytest.mark.parametrize("d", [16, 128, 512])
+@pytest.mark.parametrize("impl", list(suite.IMPLS))
+def test_logdet(benchmark, impl, d):
+    fn = suite.callables(suite.make_case(d))[impl]
+    with torch.enable_grad() if impl == "naive_jacobian" else torch.no_grad():
+        benchmark(fn)

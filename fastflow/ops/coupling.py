@@ -1,0 +1,474 @@
+"""``fastflow.ops`` coupling laws: affine (RealNVP/Glow), additive (NICE), and NICE's rescaling.
+
+- :func:`affine_coupling`: ``y = s*x + t`` with ``s`` from a raw scale ``h`` (``scale="exp"``,
+  ``"softclamp"`` or ``"sigmoid"``); Dinh et al., "Density estimation using Real NVP" (ICLR 2017),
+  Kingma & Dhariwal, "Glow" (NeurIPS 2018).
+- :func:`additive_coupling`: ``y = x + t``; Dinh et al., "NICE" (ICLR 2015 workshop).
+- :func:`rescale`: NICE's diagonal scaling ``y = exp(log_scale) * x``.
+
+Each is a custom op (``fastflow::affine_coupling``, ``fastflow::additive_coupling``,
+``fastflow::rescale``) with a fake impl and autograd; the backward of the affine and rescale
+laws is its own fused op that recomputes what it needs from the inputs. Inputs are read
+through their strides: the channel halves ``x[:, :C//2]`` and the conditioner's
+``h[:, ::2]``/``h[:, 1::2]`` or chunks are passed to the kernels as views, never copied.
+
+Per-backend adapters (``register_kernel(op, backend, loader)``; ``loader()`` returns an object
+with these functions). Every ``(B, M, N)`` tensor is a strided torch view (any non-negative
+strides, 0 included, e.g. an expanded gradient); every returned tensor is new and contiguous:
+
+    affine_fwd(x, shift, raw_scale, scale: str, clamp: float, inverse: bool) -> (out (B,M,N), lad (B,))
+    affine_bwd(g_out (B,M,N), g_lad (B,), x, shift, raw_scale, scale, clamp, inverse)
+        -> (grad_x (B,M,N), grad_raw_scale (B,M,N))       # grad shift: g_out, or -grad_x if inverse
+    additive_fwd(x, shift, inverse) -> out (B,M,N)
+    rescale_fwd(x (B,M,N), log_scale (M,N), inverse) -> (out (B,M,N), lad (B,))
+    rescale_bwd(g_out, g_lad, x, log_scale, inverse) -> (grad_x (B,M,N), grad_log_scale (M,N))
+
+``scale`` is one of ``"exp"``, ``"softclamp"``, ``"sigmoid"``; ``B, M, N >= 1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastflow.backends import get_kernel, register_kernel, resolve_backend
+from fastflow.kernels.reference.coupling import SCALES
+from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
+
+__all__ = ["affine_coupling", "additive_coupling", "rescale", "SCALES"]
+
+OPS = ("affine_coupling", "additive_coupling", "rescale")
+
+
+# --------------------------------------------------------------------------------------------
+# Strided (B, M, N) views
+# --------------------------------------------------------------------------------------------
+
+
+def _breaks(t: torch.Tensor) -> set[int]:
+    """Boundaries ``i`` (between event dims ``i`` and ``i+1``) across which ``t`` cannot merge."""
+    shape, stride = t.shape[1:], t.stride()[1:]
+    out = set()
+    prev = None  # the last event dim of size > 1
+    for i, n in enumerate(shape):
+        if n == 1:
+            continue
+        if prev is not None and stride[prev] != stride[i] * n:
+            out.update(range(prev, i))  # every boundary between the two dims
+        prev = i
+    return out
+
+
+def _split(tensors) -> int | None:
+    """The event split ``(M, N) = (dims <= p, dims > p)`` needing the fewest copies (None: M=1)."""
+    per = [_breaks(t) for t in tensors]
+    candidates = [None] + sorted(set().union(*per))
+    cost = lambda p: sum(1 for br in per if br - ({p} if p is not None else set()))  # noqa: E731
+    return min(candidates, key=lambda p: (cost(p), p is not None))
+
+
+def _as_3d(tensors, split: int | None = "auto"):
+    """``(B, ...)`` tensors of one shape as ``(B, M, N)`` views; a tensor whose layout cannot be
+    expressed so is copied (the last resort: channel halves and interleaved columns never are)."""
+    if split == "auto":
+        split = _split(tensors)
+    event = tensors[0].shape[1:]
+    if split is None:
+        m, n = 1, math.prod(event)
+    else:
+        m, n = math.prod(event[: split + 1]), math.prod(event[split + 1 :])
+    out = []
+    for t in tensors:
+        b = t.shape[0]
+        try:
+            out.append(t.view(b, m, n))
+        except RuntimeError:
+            out.append(t.contiguous().view(b, m, n))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------------------------
+
+
+class _Reference:
+    """Pure torch; float64 on the CPU (an oracle at least as accurate as any float32 kernel),
+    half precision computed in float32 elsewhere; rounded once at the end."""
+
+    @staticmethod
+    def _up(*ts):
+        cpu = ts[0].device.type == "cpu"
+        return [t.double() if cpu else (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t) for t in ts]
+
+    @classmethod
+    def affine_fwd(cls, x, shift, raw_scale, scale, clamp, inverse):
+        from fastflow.kernels.reference.coupling import affine_coupling_reference
+
+        out, lad = affine_coupling_reference(*cls._up(x, shift, raw_scale), scale, clamp, inverse)
+        return out.to(x.dtype).contiguous(), lad.to(x.dtype)
+
+    @classmethod
+    def affine_bwd(cls, g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
+        from fastflow.kernels.reference.coupling import affine_coupling_reference_backward
+
+        g = affine_coupling_reference_backward(*cls._up(g_out, g_lad, x, shift, raw_scale), scale, clamp, inverse)
+        return tuple(v.to(x.dtype).contiguous() for v in g)
+
+    @classmethod
+    def additive_fwd(cls, x, shift, inverse):
+        return ((x - shift) if inverse else (x + shift)).contiguous()
+
+    @classmethod
+    def rescale_fwd(cls, x, log_scale, inverse):
+        from fastflow.kernels.reference.coupling import rescale_reference
+
+        out, lad = rescale_reference(*cls._up(x, log_scale), inverse)
+        return out.to(x.dtype).contiguous(), lad.to(x.dtype)
+
+    @classmethod
+    def rescale_bwd(cls, g_out, g_lad, x, log_scale, inverse):
+        from fastflow.kernels.reference.coupling import rescale_reference_backward
+
+        gx, gls = rescale_reference_backward(*cls._up(g_out, g_lad, x, log_scale), inverse)
+        return gx.to(x.dtype).contiguous(), gls.to(x.dtype).contiguous()
+
+
+class _Numba:
+    """torch <-> numpy without copies (``Tensor.numpy()`` keeps the strides)."""
+
+    @staticmethod
+    def affine_fwd(x, shift, raw_scale, scale, clamp, inverse):
+        from fastflow.kernels.numba.coupling import affine_fwd
+
+        out, lad = affine_fwd(x.numpy(), shift.numpy(), raw_scale.numpy(), scale, clamp, inverse)
+        return torch.from_numpy(out), torch.from_numpy(lad)
+
+    @staticmethod
+    def affine_bwd(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
+        from fastflow.kernels.numba.coupling import affine_bwd
+
+        arrays = (t.numpy() for t in (g_out, g_lad, x, shift, raw_scale))
+        return tuple(torch.from_numpy(g) for g in affine_bwd(*arrays, scale, clamp, inverse))
+
+    @staticmethod
+    def additive_fwd(x, shift, inverse):
+        from fastflow.kernels.numba.coupling import additive_fwd
+
+        return torch.from_numpy(additive_fwd(x.numpy(), shift.numpy(), inverse))
+
+    @staticmethod
+    def rescale_fwd(x, log_scale, inverse):
+        from fastflow.kernels.numba.coupling import rescale_fwd
+
+        return tuple(torch.from_numpy(a) for a in rescale_fwd(x.numpy(), log_scale.numpy(), inverse))
+
+    @staticmethod
+    def rescale_bwd(g_out, g_lad, x, log_scale, inverse):
+        from fastflow.kernels.numba.coupling import rescale_bwd
+
+        arrays = (t.numpy() for t in (g_out, g_lad, x, log_scale))
+        return tuple(torch.from_numpy(a) for a in rescale_bwd(*arrays, inverse))
+
+
+def _load_triton():
+    from fastflow.kernels.triton import coupling
+
+    return coupling
+
+
+for _op in OPS:
+    register_kernel(_op, "reference", lambda: _Reference)
+    register_kernel(_op, "numba", lambda: _Numba)
+    register_kernel(_op, "triton", _load_triton)
+
+
+def _load_cuda():
+    from fastflow.kernels.cuda import coupling
+
+    return coupling
+
+
+# csrc/coupling.cu has the affine and additive laws (rescale has no CUDA kernel).
+for _op in ("affine_coupling", "additive_coupling"):
+    register_kernel(_op, "cuda", _load_cuda)
+
+
+def _lad_empty(x):
+    return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+
+def _contig(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------------------------
+# affine_coupling
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastflow::affine_coupling", mutates_args=())
+def _affine_coupling_op(
+    x: torch.Tensor, shift: torch.Tensor, raw_scale: torch.Tensor, scale: str, clamp: float, inverse: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.numel() == 0:
+        return _contig(x), _lad_empty(x)
+    v = _as_3d([x, shift, raw_scale])
+    out, lad = get_kernel("affine_coupling", backend).affine_fwd(*v, scale, clamp, inverse)
+    return out.view(x.shape), lad
+
+
+@_affine_coupling_op.register_fake
+def _(x, shift, raw_scale, scale, clamp, inverse, backend):
+    return _contig(x), x.new_empty(x.shape[0])
+
+
+@torch.library.custom_op("fastflow::affine_coupling_backward", mutates_args=())
+def _affine_coupling_backward_op(
+    grad_outputs: torch.Tensor, grad_logabsdet: torch.Tensor, x: torch.Tensor, shift: torch.Tensor,
+    raw_scale: torch.Tensor, scale: str, clamp: float, inverse: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.numel() == 0:
+        return _contig(x), _contig(raw_scale)
+    v = _as_3d([grad_outputs, x, shift, raw_scale])
+    g = get_kernel("affine_coupling", backend).affine_bwd(v[0], grad_logabsdet, *v[1:], scale, clamp, inverse)
+    return g[0].view(x.shape), g[1].view(x.shape)
+
+
+@_affine_coupling_backward_op.register_fake
+def _(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse, backend):
+    return _contig(x), _contig(raw_scale)
+
+
+def _affine_setup(ctx, inputs, output):
+    x, shift, raw_scale, scale, clamp, inverse, backend = inputs
+    # Only the inputs are kept; the backward recomputes s (and, for the inverse, its output).
+    ctx.save_for_backward(x, shift, raw_scale)
+    ctx.args = (scale, clamp, inverse, backend)
+
+
+def _affine_backward(ctx, grad_out, grad_lad):
+    x, shift, raw_scale = ctx.saved_tensors
+    scale, clamp, inverse, backend = ctx.args
+    grad_out = torch.zeros_like(x) if grad_out is None else grad_out
+    grad_lad = x.new_zeros(x.shape[0]) if grad_lad is None else grad_lad
+    g_x, g_raw = _affine_coupling_backward_op(grad_out, grad_lad, x, shift, raw_scale, scale, clamp, inverse, backend)
+    # d y/d t = 1 (forward) and d x/d t = -1/s (inverse): the shift's gradient needs no kernel.
+    g_shift = -g_x if inverse else grad_out
+    return g_x, g_shift, g_raw, None, None, None, None
+
+
+_affine_coupling_op.register_autograd(_affine_backward, setup_context=_affine_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# additive_coupling
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastflow::additive_coupling", mutates_args=())
+def _additive_coupling_op(
+    x: torch.Tensor, shift: torch.Tensor, inverse: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.numel() == 0:
+        return _contig(x), _lad_empty(x)
+    out = get_kernel("additive_coupling", backend).additive_fwd(*_as_3d([x, shift]), inverse)
+    return out.view(x.shape), _lad_empty(x)
+
+
+@_additive_coupling_op.register_fake
+def _(x, shift, inverse, backend):
+    return _contig(x), x.new_empty(x.shape[0])
+
+
+def _additive_setup(ctx, inputs, output):
+    ctx.inverse = inputs[2]
+
+
+def _additive_backward(ctx, grad_out, grad_lad):
+    # The Jacobian is the identity (and -identity for the shift in the inverse): the incoming
+    # gradient is returned as it is, which no kernel could beat.
+    if grad_out is None:
+        return None, None, None, None
+    return grad_out, (-grad_out if ctx.inverse else grad_out), None, None
+
+
+_additive_coupling_op.register_autograd(_additive_backward, setup_context=_additive_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# rescale
+# --------------------------------------------------------------------------------------------
+
+
+def _rescale_views(x, log_scale, *more):
+    """(B, M, N) views of ``x`` (and ``more``) and the matching (M, N) view of the event-shaped
+    ``log_scale`` (viewed as a one-sample batch for the split)."""
+    v = _as_3d([x, *more, log_scale.unsqueeze(0)])
+    return v[0], v[-1][0], v[1:-1]
+
+
+@torch.library.custom_op("fastflow::rescale", mutates_args=())
+def _rescale_op(x: torch.Tensor, log_scale: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.numel() == 0:
+        return _contig(x), _lad_empty(x)  # an empty event's log-det, or an empty batch
+    xv, lsv, _ = _rescale_views(x, log_scale)
+    out, lad = get_kernel("rescale", backend).rescale_fwd(xv, lsv, inverse)
+    return out.view(x.shape), lad
+
+
+@_rescale_op.register_fake
+def _(x, log_scale, inverse, backend):
+    return _contig(x), x.new_empty(x.shape[0])
+
+
+@torch.library.custom_op("fastflow::rescale_backward", mutates_args=())
+def _rescale_backward_op(
+    grad_outputs: torch.Tensor, grad_logabsdet: torch.Tensor, x: torch.Tensor, log_scale: torch.Tensor,
+    inverse: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.numel() == 0:
+        # Either the event is empty (so is the gradient) or the batch is (no contribution).
+        return _contig(x), torch.zeros_like(log_scale, memory_format=torch.contiguous_format)
+    xv, lsv, (gv,) = _rescale_views(x, log_scale, grad_outputs)
+    gx, gls = get_kernel("rescale", backend).rescale_bwd(gv, grad_logabsdet, xv, lsv, inverse)
+    return gx.view(x.shape), gls.view(log_scale.shape)
+
+
+@_rescale_backward_op.register_fake
+def _(g_out, g_lad, x, log_scale, inverse, backend):
+    return _contig(x), _contig(log_scale)
+
+
+def _rescale_setup(ctx, inputs, output):
+    x, log_scale, inverse, backend = inputs
+    ctx.save_for_backward(x, log_scale)
+    ctx.args = (inverse, backend)
+
+
+def _rescale_backward(ctx, grad_out, grad_lad):
+    x, log_scale = ctx.saved_tensors
+    grad_out = torch.zeros_like(x) if grad_out is None else grad_out
+    grad_lad = x.new_zeros(x.shape[0]) if grad_lad is None else grad_lad
+    g_x, g_ls = _rescale_backward_op(grad_out, grad_lad, x, log_scale, *ctx.args)
+    return g_x, g_ls, None, None
+
+
+_rescale_op.register_autograd(_rescale_backward, setup_context=_rescale_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _check_batch(op: str, named: dict) -> None:
+    for name, t in named.items():
+        check_tensor(name, t, op=op)
+    check_same(op, named)
+    (n0, t0), *rest = named.items()
+    if t0.dim() < 1:
+        raise ValueError(f"{op}: {n0} must have a batch dimension (B, ...), got {describe(t0)}")
+    for name, t in rest:
+        if t.shape != t0.shape:
+            raise ValueError(f"{op}: {name} must have the shape of {n0} {tuple(t0.shape)}, got {describe(t)}")
+
+
+def affine_coupling(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    raw_scale: torch.Tensor,
+    *,
+    scale: str = "exp",
+    clamp: float = 2.0,
+    inverse: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine coupling law ``y = s * x + t`` (RealNVP, Dinh et al. 2017; Glow, Kingma & Dhariwal 2018).
+
+    Args:
+        x: ``(B, ...)`` the transformed half (e.g. ``x[:, C//2:]`` of an image, read through its
+            strides).
+        shift: ``(B, ...)`` the conditioner's shift ``t``, same shape as ``x``.
+        raw_scale: ``(B, ...)`` the conditioner's raw scale ``h``, same shape as ``x``.
+        scale: how ``h`` becomes ``s > 0``: ``"exp"``: ``exp(h)`` (RealNVP); ``"softclamp"``:
+            ``exp(clamp * tanh(h / clamp))`` (FrEIA, Glow-TTS), so ``|log s| <= clamp``;
+            ``"sigmoid"``: ``sigmoid(h + 2)`` (the scale of Glow's released code, which adds
+            the shift before scaling, ``(x + t') * s``: the same law with ``t = t' * s``).
+        clamp: the soft clamp's bound (``scale="softclamp"`` only), > 0.
+        inverse: compute ``x = (y - t) / s`` (evaluated as ``(y - t) * (1/s)``) instead.
+        backend: ``None`` (fastest available), ``"reference"``, ``"numba"``, ``"triton"`` or
+            ``"cuda"``; ``FASTFLOW_BACKEND`` sets the default.
+
+    Returns:
+        ``(outputs, logabsdet)``: outputs of ``x.shape`` (contiguous), and ``(B,)``
+        ``sum(log s)`` over all non-batch dims (negated for the inverse).
+
+    Numerics: with ``scale="exp"`` the log-det ``sum(h)`` is exact, but ``s = exp(h)`` overflows
+    to ``inf`` past ``h ~ 88.7`` (float32) / ``709.8`` (float64): the outputs there are ``±inf``
+    (NaN where ``x == 0``), and the inverse's are ``0``; use ``"softclamp"`` (always finite) to
+    rule that out. ``"sigmoid"`` keeps ``log s`` finite for any finite ``h``; its ``s``
+    underflows to 0 below ``h ~ -106`` (float32), where the inverse gives ``±inf``. A NaN in
+    an element of ``x`` or ``shift`` stays in that output element; one in ``raw_scale`` also
+    makes that sample's log-det NaN; other samples are untouched.
+    """
+    op = "affine_coupling"
+    _check_batch(op, {"x": x, "shift": shift, "raw_scale": raw_scale})
+    if not isinstance(scale, str) or scale not in SCALES:
+        raise ValueError(f"{op}: scale must be one of {list(SCALES)}, got {scale!r}")
+    clamp = check_positive_float(op, "clamp", clamp)
+    name = resolve_backend(op, x, backend)
+    return _affine_coupling_op(x, shift, raw_scale, scale, clamp, bool(inverse), name)
+
+
+def additive_coupling(
+    x: torch.Tensor, shift: torch.Tensor, *, inverse: bool = False, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive coupling law ``y = x + t`` (NICE, Dinh, Krueger & Bengio 2015); volume-preserving.
+
+    Args:
+        x: ``(B, ...)``; shift: the conditioner's ``t``, same shape.
+        inverse: compute ``x = y - t`` instead.
+
+    Returns:
+        ``(outputs of x.shape, logabsdet zeros (B,))``.
+    """
+    op = "additive_coupling"
+    _check_batch(op, {"x": x, "shift": shift})
+    name = resolve_backend(op, x, backend)
+    return _additive_coupling_op(x, shift, bool(inverse), name)
+
+
+def rescale(
+    x: torch.Tensor, log_scale: torch.Tensor, *, inverse: bool = False, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NICE's diagonal scaling layer ``y = exp(log_scale) * x`` (Dinh, Krueger & Bengio 2015).
+
+    Args:
+        x: ``(B, ...)``.
+        log_scale: the event shape ``x.shape[1:]``, or broadcastable to it (e.g. ``(C, 1, 1)``
+            for one scale per channel); its gradient is summed back to its own shape.
+        inverse: compute ``x = exp(-log_scale) * y`` instead.
+
+    Returns:
+        ``(outputs of x.shape, logabsdet (B,))``: the log-det is ``sum(log_scale)`` over the
+        (broadcast) event, the same for every sample (negated for the inverse).
+    """
+    op = "rescale"
+    for name, t in (("x", x), ("log_scale", log_scale)):
+        check_tensor(name, t, op=op)
+    check_same(op, {"x": x, "log_scale": log_scale})
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have a batch dimension (B, ...), got {describe(x)}")
+    event = x.shape[1:]
+    try:
+        ok = log_scale.dim() <= len(event) and torch.broadcast_shapes(log_scale.shape, event) == event
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{op}: log_scale must have the event shape {tuple(event)} of x (or broadcast to it), "
+                         f"got {describe(log_scale)}")
+    name = resolve_backend(op, x, backend)
+    return _rescale_op(x, log_scale.expand(event), bool(inverse), name)

@@ -1,0 +1,468 @@
+"""``fastflow.ops.lu``: Glow's LU-parameterised invertible 1x1 convolution / linear map, and the
+fused ActNorm + 1x1 convolution step.
+
+Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018
+(section 3.1 ActNorm, 3.2 the LU-decomposed 1x1 convolution). The weight is
+
+    W = P L (U + diag(sign * exp(log_s)))
+
+- ``P = I[perm]``: ``(P z)[i] = z[perm[i]]``, so ``y[:, i] = (L M x)[:, perm[i]]``. ``perm`` is a
+  long tensor holding a permutation of ``0..C-1``.
+- ``L``: unit lower-triangular; only the strictly-lower part of ``lower`` is read.
+- ``U``: strictly upper-triangular; only the strictly-upper part of ``upper`` is read.
+- ``sign``: a fixed +-1 vector (floating, like the other parameters); ``log|det W| = sum(log_s)``.
+- ActNorm: ``an(x) = exp(an_logscale) * (x + an_bias)`` per channel (Glow's ``s * (x + b)``).
+
+Ops, each returning ``(y, logabsdet)`` with ``logabsdet`` of shape ``(B,)``:
+
+- :func:`lu_linear`: ``x (B, C)``, ``y = x W^T``, ``logabsdet = sum(log_s)``.
+- :func:`lu_conv1x1`: ``x (B, C, H, W)``, ``W`` over the channels at every pixel,
+  ``logabsdet = H*W*sum(log_s)``.
+- :func:`actnorm_conv1x1`: ``x (B, C, H, W)`` (or ``(B, C)``), ActNorm then the 1x1 convolution as
+  one per-pixel affine map ``y = W diag(a) x + W diag(a) b`` (``a = exp(an_logscale)``,
+  ``b = an_bias``): one pass over the data instead of two;
+  ``logabsdet = H*W*(sum(an_logscale) + sum(log_s))``.
+
+``inverse=True`` evaluates the inverse map (and the log-det of the inverse, the negative). The
+inverse never inverts a general matrix: ``W^-1 = M^-1 L^-1 P^T`` comes from two triangular solves,
+or, with fewer pixels than channels, the data are solved directly (no ``W^-1`` at all). On the CPU
+``W^-1`` is cached, keyed on the factors' ``data_ptr``/``_version`` and validated against a
+snapshot of them (so an optimizer step, ``.data`` writes included, invalidates it); on GPUs it is
+recomputed per call (two small asynchronous solves; a validation would need a device sync).
+
+Backends: ``reference`` (torch on any device: BLAS GEMMs straight on NCHW data, float32 compute for
+half precision) and ``triton`` (fused kernels, see :mod:`fastflow.kernels.triton.lu`). There is
+no ``numba`` kernel on purpose: the work is a GEMM, and torch's BLAS on the un-copied NCHW data is
+the fastest CPU route, so the CPU runs the reference path (which is written to be efficient).
+
+Custom ops ``fastflow::lu_linear``, ``fastflow::lu_conv1x1``, ``fastflow::actnorm_conv1x1`` with
+fake impls and autograd; their backward is ``fastflow::lu_backward`` (gradients for ``x``,
+``an_bias``, ``an_logscale``, ``lower``, ``upper``, ``log_s``; none for ``perm``/``sign``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from fastflow.backends import get_kernel, register_kernel, resolve_backend
+from fastflow.kernels.reference import lu as ref
+from fastflow.ops._checks import check_same, check_tensor, describe
+
+__all__ = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1", "clear_inverse_cache"]
+
+OPS = ("lu_linear", "lu_conv1x1", "actnorm_conv1x1")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# --------------------------------------------------------------------------------------------
+# The cached inverse matrix
+# --------------------------------------------------------------------------------------------
+
+_INV_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_INV_CACHE_SIZE = 64
+INVERSE_CACHE_STATS = {"hits": 0, "misses": 0}
+
+
+def clear_inverse_cache() -> None:
+    """Forget every cached ``W^-1`` (they also expire by themselves when the factors change)."""
+    _INV_CACHE.clear()
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter; the snapshot check remains
+        return -1
+
+
+def _inverse_matrix(perm, lower, upper, log_s, sign, dtype: torch.dtype) -> torch.Tensor:
+    """``W^-1`` in ``dtype`` by two triangular solves; cached on the CPU.
+
+    The key holds each factor's ``data_ptr`` and ``_version`` (bumped by in-place updates such as
+    an optimizer step); a hit is confirmed against a snapshot of the factors, which also catches
+    writes through ``.data`` (no version bump) and a freed tensor's address being reused.
+    """
+    params = (perm, lower, upper, log_s, sign)
+    cast = [p if p is perm else p.to(dtype) for p in params]
+    if lower.device.type != "cpu":
+        return ref.inverse_weight(*cast)
+    key = (dtype, lower.shape[0]) + tuple((p.data_ptr(), _version(p), p.dtype, p.stride()) for p in params)
+    hit = _INV_CACHE.get(key)
+    if hit is not None and all(torch.equal(s, p) for s, p in zip(hit[0], params)):
+        _INV_CACHE.move_to_end(key)
+        INVERSE_CACHE_STATS["hits"] += 1
+        return hit[1]
+    INVERSE_CACHE_STATS["misses"] += 1
+    v = ref.inverse_weight(*cast)
+    _INV_CACHE[key] = (tuple(p.detach().clone() for p in params), v)
+    while len(_INV_CACHE) > _INV_CACHE_SIZE:
+        _INV_CACHE.popitem(last=False)
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# Per-backend adapters. x3/g3 are (B, C, N) views of the data (N pixels per sample).
+#   forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse) -> y3
+#   backward(g3, g_lad_sum, x3, ..., inverse, need_params)
+#       -> (g_x3, g_an_b, g_an_ls, g_lower, g_upper, g_log_s)   (parameter grads None if not needed)
+# --------------------------------------------------------------------------------------------
+
+
+class _Reference:
+    @staticmethod
+    def _cast(cd, *ts):
+        return [None if t is None else t.to(cd) for t in ts]
+
+    @classmethod
+    def _coefficients(cls, cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+        v = _inverse_matrix(perm, lower, upper, log_s, sign, cd) if inverse else None
+        an_b, an_ls, lower, upper, log_s, sign = cls._cast(cd, an_b, an_ls, lower, upper, log_s, sign)
+        return ref.coefficients(perm, lower, upper, log_s, sign, an_b, an_ls, inverse, inv_weight=v)
+
+    @classmethod
+    def forward(cls, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+        cd = _compute_dtype(x3.dtype)
+        b, c, n = x3.shape
+        if b * n < c:
+            # Fewer pixels than channels: applying the factors (O(B N C^2)) beats forming W (O(C^3)).
+            args = cls._cast(cd, x3, lower, upper, log_s, sign, an_b, an_ls)
+            y3 = ref.apply_factored(args[0], perm, *args[1:], inverse=inverse)
+        else:
+            a_mat, bias = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+            y3 = ref.apply_affine(x3.to(cd), a_mat, bias)
+        return y3
+
+    @classmethod
+    def backward(cls, g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
+        cd = _compute_dtype(x3.dtype)
+        a_mat, _ = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+        g3c = g3.to(cd)
+        g_x3 = ref.apply_affine(g3c, a_mat.t(), None)
+        if not need_params:
+            return g_x3, None, None, None, None, None
+        g_a, g_c = ref.reduce_grads(g3c, x3.to(cd))
+        p = cls._cast(cd, lower, upper, log_s, sign, an_b, an_ls)
+        grads = ref.parameter_grads(g_a, g_c, g_lad_sum.to(cd), x3.shape[2], perm, *p, inverse=inverse, a_mat=a_mat)
+        return (g_x3, *grads)
+
+
+class _Triton:
+    @staticmethod
+    def _coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+        from fastflow.kernels.triton import lu as tk
+
+        if not inverse:
+            return tk.assemble(perm, lower, upper, log_s, sign, an_b, an_ls)
+        # W^-1 by two float32 triangular solves on the host side, once per call (documented).
+        v = _inverse_matrix(perm, lower, upper, log_s, sign, torch.float32)
+        if an_ls is None:
+            return v, None
+        return v * torch.exp(-an_ls.float())[:, None], -an_b.float()
+
+    @classmethod
+    def forward(cls, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+        from fastflow.kernels.triton import lu as tk
+
+        a_mat, bias = cls._coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+        return tk.apply(x3.contiguous(), a_mat, bias)
+
+    @classmethod
+    def backward(cls, g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
+        from fastflow.kernels.triton import lu as tk
+
+        a_mat, _ = cls._coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+        g3 = g3.contiguous()
+        g_x3 = tk.apply(g3, a_mat, None, transpose=True)
+        if not need_params:
+            return g_x3, None, None, None, None, None
+        x3 = x3.contiguous()
+        g_a = tk.wgrad(g3, x3)
+        g_c = g3.sum(dim=(0, 2), dtype=torch.float32)
+        p = [None if t is None else t.float() for t in (lower, upper, log_s, sign, an_b, an_ls)]
+        grads = ref.parameter_grads(g_a, g_c, g_lad_sum.float(), x3.shape[2], perm, *p, inverse=inverse, a_mat=a_mat)
+        return (g_x3, *grads)
+
+
+def _load_triton():
+    import fastflow.kernels.triton.lu  # noqa: F401  (fail here, at dispatch, if triton is broken)
+
+    return _Triton
+
+
+for _op in OPS:
+    register_kernel(_op, "reference", lambda: _Reference)
+    register_kernel(_op, "triton", _load_triton)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+
+
+def _as3(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _forward(op, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backend):
+    b = x.shape[0]
+    n = math.prod(x.shape[2:])
+    cd = _compute_dtype(x.dtype)
+    lad = ref.logabsdet(log_s.to(cd), None if an_ls is None else an_ls.to(cd), n, inverse)
+    lad = lad.to(x.dtype).expand(b).clone()
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format), lad
+    y3 = get_kernel(op, backend).forward(_as3(x), an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+    return y3.to(x.dtype).contiguous().view(x.shape), lad
+
+
+def _fake(x, *rest):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[0],))
+
+
+@torch.library.custom_op("fastflow::lu_linear", mutates_args=())
+def _lu_linear_op(
+    x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
+    sign: torch.Tensor, inverse: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward("lu_linear", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
+
+
+@torch.library.custom_op("fastflow::lu_conv1x1", mutates_args=())
+def _lu_conv1x1_op(
+    x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
+    sign: torch.Tensor, inverse: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
+
+
+@torch.library.custom_op("fastflow::actnorm_conv1x1", mutates_args=())
+def _actnorm_conv1x1_op(
+    x: torch.Tensor, an_bias: torch.Tensor, an_logscale: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor,
+    upper: torch.Tensor, log_s: torch.Tensor, sign: torch.Tensor, inverse: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, backend)
+
+
+for _o in (_lu_linear_op, _lu_conv1x1_op, _actnorm_conv1x1_op):
+    _o.register_fake(_fake)
+
+
+@torch.library.custom_op("fastflow::lu_backward", mutates_args=())
+def _lu_backward_op(
+    grad_y: torch.Tensor, grad_logabsdet: torch.Tensor, x: torch.Tensor, an_bias: Optional[torch.Tensor],
+    an_logscale: Optional[torch.Tensor], perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+    log_s: torch.Tensor, sign: torch.Tensor, inverse: bool, need_param_grads: bool, op: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(x, an_bias, an_logscale, lower, upper, log_s)``; the ActNorm ones are empty
+    ``(0,)`` tensors without ActNorm, the parameter ones zeros unless ``need_param_grads``."""
+    cd = _compute_dtype(x.dtype)
+    g_lad_sum = grad_logabsdet.to(cd).sum()
+    if x.numel() == 0:
+        g_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = [None] * 5
+        if need_param_grads:  # no data: only the log-det term depends on the parameters
+            g_ls = (-1.0 if inverse else 1.0) * math.prod(x.shape[2:]) * g_lad_sum
+            out = [None, None if an_logscale is None else g_ls.expand(x.shape[1]), None, None, g_ls.expand(x.shape[1])]
+    else:
+        g3, x3 = _as3(grad_y), _as3(x)
+        res = get_kernel(op, backend).backward(
+            g3, g_lad_sum, x3, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, need_param_grads
+        )
+        g_x = res[0].to(x.dtype).contiguous().view(x.shape)
+        out = list(res[1:])
+    like = (an_bias, an_logscale, lower, upper, log_s)
+    grads = []
+    for g, t in zip(out, like):
+        if t is None:
+            grads.append(x.new_empty((0,)))  # one per output: outputs must not alias
+        elif g is None:
+            grads.append(torch.zeros_like(t, memory_format=torch.contiguous_format))
+        else:
+            grads.append(g.to(t.dtype).contiguous())
+    return (g_x, *grads)
+
+
+@_lu_backward_op.register_fake
+def _(grad_y, grad_lad, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, need, op, backend):
+    e = torch.contiguous_format
+    return (
+        torch.empty_like(x, memory_format=e),
+        x.new_empty((0,)) if an_bias is None else torch.empty_like(an_bias, memory_format=e),
+        x.new_empty((0,)) if an_logscale is None else torch.empty_like(an_logscale, memory_format=e),
+        torch.empty_like(lower, memory_format=e),
+        torch.empty_like(upper, memory_format=e),
+        torch.empty_like(log_s, memory_format=e),
+    )
+
+
+def _make_autograd(op: str, has_an: bool):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:-2])
+        ctx.args = inputs[-2:]  # inverse, backend
+        ctx.needs = ctx.needs_input_grad
+
+    def backward(ctx, grad_y, grad_lad):
+        saved = ctx.saved_tensors
+        x = saved[0]
+        if has_an:
+            an_b, an_ls, perm, lower, upper, log_s, sign = saved[1:]
+            param_needs = (ctx.needs[1], ctx.needs[2], ctx.needs[4], ctx.needs[5], ctx.needs[6])
+        else:
+            an_b = an_ls = None
+            perm, lower, upper, log_s, sign = saved[1:]
+            param_needs = (ctx.needs[2], ctx.needs[3], ctx.needs[4])
+        grad_y = torch.zeros_like(x) if grad_y is None else grad_y
+        grad_lad = x.new_zeros((x.shape[0],)) if grad_lad is None else grad_lad
+        inverse, backend = ctx.args
+        g = _lu_backward_op(grad_y, grad_lad, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse,
+                            any(param_needs), op, backend)
+        g_x, g_b, g_ls, g_lower, g_upper, g_log_s = g
+        if has_an:
+            return g_x, g_b, g_ls, None, g_lower, g_upper, g_log_s, None, None, None
+        return g_x, None, g_lower, g_upper, g_log_s, None, None, None
+
+    return backward, setup_context
+
+
+for _o, _name, _has_an in ((_lu_linear_op, "lu_linear", False), (_lu_conv1x1_op, "lu_conv1x1", False),
+                           (_actnorm_conv1x1_op, "actnorm_conv1x1", True)):
+    _bwd, _setup = _make_autograd(_name, _has_an)
+    _o.register_autograd(_bwd, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+_VALIDATED: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _check_values(op, perm, sign) -> None:
+    """perm is a permutation of 0..C-1 and sign is +-1 (data-dependent: skipped while compiling).
+
+    On GPUs a check costs a device sync, so a (perm, sign) pair once found valid is remembered by
+    ``data_ptr``/``_version`` (the entry holds a reference, so the address cannot be reused).
+    """
+    if torch.compiler.is_compiling():
+        return
+    key = None
+    if perm.device.type != "cpu":
+        key = tuple((t.data_ptr(), _version(t), t.stride()) for t in (perm, sign)) + (perm.device,)
+        if key in _VALIDATED:
+            return
+    c = perm.numel()
+    if not torch.equal(torch.sort(perm).values, torch.arange(c, device=perm.device, dtype=perm.dtype)):
+        raise ValueError(f"{op}: perm must be a permutation of 0..{c - 1} (each index exactly once), got {perm.tolist() if c <= 32 else describe(perm)}")
+    if not bool(((sign == 1) | (sign == -1)).all()):
+        raise ValueError(f"{op}: sign must hold only +1 and -1 (the fixed signs of W's diagonal), got {describe(sign)}")
+    if key is not None:
+        _VALIDATED[key] = (perm, sign)
+        while len(_VALIDATED) > 256:
+            _VALIDATED.popitem(last=False)
+
+
+def _check(op, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, x_dims):
+    named = {"x": x}
+    if an_bias is not None:
+        named.update(an_bias=an_bias, an_logscale=an_logscale)
+    named.update(lower=lower, upper=upper, log_s=log_s, sign=sign)
+    for name, t in named.items():
+        check_tensor(name, t, op=op)
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f"{op}: perm must be a torch.Tensor, got {type(perm).__name__}")
+    check_same(op, named)
+    if x.dim() not in x_dims:
+        want = " or ".join({2: "(B, C)", 4: "(B, C, H, W)"}[d] for d in x_dims)
+        raise ValueError(f"{op}: x must be {want}, got {describe(x)}")
+    c = x.shape[1]
+    if c < 1:
+        raise ValueError(f"{op}: x needs at least one channel (dim 1), got {describe(x)}")
+    for name in ("lower", "upper"):
+        if tuple(named[name].shape) != (c, c):
+            raise ValueError(f"{op}: {name} must be (C, C) = ({c}, {c}) with C = x.shape[1], got {describe(named[name])}")
+    for name in ("an_bias", "an_logscale", "log_s", "sign"):
+        if name in named and tuple(named[name].shape) != (c,):
+            raise ValueError(f"{op}: {name} must be (C,) = ({c},) with C = x.shape[1], got {describe(named[name])}")
+    if perm.dtype != torch.int64:
+        raise TypeError(f"{op}: perm must be an int64 (torch.long) tensor of channel indices, got {describe(perm)}")
+    if tuple(perm.shape) != (c,):
+        raise ValueError(f"{op}: perm must be (C,) = ({c},) with C = x.shape[1], got {describe(perm)}")
+    if perm.device != x.device:
+        raise ValueError(f"{op}: perm is on device {perm.device} but x is on {x.device}; move them to one device")
+    _check_values(op, perm, sign)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+_ARGS_DOC = """
+        perm: ``(C,)`` int64 permutation; ``W = P L M`` with ``P = I[perm]``, i.e.
+            ``(W x)[i] = (L M x)[perm[i]]``.
+        lower: ``(C, C)``; its strictly-lower part is ``L``'s (``L`` has a unit diagonal).
+        upper: ``(C, C)``; its strictly-upper part is ``U``'s.
+        log_s: ``(C,)``; ``M = U + diag(sign * exp(log_s))``.
+        sign: ``(C,)`` of +-1, fixed (no gradient).
+        inverse: evaluate the inverse map instead (its log-det is the negative).
+        backend: ``None`` (fastest available), ``"reference"`` or ``"triton"``;
+            ``FASTFLOW_BACKEND`` sets the default.
+"""
+
+
+def lu_linear(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
+    """Glow's LU-parameterised invertible linear map ``y = x W^T`` (Kingma & Dhariwal, 2018).
+
+    Args:
+        x: ``(B, C)``.
+    """ + _ARGS_DOC + """
+    Returns:
+        ``(y, logabsdet)``: ``y (B, C)`` and ``logabsdet (B,)`` = ``sum(log_s)`` (``-sum(log_s)``
+        for the inverse), O(C). Gradients flow to ``x, lower, upper, log_s``.
+    """
+    _check("lu_linear", x, None, None, perm, lower, upper, log_s, sign, (2,))
+    name = resolve_backend("lu_linear", x, backend)
+    return _lu_linear_op(x, perm, lower, upper, log_s, sign, bool(inverse), name)
+
+
+def lu_conv1x1(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
+    """Glow's LU-parameterised invertible 1x1 convolution (Kingma & Dhariwal, 2018, sec. 3.2).
+
+    Args:
+        x: ``(B, C, H, W)``; ``W`` mixes the channels at every pixel.
+    """ + _ARGS_DOC + """
+    Returns:
+        ``(y, logabsdet)``: ``y (B, C, H, W)`` and ``logabsdet (B,)`` = ``H*W*sum(log_s)``
+        (negated for the inverse). Gradients flow to ``x, lower, upper, log_s``.
+    """
+    _check("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, (4,))
+    name = resolve_backend("lu_conv1x1", x, backend)
+    return _lu_conv1x1_op(x, perm, lower, upper, log_s, sign, bool(inverse), name)
+
+
+def actnorm_conv1x1(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
+    """One Glow step's ActNorm followed by its LU 1x1 convolution, fused into one affine map.
+
+    ActNorm is ``exp(an_logscale) * (x + an_bias)`` per channel (Glow's ``s * (x + b)``); with
+    ``a = exp(an_logscale)`` the step is ``y = W diag(a) x + W diag(a) an_bias`` at every pixel,
+    one pass over the data. The inverse is ``x = diag(1/a) W^-1 y - an_bias``.
+
+    Args:
+        x: ``(B, C, H, W)`` (or ``(B, C)``, one pixel per sample).
+        an_bias: ``(C,)`` ActNorm bias ``b``.
+        an_logscale: ``(C,)`` ActNorm log-scale ``log s``.
+    """ + _ARGS_DOC + """
+    Returns:
+        ``(y, logabsdet)``: ``y`` shaped like ``x`` and ``logabsdet (B,)`` =
+        ``H*W*(sum(an_logscale) + sum(log_s))`` (negated for the inverse). Gradients flow to
+        ``x, an_bias, an_logscale, lower, upper, log_s``.
+    """
+    _check("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, (2, 4))
+    name = resolve_backend("actnorm_conv1x1", x, backend)
+    return _actnorm_conv1x1_op(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, bool(inverse), name)

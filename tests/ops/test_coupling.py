@@ -1,0 +1,501 @@
+"""Coupling laws (affine, additive, NICE rescale): every backend against the reference, the
+reference against the naive Jacobian log-det, round trips, gradcheck/opcheck, strided halves read
+without copies, edge cases, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastflow import BackendUnavailableError
+from fastflow.kernels.reference.coupling import (
+    affine_coupling_reference,
+    affine_coupling_reference_backward,
+    rescale_reference,
+    rescale_reference_backward,
+)
+from fastflow.ops import additive_coupling, affine_coupling, rescale
+from fastflow.ops import coupling as coupling_mod
+from fastflow.ops.coupling import _additive_coupling_op, _affine_coupling_op, _as_3d, _rescale_op
+from fastflow.testing import assert_close, jacobian_logabsdet, tolerances
+from tests._backends import ALL_BACKENDS, INTERPRET, KERNEL_BACKENDS, device_for, dtypes_for
+
+SCALES = ["exp", "softclamp", "sigmoid"]
+CPU_BACKENDS = ["reference", "numba"]
+F32_COMPUTE = ("triton", "cuda")
+
+
+def tol(backend, dtype):
+    return tolerances(dtype, backend in F32_COMPUTE)
+
+
+def small(backend) -> bool:
+    return backend in ("triton", "cuda") and INTERPRET
+
+
+def halves(b, c, hw=(3, 5), dtype=torch.float64, device="cpu", scale=1.0, gen=None):
+    """x's second half and the conditioner's interleaved outputs, as a coupling layer slices them."""
+    full = torch.randn(b, 2 * c, *hw, dtype=torch.float64, generator=gen).to(dtype=dtype, device=device)
+    h = (torch.randn(b, 2 * c, *hw, dtype=torch.float64, generator=gen) * scale).to(dtype=dtype, device=device)
+    return full[:, c:], h[:, ::2], h[:, 1::2]
+
+
+def grads_of(fn, tensors, g_out, g_lad, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out, lad = fn(*leaves, **kw)
+    grads = torch.autograd.grad((out, lad), leaves, (g_out.to(out.dtype), g_lad.to(out.dtype)))
+    return out.detach(), lad.detach(), grads
+
+
+# ------------------------------------------------------------------ backends vs reference
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("scale", SCALES)
+def test_affine_backend_matches_reference(backend, inverse, scale):
+    device = device_for(backend)
+    b = 2**4 + 17 if small(backend) else 2**7 + 17
+    for dtype in dtypes_for(backend):
+        x, t, h = halves(b, 3, device=device, scale=1.5)
+        # Exercise the strided path (interleaved t/h) and the 2-D path (flat vectors).
+        for args in ((x, t, h), tuple(v.reshape(b, -1).contiguous() for v in (x, t, h))):
+            args = tuple(v.to(dtype) for v in args)
+            g_out = torch.randn(args[0].shape, dtype=torch.float64, device=device)
+            g_lad = torch.randn(b, dtype=torch.float64, device=device)
+            kw = dict(scale=scale, clamp=1.5, inverse=inverse)
+            ref = grads_of(affine_coupling, [v.double() for v in args], g_out, g_lad, backend="reference", **kw)
+            got = grads_of(affine_coupling, args, g_out, g_lad, backend=backend, **kw)
+            assert got[0].dtype == dtype and got[1].dtype == dtype and got[1].shape == (b,)
+            assert got[0].is_contiguous()
+            tl = tol(backend, dtype)
+            assert_close(got[0], ref[0], **tl)
+            # The log-det sums F terms: its error grows with F, and with |sum| it is relative to.
+            f = args[0][0].numel()
+            assert_close(got[1], ref[1], rtol=tl["rtol"], atol=tl["atol"] * f)
+            for g, r in zip(got[2], ref[2]):
+                assert g.dtype == dtype and g.shape == args[0].shape
+                assert_close(g, r, **tl)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_additive_and_rescale_backend_match_reference(backend, inverse):
+    device = device_for(backend)
+    b = 2**4 + 17 if small(backend) else 2**7 + 17
+    for dtype in dtypes_for(backend):
+        x, t, _ = halves(b, 3, device=device)
+        x, t = x.to(dtype), t.to(dtype)
+        g_out = torch.randn(x.shape, dtype=torch.float64, device=device)
+        g_lad = torch.randn(b, dtype=torch.float64, device=device)
+        ref = grads_of(additive_coupling, [x.double(), t.double()], g_out, g_lad, inverse=inverse, backend="reference")
+        got = grads_of(additive_coupling, [x, t], g_out, g_lad, inverse=inverse, backend=backend)
+        for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+            assert a.dtype == dtype
+            assert_close(a, r, **tol(backend, dtype))
+        for ls_shape in [x.shape[1:], (x.shape[1], 1, 1)]:
+            ls = (torch.randn(ls_shape, dtype=torch.float64) * 0.7).to(dtype=dtype, device=device)
+            ref = grads_of(rescale, [x.double(), ls.double()], g_out, g_lad, inverse=inverse, backend="reference")
+            got = grads_of(rescale, [x, ls], g_out, g_lad, inverse=inverse, backend=backend)
+            f = x[0].numel()
+            tl = tol(backend, dtype)
+            assert_close(got[0], ref[0], **tl)
+            assert_close(got[1], ref[1], rtol=tl["rtol"], atol=tl["atol"] * f)
+            assert_close(got[2][0], ref[2][0], **tl)
+            # grad log_scale sums over the batch (and broadcast dims): relative to its scale.
+            scale_ = ref[2][1].abs().max().clamp_min(1.0)
+            assert got[2][1].shape == ls.shape
+            assert_close(got[2][1] / scale_, ref[2][1] / scale_, rtol=tl["rtol"], atol=tl["atol"] * b)
+
+
+def test_reference_backward_matches_autograd():
+    x, t, h = halves(9, 2, scale=2.0)
+    g_out, g_lad = torch.randn(x.shape, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    for scale in SCALES:
+        for inverse in (False, True):
+            leaves = [v.clone().requires_grad_(True) for v in (x, t, h)]
+            out, lad = affine_coupling_reference(*leaves, scale, 1.3, inverse)
+            auto = torch.autograd.grad((out, lad), leaves, (g_out, g_lad))
+            gx, gh = affine_coupling_reference_backward(g_out, g_lad, x, t, h, scale, 1.3, inverse)
+            torch.testing.assert_close(gx, auto[0])
+            torch.testing.assert_close(gh, auto[2])
+            torch.testing.assert_close(-gx if inverse else g_out, auto[1])
+    ls = torch.randn(x.shape[1:], dtype=torch.float64, requires_grad=True)
+    for inverse in (False, True):
+        out, lad = rescale_reference(x, ls, inverse)
+        auto = torch.autograd.grad((out, lad), ls, (g_out, g_lad))[0]
+        torch.testing.assert_close(rescale_reference_backward(g_out, g_lad, x, ls.detach(), inverse)[1], auto)
+
+
+# ------------------------------------------------------------------ maths
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("scale", SCALES)
+def test_round_trip(backend, scale):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    x, t, h = halves(2**5 + 17, 3, dtype=dtype, device=device, scale=1.5)
+    y, lad = affine_coupling(x, t, h, scale=scale, backend=backend)
+    x2, lad2 = affine_coupling(y, t, h, scale=scale, inverse=True, backend=backend)
+    assert_close(x2, x, **tol(backend, dtype))
+    assert_close(lad + lad2, torch.zeros_like(lad), rtol=0, atol=tol(backend, dtype)["atol"] * 10)
+    y, _ = additive_coupling(x, t, backend=backend)
+    assert_close(additive_coupling(y, t, inverse=True, backend=backend)[0], x, **tol(backend, dtype))
+    ls = torch.randn(x.shape[1:], dtype=dtype, device=device)
+    y, lad = rescale(x, ls, backend=backend)
+    x2, lad2 = rescale(y, ls, inverse=True, backend=backend)
+    assert_close(x2, x, **tol(backend, dtype))
+    assert_close(lad + lad2, torch.zeros_like(lad), rtol=0, atol=tol(backend, dtype)["atol"] * 10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("scale", SCALES)
+def test_affine_logabsdet_matches_jacobian_slogdet(backend, inverse, scale):
+    # The whole op as a map of x (t and h fixed): the naive slogdet of its autograd Jacobian.
+    x, t, h = halves(3, 2, hw=(2, 3), scale=1.5)
+    _, lad = affine_coupling(x, t, h, scale=scale, clamp=1.2, inverse=inverse, backend=backend)
+    naive = torch.cat([
+        jacobian_logabsdet(lambda v, i=i: affine_coupling(v, t[i : i + 1], h[i : i + 1], scale=scale, clamp=1.2,
+                                                          inverse=inverse, backend=backend)[0], x[i : i + 1])
+        for i in range(3)
+    ])
+    torch.testing.assert_close(lad, naive, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_additive_and_rescale_logabsdet_match_jacobian_slogdet(backend, inverse):
+    x, t, _ = halves(3, 2, hw=(2, 3))
+    naive = torch.cat([
+        jacobian_logabsdet(lambda v, i=i: additive_coupling(v, t[i : i + 1], inverse=inverse, backend=backend)[0],
+                           x[i : i + 1])
+        for i in range(3)
+    ])
+    torch.testing.assert_close(additive_coupling(x, t, inverse=inverse, backend=backend)[1], naive, rtol=0, atol=1e-12)
+    ls = torch.randn(2, 1, 3, dtype=torch.float64)
+    fn = lambda v: rescale(v, ls, inverse=inverse, backend=backend)[0]  # noqa: E731
+    torch.testing.assert_close(rescale(x, ls, inverse=inverse, backend=backend)[1], jacobian_logabsdet(fn, x),
+                               rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_gradcheck_float64(backend, inverse):
+    x, t, h = halves(5, 2, hw=(2, 2), scale=1.5)
+    for scale in SCALES:
+        leaves = [v.detach().clone().requires_grad_(True) for v in (x, t, h)]
+        fn = lambda *a: affine_coupling(*a, scale=scale, clamp=1.4, inverse=inverse, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+    leaves = [v.detach().clone().requires_grad_(True) for v in (x, t)]
+    assert torch.autograd.gradcheck(lambda *a: additive_coupling(*a, inverse=inverse, backend=backend), leaves)
+    leaves = [x.detach().clone().requires_grad_(True), torch.randn(2, 1, 2, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda *a: rescale(*a, inverse=inverse, backend=backend), leaves,
+                                    eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_opcheck(backend):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    x, t, h = halves(4, 2, hw=(2, 3), dtype=dtype, device=device)
+    x, t, h = x.contiguous(), t.requires_grad_(), h.requires_grad_()
+    for scale in SCALES:
+        torch.library.opcheck(_affine_coupling_op, (x, t, h, scale, 1.5, False, backend))
+    torch.library.opcheck(_affine_coupling_op, (x, t, h, "exp", 2.0, True, backend))
+    torch.library.opcheck(_additive_coupling_op, (x.requires_grad_(), t, False, backend))
+    ls = torch.randn(x.shape[1:], dtype=dtype, device=device, requires_grad=True)
+    torch.library.opcheck(_rescale_op, (x, ls, True, backend))
+
+
+@pytest.mark.skipif(INTERPRET, reason="covered in the CPU run; compile does not trace the interpreter")
+def test_torch_compile_fullgraph():
+    x, t, h = halves(16, 2, dtype=torch.float32)
+    ls = torch.randn(x.shape[1:], requires_grad=True)
+    h.requires_grad_(True)
+
+    def f(x, t, h, ls):
+        y, lad = affine_coupling(x, t, h, scale="softclamp")
+        y, lad2 = additive_coupling(y, t)
+        y, lad3 = rescale(y, ls)
+        return (y**2).sum() + (lad + lad2 + lad3).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    expected = f(x, t, h, ls)
+    got = compiled(x, t, h, ls)
+    torch.testing.assert_close(got, expected)
+    g = torch.autograd.grad(got, (h, ls))
+    ge = torch.autograd.grad(f(x, t, h, ls), (h, ls))
+    for a, b in zip(g, ge):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ layouts: no copies
+
+
+def _spy(monkeypatch, backend, fn_name):
+    """Record the tensors the backend adapter receives."""
+    kern = coupling_mod.get_kernel("affine_coupling", backend)
+    seen = []
+    real = getattr(kern, fn_name)
+
+    def spy(*args, **kw):
+        seen.append([a for a in args if isinstance(a, torch.Tensor)])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kern, fn_name, spy)
+    return seen
+
+
+def test_views_of_halves_are_not_copies():
+    img = torch.randn(5, 8, 4, 6)
+    h = torch.randn(5, 8, 4, 6)
+    vec, hv = torch.randn(7, 10), torch.randn(7, 10)
+    cases = [
+        [img[:, :4], h[:, ::2], h[:, 1::2]],  # channel half, interleaved conditioner outputs
+        [img[:, 4:], *h.chunk(2, dim=1)],  # chunked halves
+        [vec[:, :5], hv[:, ::2], hv[:, 1::2]],  # vectors
+        [img[:, :4], h[:, :4], torch.ones(1, 1, 1, 1).expand(5, 4, 4, 6)],  # an expanded gradient
+    ]
+    for tensors in cases:
+        views = _as_3d(tensors)
+        for v, t in zip(views, tensors):
+            assert v.dim() == 3 and v.shape[0] == t.shape[0] and v[0].numel() == t[0].numel()
+            assert v.data_ptr() == t.data_ptr() and v.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+            torch.testing.assert_close(v.reshape(t.shape), t, rtol=0, atol=0)
+    # A layout no (B, M, N) view expresses (channels-last halves) is copied: still correct.
+    cl = torch.randn(5, 8, 4, 6).to(memory_format=torch.channels_last)[:, ::2]
+    views = _as_3d([img[:, :4], cl, h[:, 1::2]])
+    torch.testing.assert_close(views[1].reshape(cl.shape), cl, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_halves_reach_the_kernel_uncopied(backend, monkeypatch):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    x, t, h = halves(6, 3, dtype=dtype, device=device)
+    assert not x.is_contiguous() and not t.is_contiguous()
+    fwd = _spy(monkeypatch, backend, "affine_fwd")
+    bwd = _spy(monkeypatch, backend, "affine_bwd")
+    leaves = [v.detach().requires_grad_(True) for v in (x, t, h)]
+    y, lad = affine_coupling(*leaves, backend=backend)
+    (y * y).sum().backward()
+    ptrs = {v.data_ptr() for v in (x, t, h)}
+    assert {a.data_ptr() for a in fwd[0][:3]} == ptrs
+    assert {a.data_ptr() for a in bwd[0][2:5]} == ptrs
+    ref = affine_coupling_reference(x.double(), t.double(), h.double())
+    assert_close(y, ref[0], **tol(backend, dtype))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_contiguous_layouts(backend):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    base = torch.randn(7, 6, 4, 5, dtype=dtype, device=device)
+    cases = [
+        (base.transpose(2, 3), torch.randn(7, 6, 5, 4, dtype=dtype, device=device), base.transpose(2, 3) * 0.3),
+        (base.to(memory_format=torch.channels_last)[:, ::2],) * 3,
+        (base[::2, :, 1:3, ::2],) * 3,
+    ]
+    for x, t, h in cases:
+        g = torch.randn(x.shape, dtype=torch.float64, device=device)
+        gl = torch.randn(x.shape[0], dtype=torch.float64, device=device)
+        for inverse in (False, True):
+            got = grads_of(affine_coupling, (x, t, h), g, gl, inverse=inverse, backend=backend)
+            ref = grads_of(affine_coupling, [v.double().contiguous() for v in (x, t, h)], g, gl, inverse=inverse,
+                           backend="reference")
+            for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+                assert_close(a, r, **tol(backend, dtype))
+        ls = h[0] * 0.5
+        got = grads_of(rescale, (x, ls), g, gl, backend=backend)
+        ref = grads_of(rescale, (x.double().contiguous(), ls.double().contiguous()), g, gl, backend="reference")
+        for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+            s_ = r.abs().max().clamp_min(1.0)
+            assert_close(a / s_, r / s_, **tol(backend, dtype))
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_and_odd_shapes(backend):
+    device = device_for(backend)
+    for shape in [(0, 4), (3, 0), (0, 2, 3, 3), (2**3 + 17, 1)]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        t = torch.randn(shape, device=device, requires_grad=True)
+        h = torch.randn(shape, device=device, requires_grad=True)
+        y, lad = affine_coupling(x, t, h, backend=backend)
+        assert y.shape == shape and lad.shape == (shape[0],)
+        assert torch.equal(lad, affine_coupling_reference(x.double(), t.double(), h.double())[1].float())
+        (y.sum() + lad.sum()).backward()
+        assert x.grad.shape == shape and h.grad.shape == shape and t.grad.shape == shape
+        y, lad = additive_coupling(x, t, backend=backend)
+        assert y.shape == shape and torch.equal(lad, torch.zeros(shape[0], device=device))
+        ls = torch.randn(shape[1:], device=device, requires_grad=True)
+        y, lad = rescale(x, ls, backend=backend)
+        assert y.shape == shape and lad.shape == (shape[0],)
+        (y.sum() + lad.sum()).backward()
+        assert ls.grad.shape == ls.shape
+    # 1-D input: a batch of scalars.
+    x = torch.randn(2**4 + 17, device=device)
+    y, lad = affine_coupling(x, x, x, backend=backend)
+    assert_close(lad, x, **tol(backend, x.dtype))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_extreme_raw_scales(backend):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    big = 1e3 if dtype == torch.float64 else 1e2  # past exp's overflow in each dtype
+    h = torch.tensor([[-1e30, -big, -30.0, -2.0001, -2.0, 0.0, 1.99, 2.0, 3.0, 30.0, big, 1e30]], dtype=dtype,
+                     device=device)
+    n = h.shape[1]
+    x = torch.linspace(-2, 2, n, dtype=dtype, device=device)[None].add(0.01)  # no zeros
+    t = torch.full_like(x, 0.5)
+    for scale in SCALES:
+        y, lad = affine_coupling(x, t, h, scale=scale, clamp=2.0, backend=backend)
+        ref = affine_coupling_reference(x.double(), t.double(), h.double(), scale, 2.0)
+        tl = tol(backend, dtype)
+        finite = torch.isfinite(ref[0].to(dtype))
+        assert torch.equal(torch.isfinite(y), finite), scale
+        assert_close(y[finite], ref[0][finite], **tl)
+        if scale == "exp":
+            # Documented: exp overflows to inf (with the sign of x) past ~88.7 (float32) / ~709.8
+            # (float64); the log-det is the exact sum of h.
+            assert torch.isinf(y[0, -2:]).all() and (torch.sign(y[0, -2:]) == torch.sign(x[0, -2:])).all()
+            assert torch.isinf(y[0, -1])
+            # ... and the inverse of a huge scale is (y - t) * exp(-h): 0 or a subnormal.
+            xi, _ = affine_coupling(x, t, h, scale=scale, inverse=True, backend=backend)
+            ref_i = affine_coupling_reference(x.double(), t.double(), h.double(), scale, 2.0, True)[0]
+            assert (xi[0, -2:].abs() <= 1e-30).all()
+            fin = torch.isfinite(ref_i.to(dtype))
+            assert torch.equal(torch.isfinite(xi), fin)
+            assert_close(xi[fin], ref_i[fin], **tl)
+        else:
+            # softclamp and sigmoid keep log s finite (|log s| <= clamp, log s <= 0), and
+            # softclamp's s and 1/s are finite too.
+            assert torch.isfinite(lad).all()
+            assert_close(lad, ref[1], rtol=tl["rtol"], atol=tl["atol"] * n)
+            if scale == "softclamp":
+                assert torch.isfinite(y).all()
+                xi, lad_i = affine_coupling(y, t, h, scale=scale, inverse=True, backend=backend)
+                assert torch.isfinite(xi).all()
+                assert_close(xi, x, rtol=tl["rtol"] * 10, atol=tl["atol"] * 10)
+                # The soft clamp saturates: |log s| approaches, and never exceeds, the clamp.
+                logs = torch.log((y - t) / x)
+                assert (logs.abs() <= 2.0 + 1e-5).all()
+        # Gradients: finite wherever the law is (softclamp everywhere).
+        leaves = [v.clone().requires_grad_(True) for v in (x, t, h)]
+        y, lad = affine_coupling(*leaves, scale=scale, clamp=2.0, backend=backend)
+        (y.sum() + lad.sum()).backward()
+        if scale == "softclamp":
+            assert all(torch.isfinite(v.grad).all() for v in leaves)
+        ok = torch.isfinite(ref[0])[0] & (h[0].abs() < 50)
+        gref = affine_coupling_reference_backward(torch.ones_like(ref[0]), torch.ones(1, dtype=torch.float64,
+                                                  device=device), x.double(), t.double(), h.double(), scale, 2.0)
+        assert_close(leaves[0].grad[0, ok], gref[0][0, ok], **tl)
+        assert_close(leaves[2].grad[0, ok], gref[1][0, ok], **tl)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_nan_stays_in_its_sample(backend):
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    x, t, h = (v.contiguous() for v in halves(8, 2, dtype=dtype, device=device))
+    x[1, 0, 1, 2] = float("nan")
+    t[2, 1, 0, 0] = float("nan")
+    h[5, 1, 2, 4] = float("nan")
+    for scale in SCALES:
+        for inverse in (False, True):
+            leaves = [v.clone().requires_grad_(True) for v in (x, t, h)]
+            y, lad = affine_coupling(*leaves, scale=scale, inverse=inverse, backend=backend)
+            nan_y = torch.isnan(y)
+            assert nan_y.sum() == 3 and nan_y[1, 0, 1, 2] and nan_y[2, 1, 0, 0] and nan_y[5, 1, 2, 4]
+            assert torch.isnan(lad).tolist() == [i == 5 for i in range(8)]
+            (y.nan_to_num().sum() + lad.nan_to_num().sum()).backward()
+            clean = [0, 3, 4, 6, 7]
+            for v in leaves:
+                assert torch.isfinite(v.grad[clean]).all()
+    ls = torch.randn(x.shape[1:], dtype=dtype, device=device)
+    y, lad = rescale(x, ls, backend=backend)
+    assert torch.isnan(y).sum() == 1 and torch.isfinite(lad).all()
+
+
+# ------------------------------------------------------------------ bad input and dispatch
+
+
+def test_bad_input_messages():
+    x, t, h = (v.float().contiguous() for v in halves(4, 2))
+    with pytest.raises(ValueError, match="shift must have the shape of x"):
+        affine_coupling(x, t[:, :1], h)
+    with pytest.raises(ValueError, match="raw_scale must have the shape of x"):
+        affine_coupling(x, t, h[:3])
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        affine_coupling(torch.ones(4, 2, 3, 5, dtype=torch.long), t, h)
+    with pytest.raises(TypeError, match="raw_scale has dtype float64 but x has float32"):
+        affine_coupling(x, t, h.double())
+    with pytest.raises(ValueError, match="shift is on device meta but x is on cpu"):
+        affine_coupling(x, t.to("meta"), h)
+    with pytest.raises(ValueError, match=r"scale must be one of \['exp', 'softclamp', 'sigmoid'\], got 'tanh'"):
+        affine_coupling(x, t, h, scale="tanh")
+    with pytest.raises(ValueError, match="clamp must be a finite positive"):
+        affine_coupling(x, t, h, scale="softclamp", clamp=0.0)
+    with pytest.raises(TypeError, match="shift must be a torch.Tensor"):
+        additive_coupling(x, 1.0)
+    with pytest.raises(ValueError, match="shift must have the shape of x"):
+        additive_coupling(x, t[:, :, :1])
+    with pytest.raises(ValueError, match="log_scale must have the event shape"):
+        rescale(x, torch.zeros(3, 3, 5))
+    with pytest.raises(ValueError, match="log_scale must have the event shape"):
+        rescale(x, torch.zeros(4, 2, 3, 5))
+    with pytest.raises(TypeError, match="log_scale has dtype float64"):
+        rescale(x, torch.zeros(2, 3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must have a batch dimension"):
+        affine_coupling(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0))
+
+
+def test_backend_forcing(monkeypatch):
+    x, t, h = (v.float() for v in halves(4, 2))
+    with pytest.raises(ValueError, match="not a fastflow backend"):
+        affine_coupling(x, t, h, backend="fortran")
+    if not torch.cuda.is_available() and not INTERPRET:
+        with pytest.raises(BackendUnavailableError, match="triton"):
+            affine_coupling(x, t, h, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="numba.*float16"):
+        affine_coupling(x.half(), t.half(), h.half(), backend="numba")
+    monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+    ref = affine_coupling(x, t, h)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "numba")
+    assert_close(affine_coupling(x, t, h)[0], ref[0])
+
+
+def test_half_precision_on_cpu_uses_reference():
+    x, t, h = halves(6, 2)
+    for dtype in (torch.float16, torch.bfloat16):
+        y, lad = affine_coupling(x.to(dtype), t.to(dtype), h.to(dtype), scale="sigmoid")
+        ref = affine_coupling_reference(*(v.to(dtype).double() for v in (x, t, h)), "sigmoid")
+        assert y.dtype == dtype
+        assert_close(y, ref[0])
+        assert_close(lad, ref[1], atol=tolerances(dtype)["atol"] * x[0].numel())
+
+
+def test_numba_bitwise_reproducible_across_thread_counts():
+    numba = pytest.importorskip("numba")
+    x, t, h = (v.float() for v in halves(2**9 + 17, 4, hw=(4, 4)))
+    ls = torch.randn(x.shape[1:])
+    g, gl = torch.randn(x.shape), torch.randn(x.shape[0])
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            for scale in SCALES:
+                results.append((threads, grads_of(affine_coupling, (x, t, h), g, gl, scale=scale, backend="numba")))
+            results.append((threads, grads_of(rescale, (x, ls), g, gl, backend="numba")))
+    finally:
+        numba.set_num_threads(before)
+    per = len(SCALES) + 1
+    for (_, a), (_, b) in zip(results[:per], results[-per:]):
+        for u, v in zip((a[0], a[1], *a[2]), (b[0], b[1], *b[2])):
+            assert torch.equal(u, v)
