@@ -1,0 +1,19 @@
+"""Composed flow models, base distributions, ``Flow`` and the model registry ``build``."""
+
+from fastflow.flows.distributions import (
+    ConditionalDiagonalNormal,
+    DiagonalNormal,
+    Distribution,
+    StandardLogistic,
+    StandardNormal,
+)
+from fastflow.flows.flow import Flow
+from fastflow.flows.models import build, glow, iaf, maf, names, nice, nsf, nsf_ar, realnvp, realnvp_image, register
+from fastflow.flows.training import ml_loss, ml_step, reverse_kl_loss, reverse_kl_step
+from fastflow.nn.base import CompositeTransform
+
+__all__ = [
+    "CompositeTransform", "ConditionalDiagonalNormal", "DiagonalNormal", "Distribution", "Flow", "StandardLogistic",
+    "StandardNormal", "build", "glow", "iaf", "maf", "ml_loss", "ml_step", "names", "nice", "nsf", "nsf_ar",
+    "realnvp", "realnvp_image", "register", "reverse_kl_loss", "reverse_kl_step",
+]

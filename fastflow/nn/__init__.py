@@ -1,0 +1,27 @@
+"""Drop-in flow layers: ``y, logabsdet = layer(x, context=None)``, ``x, logabsdet = layer.inverse(y, context=None)``."""
+
+from fastflow.nn.autoregressive import (
+    MADE,
+    InverseAutoregressive,
+    MaskedAffineAutoregressive,
+    MaskedLinear,
+    MaskedRQAutoregressive,
+)
+from fastflow.nn.base import CompositeTransform, InverseTransform, Reshape, Transform
+from fastflow.nn.conditioners import MLP, ConvNet, ConvResNet, ResidualMLP
+from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling, Coupling, Rescale, RQSplineCoupling
+from fastflow.nn.glow import ActNorm, ActNormInvConv1x1, InvConv1x1, LULinear, MultiScale, Squeeze
+from fastflow.nn.linear import CholeskyAffine
+from fastflow.nn.masks import alternating_mask, channel_mask, checkerboard_mask, half_mask, random_mask
+from fastflow.nn.mixture import MixtureLogisticCDF
+from fastflow.nn.normalization import BatchNormFlow
+from fastflow.nn.permutations import Permutation, RandomPermutation, ReversePermutation
+
+__all__ = [
+    "MADE", "MLP", "ActNorm", "ActNormInvConv1x1", "AdditiveCoupling", "AffineCoupling", "BatchNormFlow",
+    "CholeskyAffine", "CompositeTransform", "ConvNet", "ConvResNet", "Coupling", "InvConv1x1", "InverseAutoregressive",
+    "InverseTransform", "LULinear", "MaskedAffineAutoregressive", "MaskedLinear", "MaskedRQAutoregressive",
+    "MixtureLogisticCDF", "MultiScale", "Permutation", "RQSplineCoupling", "RandomPermutation", "Rescale", "Reshape", "ResidualMLP",
+    "ReversePermutation", "Squeeze", "Transform", "alternating_mask", "channel_mask", "checkerboard_mask",
+    "half_mask", "random_mask",
+]

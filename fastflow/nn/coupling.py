@@ -1,0 +1,209 @@
+"""Coupling layers: RealNVP's affine coupling (Dinh et al., 2017), NICE's additive coupling and
+scaling (Dinh et al., 2015) and the rational-quadratic spline coupling of Neural Spline Flows
+(Durkan et al., 2019), on vectors ``(B, D)`` or images ``(B, C, H, W)``.
+
+The part of the input where ``mask`` is False passes through unchanged and, with the optional
+context, is the conditioner's input; the conditioner's output parameterises an elementwise
+bijection of the part where ``mask`` is True, which runs in a fused op of :mod:`fastflow.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastflow.nn import _ops
+from fastflow.nn.base import Transform
+from fastflow.nn.conditioners import MLP, ConvNet, ConvResNet, ResidualMLP, call_conditioner
+
+__all__ = ["Coupling", "AffineCoupling", "AdditiveCoupling", "RQSplineCoupling", "Rescale"]
+
+_VECTOR_NETS = {"mlp": MLP, "resmlp": ResidualMLP}
+_IMAGE_NETS = {"cnn": ConvNet, "resnet": ConvResNet}
+
+
+class Coupling(Transform):
+    """Base class: splits by ``mask``, runs the conditioner, applies :meth:`_elementwise`.
+
+    Args:
+        mask: boolean ``(D,)`` or ``(C, H, W)``; True marks the features to transform
+            (see :mod:`fastflow.nn.masks`). A channel mask on images feeds the conditioner the
+            untouched channels only; any other image mask (e.g. checkerboard) feeds it the masked
+            image ``x * ~mask``.
+        conditioner: ``None`` (the default network: ``"mlp"`` for vectors, ``"cnn"`` for images),
+            a name (``"mlp"``, ``"resmlp"``, ``"cnn"``, ``"resnet"``), a factory
+            ``f(in_size, out_size) -> nn.Module`` or a ready module. Sizes are features for
+            vectors and channels for images. The module is called as ``net(h)`` or
+            ``net(h, context)``; its output has ``out_size`` features/channels.
+        context_features: width of the context vector (None: unconditional).
+        **net_kwargs: passed to a built-in conditioner (``hidden_features``, ``num_layers``,
+            ``num_blocks``, ``hidden_channels``, ``activation``, ...).
+    """
+
+    params_per_element: int = 1
+
+    def __init__(self, mask, conditioner=None, *, context_features=None, **net_kwargs):
+        super().__init__()
+        mask = torch.as_tensor(mask).bool()
+        if mask.dim() not in (1, 3):
+            raise ValueError(f"{type(self).__name__}: mask must be (D,) or (C, H, W), got shape {tuple(mask.shape)}")
+        if mask.all() or not mask.any():
+            raise ValueError(f"{type(self).__name__}: mask must have both True and False entries")
+        self.event_shape = tuple(mask.shape)
+        self.context_features = context_features
+        self.register_buffer("mask", mask, persistent=False)
+        flat = mask.reshape(-1)
+        self.register_buffer("tr_idx", flat.nonzero().reshape(-1), persistent=False)
+        self.register_buffer("id_idx", (~flat).nonzero().reshape(-1), persistent=False)
+        p = self.params_per_element
+        if mask.dim() == 1:
+            self.mode = "vector"
+            in_size, out_size, kind = len(self.id_idx), len(self.tr_idx) * p, "mlp"
+        else:
+            c = mask.shape[0]
+            per_channel = mask.reshape(c, -1)
+            if bool((per_channel == per_channel[:, :1]).all()):
+                self.mode = "channel"
+                tr_ch = per_channel[:, 0]
+                self.register_buffer("id_ch", (~tr_ch).nonzero().reshape(-1), persistent=False)
+                self.n_tr_ch = int(tr_ch.sum())
+                in_size, out_size = len(self.id_ch), self.n_tr_ch * p
+            else:
+                self.mode = "spatial"
+                in_size, out_size = c, c * p
+            kind = "cnn"
+        self.net = self._make_net(conditioner if conditioner is not None else kind, in_size, out_size,
+                                  context_features, net_kwargs)
+
+    def _make_net(self, conditioner, in_size, out_size, context_features, kw):
+        if isinstance(conditioner, nn.Module):
+            return conditioner
+        if isinstance(conditioner, str):
+            table = _VECTOR_NETS if self.mode == "vector" else _IMAGE_NETS
+            if conditioner not in table:
+                raise ValueError(
+                    f"{type(self).__name__}: conditioner={conditioner!r} for a {self.mode} mask; expected one of {sorted(table)}"
+                )
+            return table[conditioner](in_size, out_size, context_features=context_features, **kw)
+        if callable(conditioner):
+            return conditioner(in_size, out_size)
+        raise TypeError(f"{type(self).__name__}: conditioner must be None, a name, a factory or an nn.Module")
+
+    def _params(self, x, context):
+        b = x.shape[0]
+        p = self.params_per_element
+        if self.mode == "vector":
+            out = call_conditioner(self.net, x.index_select(1, self.id_idx), context)
+            return out.reshape(b, -1, p)
+        c, h, w = self.event_shape
+        if self.mode == "channel":
+            out = call_conditioner(self.net, x.index_select(1, self.id_ch), context)
+            return out.reshape(b, self.n_tr_ch, p, h, w).permute(0, 1, 3, 4, 2).reshape(b, -1, p)
+        out = call_conditioner(self.net, x * (~self.mask).to(x.dtype), context)
+        out = out.reshape(b, c, p, h, w).permute(0, 1, 3, 4, 2).reshape(b, c * h * w, p)
+        return out.index_select(1, self.tr_idx)
+
+    def _check(self, x):
+        if tuple(x.shape[1:]) != self.event_shape:
+            raise ValueError(
+                f"{type(self).__name__}: expected input of shape (B, {', '.join(map(str, self.event_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def _run(self, x, context, inverse):
+        self._check(x)
+        b = x.shape[0]
+        flat = x.reshape(b, -1)
+        params = self._params(x, context)
+        y_tr, lad = self._elementwise(flat.index_select(1, self.tr_idx), params, inverse)
+        return flat.index_copy(1, self.tr_idx, y_tr).reshape(x.shape), lad
+
+    def forward(self, x, context=None):
+        return self._run(x, context, False)
+
+    def inverse(self, y, context=None):
+        return self._run(y, context, True)
+
+    def _elementwise(self, x_tr, params, inverse):  # pragma: no cover - abstract
+        """``x_tr (B, N)``, ``params (B, N, P)`` -> ``(y_tr (B, N), logabsdet (B,))``."""
+        raise NotImplementedError
+
+
+class AffineCoupling(Coupling):
+    """RealNVP affine coupling ``y = x * s(x_id) + t(x_id)`` (fused op ``affine_coupling``).
+
+    Args:
+        scale: how the raw conditioner output becomes the scale: ``"exp"`` (RealNVP),
+            ``"softclamp"`` (``exp(clamp * tanh(raw / clamp))``, stable) or ``"sigmoid"`` (Glow).
+        clamp: bound of the log-scale for ``"softclamp"``.
+    """
+
+    params_per_element = 2
+
+    def __init__(self, mask, conditioner=None, *, context_features=None, scale="softclamp", clamp=2.0, **net_kwargs):
+        if scale not in ("exp", "softclamp", "sigmoid"):
+            raise ValueError(f"AffineCoupling: scale={scale!r}, expected 'exp', 'softclamp' or 'sigmoid'")
+        self.scale, self.clamp = scale, float(clamp)
+        super().__init__(mask, conditioner, context_features=context_features, **net_kwargs)
+
+    def _elementwise(self, x_tr, params, inverse):
+        return _ops.affine(x_tr, params[..., 0], params[..., 1], scale=self.scale, clamp=self.clamp, inverse=inverse)
+
+
+class AdditiveCoupling(Coupling):
+    """NICE additive coupling ``y = x + t(x_id)``, volume preserving (fused op ``additive_coupling``)."""
+
+    params_per_element = 1
+
+    def _elementwise(self, x_tr, params, inverse):
+        return _ops.additive(x_tr, params[..., 0], inverse=inverse)
+
+
+class RQSplineCoupling(Coupling):
+    """Rational-quadratic spline coupling of Neural Spline Flows (fused op ``rq_spline``).
+
+    Args:
+        num_bins: ``K`` bins of the spline on ``[-tail_bound, tail_bound]`` (identity outside).
+        tail_bound, min_bin_width, min_bin_height, min_derivative: as in
+            :func:`fastflow.ops.rq_spline`.
+        backend: forces an op backend (None: the fastest available).
+
+    Widths and heights are divided by ``sqrt(hidden_features)`` as in nflows; the slope
+    parameters are offset so that a zero conditioner output gives slope 1 everywhere, i.e. a
+    fresh layer is the identity.
+    """
+
+    def __init__(self, mask, conditioner=None, *, context_features=None, num_bins=8, tail_bound=3.0,
+                 min_bin_width=1e-3, min_bin_height=1e-3, min_derivative=1e-3, backend=None, **net_kwargs):
+        self.num_bins = int(num_bins)
+        self.params_per_element = 3 * self.num_bins - 1
+        self.spline_kwargs = dict(tail_bound=float(tail_bound), min_bin_width=min_bin_width,
+                                  min_bin_height=min_bin_height, min_derivative=min_derivative, backend=backend)
+        super().__init__(mask, conditioner, context_features=context_features, **net_kwargs)
+        hidden = getattr(self.net, "hidden_features", None)
+        self._wh_scale = 1.0 / math.sqrt(hidden) if hidden else 1.0
+        self._d_offset = math.log(math.expm1(1.0 - min_derivative))
+
+    def _elementwise(self, x_tr, params, inverse):
+        k = self.num_bins
+        uw = params[..., :k] * self._wh_scale
+        uh = params[..., k : 2 * k] * self._wh_scale
+        ud = params[..., 2 * k :] + self._d_offset
+        y, lad = _ops.rq_spline(x_tr, uw, uh, ud, inverse=inverse, **self.spline_kwargs)
+        return y, lad.sum(dim=1)
+
+
+class Rescale(Transform):
+    """NICE's final diagonal scaling ``y = x * exp(log_scale)`` (fused op ``rescale``), learnable."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(tuple(shape) if not isinstance(shape, int) else (shape,)))
+
+    def forward(self, x, context=None):
+        return _ops.rescale(x, self.log_scale, inverse=False)
+
+    def inverse(self, y, context=None):
+        return _ops.rescale(y, self.log_scale, inverse=True)
