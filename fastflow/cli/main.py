@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["info", "bench"]
+SUBCOMMANDS = ["info", "bench", "fit", "score", "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:
