@@ -50,6 +50,12 @@ def _version(mod: str) -> str | None:
     try:
         return importlib.import_module(mod).__version__
     except Exception:
+        pass
+    try:  # packages without __version__ (nflows)
+        from importlib.metadata import version
+
+        return version(mod)
+    except Exception:
         return None
 
 
