@@ -17,44 +17,13 @@ import numba as nb
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from fastflow.kernels.numba._math import exp as _exp
+
 # Elements per parallel task (rows are never split): enough to amortise scheduling, small
 # enough to balance two to a few dozen threads.
 _CHUNK_ELEMS = 8192
 
 _FASTMATH = {"contract", "arcp"}  # no nnan/ninf (NaN and inf propagate), no reassoc (reproducible)
-
-# exp(x) = 2^(n/32) * exp(r): a 32-entry table of 2^(j/32) and a short polynomial on
-# |r| <= ln2/64, so that the loops vectorise (libm's exp is a scalar call).
-_EXP_TABLE = np.array([2.0 ** (j / 32.0) for j in range(32)], dtype=np.float64)
-_INV_LN2_32 = 32.0 / math.log(2.0)
-_LN2_32_HI = 6.93147180369123816490e-01 / 32.0
-_LN2_32_LO = 1.90821492927058770002e-10 / 32.0
-
-
-@nb.njit(inline="always", fastmath={"contract"})
-def _exp(x):
-    """exp(x), relative error < 1e-15; overflows to inf above ~709.78, underflows (through the
-    subnormals) to 0 below ~-745, NaN gives NaN. The power of two is applied as two factors so
-    that both stay normal numbers over the whole clamped range."""
-    xc = min(max(x, -1100.0), 1100.0)
-    n = math.floor(xc * _INV_LN2_32 + 0.5)
-    r = (xc - n * _LN2_32_HI) - n * _LN2_32_LO
-    p = 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    ni = np.int64(n)
-    k = ni >> 5
-    k1 = k >> 1
-    k2 = k - k1
-    y = p * _EXP_TABLE[ni & 31]
-    y = y * np.int64((np.int64(1023) + k1) << 52).view(np.float64)
-    y = y * np.int64((np.int64(1023) + k2) << 52).view(np.float64)
-    return y if x == x else x
-
 
 @nb.njit(inline="always", fastmath=_FASTMATH)
 def _tanh(a):

@@ -16,42 +16,15 @@ import math
 import numba as nb
 import numpy as np
 
+from fastflow.kernels.numba._math import exp as _exp
+from fastflow.kernels.numba._math import log1p_unit as _log1p_unit
+
 # Elements per parallel task: large enough to amortise the scratch allocation and scheduling,
 # small enough to balance two to a few dozen threads.
 _CHUNK = 2048
 _TILE = 32  # a multiple of the vector width; _CHUNK is a multiple of it
 
 _FASTMATH = {"contract", "arcp"}  # no nnan/ninf (NaN must propagate), no reassoc (bitwise reproducible)
-
-
-# exp(x) = 2^(n/32) * exp(r): a 32-entry table of 2^(j/32) and a short polynomial on
-# |r| <= ln2/64. libm's exp is a scalar call costing ~3x more here.
-_EXP_TABLE = np.array([2.0 ** (j / 32.0) for j in range(32)], dtype=np.float64)
-_INV_LN2_32 = 32.0 / math.log(2.0)
-# fdlibm's split of ln2 into a 32-bit head (n*head exact) and a tail, divided by 32 exactly.
-_LN2_32_HI = 6.93147180369123816490e-01 / 32.0
-_LN2_32_LO = 1.90821492927058770002e-10 / 32.0
-
-
-@nb.njit(inline="always", fastmath={"contract"})
-def _exp_nonpos(x):
-    """exp(x) for x <= 0, relative error < 1e-15 (degree-6 Taylor on |r| <= 0.0109).
-
-    Underflows to 0 below -700 (far past where a softmax weight matters); NaN gives NaN.
-    """
-    xc = max(x, -700.0)  # a NaN x gives a finite xc here; the select at the end restores NaN
-    n = math.floor(xc * _INV_LN2_32 + 0.5)
-    r = (xc - n * _LN2_32_HI) - n * _LN2_32_LO
-    p = 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    ni = np.int64(n)
-    y = p * _EXP_TABLE[ni & 31] * np.int64((np.int64(1023) + (ni >> 5)) << 52).view(np.float64)
-    return y if x == x else x
 
 
 @nb.njit(fastmath=_FASTMATH, cache=True)  # compiled on its own (not inlined): LLVM vectorises it there
@@ -75,7 +48,7 @@ def _normalise_tile(u, i0, nt, bound, min_size, ut, m, tot, prob, knots):
         tot[t] = 0.0
     for j in range(k):
         for t in range(_TILE):
-            e = _exp_nonpos(ut[j, t] - m[t])
+            e = _exp(ut[j, t] - m[t])
             prob[j, t] = e
             tot[t] += e
     scale = 1.0 - min_size * k
@@ -104,42 +77,14 @@ def _search(knots, t, k, v):
     return idx
 
 
-_LN2 = math.log(2.0)
-_SQRT2_M1 = math.sqrt(2.0) - 1.0
-
-
-@nb.njit(inline="always", fastmath={"contract"})
-def _log1p_unit(e):
-    """log1p(e) for e in [0, 1] to ~1 ulp, without a libm call (which cost ~45 cycles here).
-
-    log1p(e) = 2 atanh(e / (2 + e)), and for e > sqrt2-1 = ln2 + 2 atanh((e - 1) / (e + 3));
-    either way |u| <= 0.1716, where ten odd terms of the atanh series leave < 1e-17.
-    """
-    hi = e > _SQRT2_M1
-    u = (e - 1.0) / (e + 3.0) if hi else e / (2.0 + e)
-    u2 = u * u
-    p = 1.0 / 21.0
-    p = p * u2 + 1.0 / 19.0
-    p = p * u2 + 1.0 / 17.0
-    p = p * u2 + 1.0 / 15.0
-    p = p * u2 + 1.0 / 13.0
-    p = p * u2 + 1.0 / 11.0
-    p = p * u2 + 1.0 / 9.0
-    p = p * u2 + 1.0 / 7.0
-    p = p * u2 + 1.0 / 5.0
-    p = p * u2 + 1.0 / 3.0
-    p = p * u2 + 1.0
-    return 2.0 * u * p + (_LN2 if hi else 0.0)
-
-
 @nb.njit(inline="always", fastmath=_FASTMATH)
 def _softplus(z):
-    return max(z, 0.0) + _log1p_unit(_exp_nonpos(-abs(z)))
+    return max(z, 0.0) + _log1p_unit(_exp(-abs(z)))
 
 
 @nb.njit(inline="always", fastmath=_FASTMATH)
 def _sigmoid(z):
-    e = _exp_nonpos(-abs(z))
+    e = _exp(-abs(z))
     return 1.0 / (1.0 + e) if z >= 0 else e / (1.0 + e)
 
 
