@@ -151,8 +151,6 @@ def rq_spline_reference_backward(
     dk, dk1 = _gather(derivs[..., :-1], idx), _gather(derivs[..., 1:], idx)
     s = hk / wk
     if inverse:
-        _, lad = rq_spline_reference(x, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
-                                     False, tail_bound, min_bin_width, min_bin_height, min_derivative)
         out, _ = rq_spline_reference(x, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
                                      True, tail_bound, min_bin_width, min_bin_height, min_derivative)
         theta = (out - xk) / wk
