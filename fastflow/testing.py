@@ -35,6 +35,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual, expected.to(actual.dtype), equal_nan=True, **tol)
 
 
+def outputs_and_grads(fn: Callable, tensors, grad_outputs: torch.Tensor, grad_logabsdet: torch.Tensor, **kw):
+    """Run ``out, lad = fn(*tensors, **kw)`` on fresh leaves and backpropagate the given output
+    gradients: returns ``(out, lad, grads)``, grads one per tensor (the VJP under test)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out, lad = fn(*leaves, **kw)
+    grads = torch.autograd.grad((out, lad), leaves, (grad_outputs.to(out.dtype), grad_logabsdet.to(out.dtype)))
+    return out.detach(), lad.detach(), grads
+
+
 def jacobian_logabsdet(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The naive O(D^3) oracle: slogdet of the autograd Jacobian of ``fn`` per sample.
 

@@ -17,7 +17,7 @@ from fastflow.kernels.reference.coupling import (
 from fastflow.ops import additive_coupling, affine_coupling, rescale
 from fastflow.ops import coupling as coupling_mod
 from fastflow.ops.coupling import _additive_coupling_op, _affine_coupling_op, _as_3d, _rescale_op
-from fastflow.testing import assert_close, jacobian_logabsdet, tolerances
+from fastflow.testing import assert_close, jacobian_logabsdet, outputs_and_grads, tolerances
 from tests._backends import ALL_BACKENDS, INTERPRET, KERNEL_BACKENDS, device_for, dtypes_for
 
 SCALES = ["exp", "softclamp", "sigmoid"]
@@ -40,13 +40,6 @@ def halves(b, c, hw=(3, 5), dtype=torch.float64, device="cpu", scale=1.0, gen=No
     return full[:, c:], h[:, ::2], h[:, 1::2]
 
 
-def grads_of(fn, tensors, g_out, g_lad, **kw):
-    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    out, lad = fn(*leaves, **kw)
-    grads = torch.autograd.grad((out, lad), leaves, (g_out.to(out.dtype), g_lad.to(out.dtype)))
-    return out.detach(), lad.detach(), grads
-
-
 # ------------------------------------------------------------------ backends vs reference
 
 
@@ -64,8 +57,8 @@ def test_affine_backend_matches_reference(backend, inverse, scale):
             g_out = torch.randn(args[0].shape, dtype=torch.float64, device=device)
             g_lad = torch.randn(b, dtype=torch.float64, device=device)
             kw = dict(scale=scale, clamp=1.5, inverse=inverse)
-            ref = grads_of(affine_coupling, [v.double() for v in args], g_out, g_lad, backend="reference", **kw)
-            got = grads_of(affine_coupling, args, g_out, g_lad, backend=backend, **kw)
+            ref = outputs_and_grads(affine_coupling, [v.double() for v in args], g_out, g_lad, backend="reference", **kw)
+            got = outputs_and_grads(affine_coupling, args, g_out, g_lad, backend=backend, **kw)
             assert got[0].dtype == dtype and got[1].dtype == dtype and got[1].shape == (b,)
             assert got[0].is_contiguous()
             tl = tol(backend, dtype)
@@ -88,15 +81,15 @@ def test_additive_and_rescale_backend_match_reference(backend, inverse):
         x, t = x.to(dtype), t.to(dtype)
         g_out = torch.randn(x.shape, dtype=torch.float64, device=device)
         g_lad = torch.randn(b, dtype=torch.float64, device=device)
-        ref = grads_of(additive_coupling, [x.double(), t.double()], g_out, g_lad, inverse=inverse, backend="reference")
-        got = grads_of(additive_coupling, [x, t], g_out, g_lad, inverse=inverse, backend=backend)
+        ref = outputs_and_grads(additive_coupling, [x.double(), t.double()], g_out, g_lad, inverse=inverse, backend="reference")
+        got = outputs_and_grads(additive_coupling, [x, t], g_out, g_lad, inverse=inverse, backend=backend)
         for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
             assert a.dtype == dtype
             assert_close(a, r, **tol(backend, dtype))
         for ls_shape in [x.shape[1:], (x.shape[1], 1, 1)]:
             ls = (torch.randn(ls_shape, dtype=torch.float64) * 0.7).to(dtype=dtype, device=device)
-            ref = grads_of(rescale, [x.double(), ls.double()], g_out, g_lad, inverse=inverse, backend="reference")
-            got = grads_of(rescale, [x, ls], g_out, g_lad, inverse=inverse, backend=backend)
+            ref = outputs_and_grads(rescale, [x.double(), ls.double()], g_out, g_lad, inverse=inverse, backend="reference")
+            got = outputs_and_grads(rescale, [x, ls], g_out, g_lad, inverse=inverse, backend=backend)
             f = x[0].numel()
             tl = tol(backend, dtype)
             assert_close(got[0], ref[0], **tl)
@@ -302,14 +295,14 @@ def test_non_contiguous_layouts(backend):
         g = torch.randn(x.shape, dtype=torch.float64, device=device)
         gl = torch.randn(x.shape[0], dtype=torch.float64, device=device)
         for inverse in (False, True):
-            got = grads_of(affine_coupling, (x, t, h), g, gl, inverse=inverse, backend=backend)
-            ref = grads_of(affine_coupling, [v.double().contiguous() for v in (x, t, h)], g, gl, inverse=inverse,
+            got = outputs_and_grads(affine_coupling, (x, t, h), g, gl, inverse=inverse, backend=backend)
+            ref = outputs_and_grads(affine_coupling, [v.double().contiguous() for v in (x, t, h)], g, gl, inverse=inverse,
                            backend="reference")
             for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
                 assert_close(a, r, **tol(backend, dtype))
         ls = h[0] * 0.5
-        got = grads_of(rescale, (x, ls), g, gl, backend=backend)
-        ref = grads_of(rescale, (x.double().contiguous(), ls.double().contiguous()), g, gl, backend="reference")
+        got = outputs_and_grads(rescale, (x, ls), g, gl, backend=backend)
+        ref = outputs_and_grads(rescale, (x.double().contiguous(), ls.double().contiguous()), g, gl, backend="reference")
         for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
             s_ = r.abs().max().clamp_min(1.0)
             assert_close(a / s_, r / s_, **tol(backend, dtype))
@@ -491,8 +484,8 @@ def test_numba_bitwise_reproducible_across_thread_counts():
         for threads in sorted({1, before}):
             numba.set_num_threads(threads)
             for scale in SCALES:
-                results.append((threads, grads_of(affine_coupling, (x, t, h), g, gl, scale=scale, backend="numba")))
-            results.append((threads, grads_of(rescale, (x, ls), g, gl, backend="numba")))
+                results.append((threads, outputs_and_grads(affine_coupling, (x, t, h), g, gl, scale=scale, backend="numba")))
+            results.append((threads, outputs_and_grads(rescale, (x, ls), g, gl, backend="numba")))
     finally:
         numba.set_num_threads(before)
     per = len(SCALES) + 1

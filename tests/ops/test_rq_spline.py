@@ -14,7 +14,13 @@ from fastflow import BackendUnavailableError
 from fastflow.kernels.reference.spline import _knots, rq_spline_reference
 from fastflow.ops import rq_spline
 from fastflow.ops.rq_spline import _rq_spline_op
-from fastflow.testing import assert_close, assert_close_conditioned, elementwise_jacobian_logabsdet, tolerances
+from fastflow.testing import (
+    assert_close,
+    assert_close_conditioned,
+    elementwise_jacobian_logabsdet,
+    outputs_and_grads,
+    tolerances,
+)
 from tests._backends import ALL_BACKENDS, INTERPRET, KERNEL_BACKENDS, device_for, dtypes_for
 
 nflows_rq = pytest.importorskip("nflows.transforms.splines.rational_quadratic")
@@ -36,13 +42,6 @@ def make_params(shape, k, scale=2.0, dtype=torch.float64, device="cpu", tail_bou
     return [t.to(dtype=dtype, device=device) for t in (x, uw, uh, ud)]
 
 
-def run_with_grads(fn, tensors, g_out, g_lad, **kw):
-    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    out, lad = fn(*leaves, **kw)
-    grads = torch.autograd.grad((out, lad), leaves, (g_out.to(out.dtype), g_lad.to(out.dtype)))
-    return out.detach(), lad.detach(), grads
-
-
 # ------------------------------------------------------------------ backends vs reference
 
 
@@ -61,8 +60,8 @@ def test_backend_matches_reference(backend, inverse, k):
         t = [v.to(dtype) for v in (x, uw, uh, ud)]
         g_out, g_lad = torch.randn(n, dtype=torch.float64, device=device), torch.randn(n, dtype=torch.float64, device=device)
         # Oracle: the reference evaluated in float64 on the same (rounded) inputs.
-        ref = run_with_grads(rq_spline, [v.double() for v in t], g_out, g_lad, inverse=inverse, backend="reference")
-        got = run_with_grads(rq_spline, t, g_out, g_lad, inverse=inverse, backend=backend)
+        ref = outputs_and_grads(rq_spline, [v.double() for v in t], g_out, g_lad, inverse=inverse, backend="reference")
+        got = outputs_and_grads(rq_spline, t, g_out, g_lad, inverse=inverse, backend=backend)
         assert got[0].dtype == dtype and got[1].dtype == dtype
         # Kernels that compute in float32 (GPU backends) meet float32 round-off amplified by the
         # inverse's conditioning |dx/dy| = exp(lad_inverse): the inverse is held to that.
@@ -92,8 +91,8 @@ def test_matches_nflows_float64(backend, inverse, k):
     x, uw, uh, ud = make_params((1000,), k, scale=4.0, tail_bound=2.5, gen=gen)
     x = x * 1.5
     g_out, g_lad = torch.randn(1000, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
-    ref = run_with_grads(nflows_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, tail_bound=2.5)
-    got = run_with_grads(rq_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, tail_bound=2.5, backend=backend)
+    ref = outputs_and_grads(nflows_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, tail_bound=2.5)
+    got = outputs_and_grads(rq_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, tail_bound=2.5, backend=backend)
     for a, b in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8 * float(b.abs().max().clamp_min(1.0)))
 
@@ -113,9 +112,9 @@ def test_float32_never_worse_than_nflows(backend, inverse):
     x, uw, uh, ud = (t.float() for t in (x64, uw64, uh64, ud64))
     g_out, g_lad = torch.randn(4000), torch.randn(4000)
     # The oracle is nflows in float64 on the float32 inputs.
-    oracle = run_with_grads(nflows_spline, [t.double() for t in (x, uw, uh, ud)], g_out, g_lad, inverse=inverse)
-    theirs = run_with_grads(nflows_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse)
-    ours = run_with_grads(rq_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, backend=backend)
+    oracle = outputs_and_grads(nflows_spline, [t.double() for t in (x, uw, uh, ud)], g_out, g_lad, inverse=inverse)
+    theirs = outputs_and_grads(nflows_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse)
+    ours = outputs_and_grads(rq_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, backend=backend)
     names = ["outputs", "logabsdet", "grad inputs", "grad widths", "grad heights", "grad derivatives"]
     for name, o, t, r in zip(names, (ours[0], ours[1], *ours[2]), (theirs[0], theirs[1], *theirs[2]), (oracle[0], oracle[1], *oracle[2])):
         e_ours, e_theirs = _max_err(o, r), _max_err(t, r)
