@@ -126,19 +126,28 @@ def _locate(v, i, t, ud, inverse, k, md, cw, ch):
     return idx, xk, wk, yk, hk, s, dk, dk1, theta
 
 
+@nb.njit(inline="always")
+def _tile_scratch(k):
+    """Per-task scratch of the tiled kernels: the transposed tile, softmax max/sum, the widths'
+    and heights' probabilities and knots."""
+    return (
+        np.zeros((k, _TILE), np.float64),
+        np.empty(_TILE, np.float64),
+        np.empty(_TILE, np.float64),
+        np.empty((k, _TILE), np.float64),
+        np.empty((k, _TILE), np.float64),
+        np.empty((k + 1, _TILE), np.float64),
+        np.empty((k + 1, _TILE), np.float64),
+    )
+
+
 @nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _rq_spline_fwd_kernel(x, uw, uh, ud, inverse, bound, mbw, mbh, md, out, lad):
     n = x.shape[0]
     k = uw.shape[1]
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in nb.prange(nchunks):
-        ut = np.zeros((k, _TILE), np.float64)
-        m = np.empty(_TILE, np.float64)
-        tot = np.empty(_TILE, np.float64)
-        pw = np.empty((k, _TILE), np.float64)
-        ph = np.empty((k, _TILE), np.float64)
-        cw = np.empty((k + 1, _TILE), np.float64)
-        ch = np.empty((k + 1, _TILE), np.float64)
+        ut, m, tot, pw, ph, cw, ch = _tile_scratch(k)
         for i0 in range(c * _CHUNK, min(n, (c + 1) * _CHUNK), _TILE):
             nt = min(_TILE, n - i0)
             _normalise_tile(uw, i0, nt, bound, mbw, ut, m, tot, pw, cw)
@@ -190,13 +199,7 @@ def _rq_spline_bwd_kernel(
     k = uw.shape[1]
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in nb.prange(nchunks):
-        ut = np.zeros((k, _TILE), np.float64)
-        m = np.empty(_TILE, np.float64)
-        tot = np.empty(_TILE, np.float64)
-        pw = np.empty((k, _TILE), np.float64)
-        ph = np.empty((k, _TILE), np.float64)
-        cw = np.empty((k + 1, _TILE), np.float64)
-        ch = np.empty((k + 1, _TILE), np.float64)
+        ut, m, tot, pw, ph, cw, ch = _tile_scratch(k)
         gw = np.empty(k, np.float64)
         gh = np.empty(k, np.float64)
         for i0 in range(c * _CHUNK, min(n, (c + 1) * _CHUNK), _TILE):
