@@ -3,9 +3,10 @@
 One parallel pass over the elements, all arithmetic in float64 whatever the storage dtype (so
 float32 results carry only the final rounding). Elements go in tiles of ``_TILE``: the tile's
 raw widths/heights are transposed into a (K, TILE) scratch so that the softmax, its exp and the
-cumulative knots run as element-wise loops LLVM vectorises (3.6x faster than per element);
-then per element the bin is found, the rational quadratic evaluated (or inverted) and the
-log-det formed. The backward recomputes the forward from the inputs (nothing is saved) and
+cumulative knots run as element-wise loops LLVM vectorises (3.6x faster than per element).
+The forward then finds each element's bin and gathers the bin's data (a short scalar pass) and
+evaluates the softplus slopes, the rational quadratic (or its inverse) and the log-det as one
+vectorised loop over the tile, with our own log (1.6x faster than per element with libm). The backward recomputes the forward from the inputs (nothing is saved) and
 applies the analytic derivatives, through the softmax/cumsum normalisation, in the same pass.
 """
 
@@ -17,6 +18,7 @@ import numba as nb
 import numpy as np
 
 from fastflow.kernels.numba._math import exp as _exp
+from fastflow.kernels.numba._math import log as _log
 from fastflow.kernels.numba._math import log1p_unit as _log1p_unit
 
 # Elements per parallel task: large enough to amortise the scratch allocation and scheduling,
@@ -25,9 +27,12 @@ _CHUNK = 2048
 _TILE = 32  # a multiple of the vector width; _CHUNK is a multiple of it
 
 _FASTMATH = {"contract", "arcp"}  # no nnan/ninf (NaN must propagate), no reassoc (bitwise reproducible)
+# IEEE division (x/0 -> inf/NaN) instead of Numba's default Python model, whose ZeroDivisionError
+# branch on every division stops LLVM from vectorising any loop that divides.
+_NJIT = dict(fastmath=_FASTMATH, error_model="numpy")
 
 
-@nb.njit(fastmath=_FASTMATH, cache=True)  # compiled on its own (not inlined): LLVM vectorises it there
+@nb.njit(**_NJIT, cache=True)  # compiled on its own (not inlined): LLVM vectorises it there
 def _normalise_tile(u, i0, nt, bound, min_size, ut, m, tot, prob, knots):
     """Rows ``u[i0:i0+nt]`` -> softmax ``prob[:k, t]`` and knot positions ``knots[:k+1, t]``.
 
@@ -77,25 +82,25 @@ def _search(knots, t, k, v):
     return idx
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH)
+@nb.njit(inline="always", **_NJIT)
 def _softplus(z):
     return max(z, 0.0) + _log1p_unit(_exp(-abs(z)))
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH)
+@nb.njit(inline="always", **_NJIT)
 def _sigmoid(z):
     e = _exp(-abs(z))
     return 1.0 / (1.0 + e) if z >= 0 else e / (1.0 + e)
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH)
+@nb.njit(inline="always", **_NJIT)
 def _boundary_slopes(ud, i, idx, k, min_derivative):
     dk = 1.0 if idx == 0 else min_derivative + _softplus(np.float64(ud[i, idx - 1]))
     dk1 = 1.0 if idx == k - 1 else min_derivative + _softplus(np.float64(ud[i, idx]))
     return dk, dk1
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH)
+@nb.njit(inline="always", **_NJIT)
 def _invert_theta(dy, hk, s, dk, dk1):
     """Root in [0, 1] of the bin's quadratic, in the cancellation-free form 2c/(-b - sqrt(D)).
 
@@ -109,7 +114,7 @@ def _invert_theta(dy, hk, s, dk, dk1):
     return (2.0 * qc) / (-qb - math.sqrt(disc))
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH)
+@nb.njit(inline="always", **_NJIT)
 def _locate(v, i, t, ud, inverse, k, md, cw, ch):
     """Bin and local coordinates of element i (tile column t): (idx, xk, wk, yk, hk, s, dk, dk1, theta)."""
     idx = _search(ch, t, k, v) if inverse else _search(cw, t, k, v)
@@ -141,38 +146,79 @@ def _tile_scratch(k):
     )
 
 
-@nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+# Rows of the forward's per-tile scratch ``st`` (flat, _TILE per row: constant offsets let LLVM
+# prove the rows disjoint and vectorise the evaluation loop).
+_V, _XK, _WK, _YK, _HK, _DLO, _DHI, _AT_LO, _AT_HI, _OUT, _LAD = range(11)
+_ROWS = 11
+
+
+@nb.njit(**_NJIT, cache=True)  # compiled on its own (not inlined): LLVM vectorises it there
+def _evaluate_tile(st, inverse, bound, md):
+    """Rational quadratic (or its inverse) and log-det for the _TILE elements whose bin data the
+    gather pass put in ``st``; rows _OUT and _LAD receive the results. Branch-free: values outside
+    [-bound, bound] (and NaN) are computed on garbage and then replaced by the identity tails."""
+    for t in range(_TILE):
+        v = st[_V * _TILE + t]
+        xk = st[_XK * _TILE + t]
+        wk = st[_WK * _TILE + t]
+        yk = st[_YK * _TILE + t]
+        hk = st[_HK * _TILE + t]
+        s = hk / wk
+        dk = 1.0 if st[_AT_LO * _TILE + t] != 0.0 else md + _softplus(st[_DLO * _TILE + t])
+        dk1 = 1.0 if st[_AT_HI * _TILE + t] != 0.0 else md + _softplus(st[_DHI * _TILE + t])
+        if inverse:
+            theta = _invert_theta(v - yk, hk, s, dk, dk1)
+        else:
+            theta = (v - xk) / wk
+        tt = theta * (1.0 - theta)
+        den = s + (dk + dk1 - 2.0 * s) * tt
+        num = s * s * (dk1 * theta * theta + 2.0 * s * tt + dk * (1.0 - theta) * (1.0 - theta))
+        ld = _log(num / (den * den))
+        if inverse:
+            o = xk + theta * wk
+            ld = -ld
+        else:
+            o = yk + hk * (s * theta * theta + dk * tt) / den
+        inside = v >= -bound and v <= bound
+        st[_OUT * _TILE + t] = o if inside else v
+        st[_LAD * _TILE + t] = ld if inside else (v if v != v else 0.0)
+
+
+@nb.njit(parallel=True, **_NJIT, cache=True)
 def _rq_spline_fwd_kernel(x, uw, uh, ud, inverse, bound, mbw, mbh, md, out, lad):
     n = x.shape[0]
     k = uw.shape[1]
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in nb.prange(nchunks):
         ut, m, tot, pw, ph, cw, ch = _tile_scratch(k)
+        st = np.zeros(_ROWS * _TILE, np.float64)
         for i0 in range(c * _CHUNK, min(n, (c + 1) * _CHUNK), _TILE):
             nt = min(_TILE, n - i0)
             _normalise_tile(uw, i0, nt, bound, mbw, ut, m, tot, pw, cw)
             _normalise_tile(uh, i0, nt, bound, mbh, ut, m, tot, ph, ch)
+            # Gather pass (scalar): bin search and the bin's knots and raw slopes. The slope
+            # indices are clamped so that the loads are unconditional (no mispredicted branch);
+            # the _AT_LO/_AT_HI flags select the boundary slope 1 instead.
             for t in range(nt):
                 i = i0 + t
                 v = np.float64(x[i])
-                if not (v >= -bound and v <= bound):
-                    out[i] = v
-                    lad[i] = v if v != v else 0.0
-                    continue
-                idx, xk, wk, yk, hk, s, dk, dk1, theta = _locate(v, i, t, ud, inverse, k, md, cw, ch)
-                tt = theta * (1.0 - theta)
-                den = s + (dk + dk1 - 2.0 * s) * tt
-                num = s * s * (dk1 * theta * theta + 2.0 * s * tt + dk * (1.0 - theta) * (1.0 - theta))
-                ld = math.log(num / (den * den))
-                if inverse:
-                    out[i] = xk + theta * wk
-                    lad[i] = -ld
-                else:
-                    out[i] = yk + hk * (s * theta * theta + dk * tt) / den
-                    lad[i] = ld
+                idx = _search(ch, t, k, v) if inverse else _search(cw, t, k, v)
+                st[_V * _TILE + t] = v
+                st[_XK * _TILE + t] = cw[idx, t]
+                st[_WK * _TILE + t] = cw[idx + 1, t] - cw[idx, t]
+                st[_YK * _TILE + t] = ch[idx, t]
+                st[_HK * _TILE + t] = ch[idx + 1, t] - ch[idx, t]
+                st[_DLO * _TILE + t] = ud[i, max(idx - 1, 0)]
+                st[_DHI * _TILE + t] = ud[i, min(idx, k - 2)]
+                st[_AT_LO * _TILE + t] = idx == 0
+                st[_AT_HI * _TILE + t] = idx == k - 1
+            _evaluate_tile(st, inverse, bound, md)
+            for t in range(nt):
+                out[i0 + t] = st[_OUT * _TILE + t]
+                lad[i0 + t] = st[_LAD * _TILE + t]
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH)
+@nb.njit(inline="always", **_NJIT)
 def _scatter_knot_grads(g, prob, t, k, bound, min_size, idx, g_lo, g_hi):
     """Chain d/d(knot idx) = g_lo and d/d(knot idx+1) = g_hi back to the raw sizes -> g[:k].
 
@@ -191,7 +237,7 @@ def _scatter_knot_grads(g, prob, t, k, bound, min_size, idx, g_lo, g_hi):
         g[j] = prob[j, t] * (g[j] - dot)
 
 
-@nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@nb.njit(parallel=True, **_NJIT, cache=True)
 def _rq_spline_bwd_kernel(
     g_out, g_lad, x, uw, uh, ud, inverse, bound, mbw, mbh, md, g_x, g_uw, g_uh, g_ud
 ):

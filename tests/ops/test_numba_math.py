@@ -1,0 +1,76 @@
+"""The Numba kernels' own elementary functions (fastflow/kernels/numba/_math.py) against numpy,
+over their whole ranges and at the special values the kernels rely on."""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import pytest
+
+from fastflow.kernels.numba import _math
+
+
+def _vectorised(fn):
+    @nb.njit(fastmath={"contract", "arcp"}, error_model="numpy")
+    def apply(a, out):
+        for i in range(a.shape[0]):
+            out[i] = fn(a[i])
+
+    def call(a):
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        out = np.empty_like(a)
+        apply(a, out)
+        return out
+
+    return call
+
+
+def _max_rel_err(got, want):
+    finite = np.isfinite(want) & (want != 0)
+    return float(np.max(np.abs(got[finite] - want[finite]) / np.abs(want[finite])))
+
+
+def test_exp_matches_numpy_over_its_range_and_specials():
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.uniform(-745, 709.7, 200_000), rng.uniform(-1, 1, 100_000)])
+    got = _vectorised(_math.exp)(a)
+    want = np.exp(a)
+    normal = want >= np.finfo(np.float64).tiny
+    assert _max_rel_err(got[normal], want[normal]) < 2e-15
+    # subnormal results carry fewer bits: judge them in units of the smallest subnormal
+    assert np.max(np.abs(got[~normal] - want[~normal])) <= 2 * 5e-324
+    specials = np.array([-np.inf, -1e4, -746.0, 0.0, -0.0, 709.8, 1e4, np.inf, np.nan])
+    with np.errstate(over="ignore"):
+        want = np.exp(specials)
+    np.testing.assert_array_equal(_vectorised(_math.exp)(specials), want)
+
+
+def test_log1p_unit_matches_numpy_on_the_unit_interval():
+    a = np.concatenate([np.linspace(0.0, 1.0, 200_001), np.geomspace(1e-300, 1.0, 10_000)])
+    got = _vectorised(_math.log1p_unit)(a)
+    assert _max_rel_err(got, np.log1p(a)) < 2e-15
+    assert got[0] == 0.0
+
+
+def test_log_matches_numpy_from_subnormals_to_the_largest_float():
+    rng = np.random.default_rng(1)
+    a = np.concatenate([
+        np.exp(rng.uniform(-744, 709, 200_000)),
+        rng.uniform(0.5, 2.0, 100_000),  # around 1, where cancellation would show
+        np.array([5e-324, 1e-310, 2.2250738585072014e-308, 1.0, np.finfo(np.float64).max]),
+    ])
+    got = _vectorised(_math.log)(a)
+    want = np.log(a)
+    assert _max_rel_err(got, want) < 2e-15
+    # near 1 the result is tiny: judge it absolutely against the float spacing of x
+    near = np.abs(a - 1.0) < 1e-3
+    assert np.max(np.abs(got[near] - want[near])) < 4e-16
+    assert got[np.flatnonzero(a == 1.0)[0]] == 0.0
+
+
+@pytest.mark.parametrize(
+    "x, expected", [(0.0, -np.inf), (-0.0, -np.inf), (-1.0, np.nan), (-np.inf, np.nan), (np.inf, np.inf), (np.nan, np.nan)]
+)
+def test_log_special_values(x, expected):
+    got = _vectorised(_math.log)(np.array([x]))[0]
+    np.testing.assert_equal(got, expected)
