@@ -74,3 +74,38 @@ def test_log_matches_numpy_from_subnormals_to_the_largest_float():
 def test_log_special_values(x, expected):
     got = _vectorised(_math.log)(np.array([x]))[0]
     np.testing.assert_equal(got, expected)
+
+
+def _vectorised32(fn):
+    @nb.njit(fastmath={"contract", "arcp"}, error_model="numpy")
+    def apply(a, out):
+        for i in range(a.shape[0]):
+            out[i] = fn(a[i])
+
+    def call(a):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        out = np.empty_like(a)
+        apply(a, out)
+        assert out.dtype == np.float32
+        return out
+
+    return call
+
+
+def test_exp32_is_float32_accurate():
+    a = np.concatenate([np.linspace(-103.0, 88.7, 400_001), np.linspace(-1, 1, 100_001)]).astype(np.float32)
+    got = _vectorised32(_math.exp32)(a).astype(np.float64)
+    want = np.exp(a.astype(np.float64))
+    normal = want >= np.finfo(np.float32).tiny
+    assert _max_rel_err(got[normal], want[normal]) < 2.5e-7  # ~2 ulp of float32
+    assert np.max(np.abs(got[~normal] - want[~normal])) <= 2 * float(np.finfo(np.float32).smallest_subnormal)
+    specials = np.array([-np.inf, -200.0, 0.0, 88.8, 200.0, np.inf, np.nan], np.float32)
+    with np.errstate(over="ignore"):
+        want = np.exp(specials.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(_vectorised32(_math.exp32)(specials), want)
+
+
+def test_log1p_unit32_is_float32_accurate():
+    a = np.concatenate([np.linspace(0.0, 1.0, 200_001), np.geomspace(1e-38, 1.0, 10_000)]).astype(np.float32)
+    got = _vectorised32(_math.log1p_unit32)(a).astype(np.float64)
+    assert _max_rel_err(got, np.log1p(a.astype(np.float64))) < 2.5e-7

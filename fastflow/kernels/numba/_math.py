@@ -96,3 +96,51 @@ def log(x):
     r = kf * _LN2_HI + (kf * _LN2_LO + _two_atanh(u))
     r = r if x < np.inf else x
     return r if x > 0.0 else (-np.inf if x == 0.0 else np.nan)
+
+
+# ---------------------------------------------------------------- float32 lanes
+# For kernels whose float32 results need no more than float32 arithmetic (the coupling laws,
+# as PyTorch computes them): twice the SIMD lanes of float64 and shorter polynomials. Every
+# constant is a np.float32 so that Numba keeps the arithmetic in float32 (a Python float
+# literal would promote it to float64).
+
+_F32 = np.float32
+_ONE32 = _F32(1.0)
+_LOG2E32 = _F32(1.4426950408889634)
+_LN2_HI32 = _F32(0.693145751953125)  # 12 significant bits: n * _LN2_HI32 is exact
+_LN2_LO32 = _F32(1.4286067653301870e-06)
+_ROUND32 = _F32(12582912.0)  # 1.5 * 2^23: adding it rounds a float32 to an integer
+_ROUND32_BITS = np.int32(0x4B400000)
+_E2, _E3, _E4, _E5, _E6, _E7 = (_F32(1.0 / math.factorial(i)) for i in range(2, 8))
+
+
+@nb.njit(inline="always", fastmath={"contract"})
+def exp32(x):
+    """exp of a float32 in float32 arithmetic, max relative error 1.2e-7 (~1 ulp) measured;
+    overflows to inf above ~88.72, underflows through the subnormals to 0, NaN gives NaN."""
+    xc = min(max(x, _F32(-104.0)), _F32(89.0))
+    kf = xc * _LOG2E32 + _ROUND32
+    n = kf - _ROUND32
+    ni = np.float32(kf).view(np.int32) - _ROUND32_BITS
+    r = (xc - n * _LN2_HI32) - n * _LN2_LO32
+    r2 = r * r
+    p = (_ONE32 + r) + r2 * ((_E2 + r * _E3) + r2 * ((_E4 + r * _E5) + r2 * (_E6 + r * _E7)))
+    k1 = ni >> np.int32(1)
+    k2 = ni - k1
+    y = p * np.int32((np.int32(127) + k1) << np.int32(23)).view(np.float32)
+    y = y * np.int32((np.int32(127) + k2) << np.int32(23)).view(np.float32)
+    return y if x == x else x
+
+
+_SQRT2_M1_32 = _F32(_SQRT2_M1)
+_LN2_32 = _F32(_LN2)
+
+
+@nb.njit(inline="always", fastmath={"contract"})
+def log1p_unit32(e):
+    """float32 log1p(e) for e in [0, 1] (as ``log1p_unit``, five series terms), < 2 ulp."""
+    hi = e > _SQRT2_M1_32
+    u = (e - _ONE32) / (e + _F32(3.0)) if hi else e / (_F32(2.0) + e)
+    w = u * u
+    p = (_ONE32 + w * _F32(1.0 / 3.0)) + (w * w) * ((_F32(1.0 / 5.0) + w * _F32(1.0 / 7.0)) + (w * w) * _F32(1.0 / 9.0))
+    return _F32(2.0) * u * p + (_LN2_32 if hi else _F32(0.0))
