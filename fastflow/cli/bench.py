@@ -22,8 +22,9 @@ def add_parser(sub):
 def run(args) -> int:
     import torch
 
-    from fastflow.bench import SUITES, add_ratios, environment, format_table, get_suite, write_json
+    from fastflow.bench import SUITES, add_ratios, environment, format_table, get_suite, pin_allocator, write_json
 
+    pin_allocator()  # before anything allocates: steady page reuse for every implementation
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     names = args.suites or SUITES

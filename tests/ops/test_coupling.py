@@ -492,3 +492,37 @@ def test_numba_bitwise_reproducible_across_thread_counts():
     for (_, a), (_, b) in zip(results[:per], results[-per:]):
         for u, v in zip((a[0], a[1], *a[2]), (b[0], b[1], *b[2])):
             assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_numba_interleaved_params_read_as_pairs(inverse, monkeypatch):
+    """A coupling layer's ``params[..., 0]``/``params[..., 1]`` (float32, one buffer) are read
+    by the numba kernels as 64-bit pairs: outputs and gradients must be bitwise those of the
+    same values passed as separate contiguous tensors, and the pair path must really be taken."""
+    pytest.importorskip("numba")
+    from fastflow.kernels.numba import coupling as nbc
+
+    taken = []
+    real = nbc._pairs
+    monkeypatch.setattr(nbc, "_pairs", lambda s, r: taken.append(real(s, r)[0].size > 0) or real(s, r))
+
+    def run(x, params, g, gl, split, **kw):
+        x, params = x.clone().requires_grad_(True), params.clone().requires_grad_(True)
+        y, lad = affine_coupling(x, *split(params), inverse=inverse, backend="numba", **kw)
+        return (y, lad, *torch.autograd.grad((y, lad), (x, params), (g, gl)))
+
+    in_place = lambda p: (p[..., 0], p[..., 1])  # noqa: E731
+    every_other = lambda p: (p[:, ::2, ..., 0], p[:, ::2, ..., 1])  # noqa: E731  (a per-run pair layout)
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(37, 24), (5, 3, 4, 6), (1, 1)]:
+        x = torch.randn(shape, generator=gen)
+        g, gl = torch.randn(shape, generator=gen), torch.randn(shape[0], generator=gen)
+        params = torch.randn(*shape, 2, generator=gen)
+        wide = torch.randn(shape[0], 2 * shape[1], *shape[2:], 2, generator=gen)
+        for scale in SCALES:
+            for p, split in ((params, in_place), (wide, every_other)):
+                a = run(x, p, g, gl, split, scale=scale)
+                b = run(x, p, g, gl, lambda q, split=split: [v.contiguous() for v in split(q)], scale=scale)
+                for u, v in zip(a, b):
+                    assert torch.equal(u, v), (shape, scale)
+    assert any(taken) and not all(taken)

@@ -20,13 +20,15 @@ import numba as nb
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from fastflow.kernels.numba._compile import slp
 from fastflow.kernels.numba._math import exp as _exp
 from fastflow.kernels.numba._math import exp32 as _exp32
 from fastflow.kernels.numba._math import log1p_unit32 as _log1p32
 
-# Elements per parallel task (rows are never split): enough to amortise scheduling, small
-# enough to balance two to a few dozen threads.
-_CHUNK_ELEMS = 8192
+# Elements per parallel task (rows are never split): enough to amortise a task's scratch
+# allocations and set-up (8192 was 1.2x slower at B=65536, D=64, two threads), small enough
+# for a task's blocks to stay in L2 and to balance a few dozen threads.
+_CHUNK_ELEMS = 32768
 
 _FASTMATH = {"contract", "arcp"}  # no nnan/ninf (NaN and inf propagate), no reassoc (reproducible)
 # IEEE division instead of Numba's Python error model, whose ZeroDivisionError branch on every
@@ -216,27 +218,83 @@ def _bwd_run(gr, g0, xr, xo, tr, to, hr, ho, gx, gh, o, g, n_, clamp, inverse, k
 
 
 @nb.njit(inline="always")
+def _gather(buf, o, u, cnt, scratch):
+    """scratch[:cnt] = buf[o :: u]: loops with a constant stride for the common strides (1:
+    rows of a channel half; 2: interleaved shift/scale columns), which LLVM vectorises."""
+    if u == 1:
+        for i in range(cnt):
+            scratch[i] = buf[o + np.uint64(i)]
+    elif u == 2:
+        for i in range(cnt):
+            scratch[i] = buf[o + np.uint64(2 * i)]
+    else:
+        su = np.uint64(u)
+        for i in range(cnt):
+            scratch[i] = buf[o + np.uint64(i) * su]
+
+
+@nb.njit(inline="always")
 def _block(buf, st, b0, nrows, m_, n_, scratch):
     """Rows ``b0 : b0+nrows`` of a strided (B, M, N) view as one contiguous run (array,
     offset): the buffer itself when the view is C-contiguous, else gathered into ``scratch``
     (so the arithmetic always runs as one long vectorised loop per task, whatever the layout;
-    per-row loops of ~64 elements cost as much in set-up as in arithmetic)."""
+    per-row loops of ~64 elements cost as much in set-up as in arithmetic). A view whose
+    elements are equally spaced (interleaved columns ``h[:, ::2]``) is gathered as one run."""
     f = m_ * n_
-    if (st[2] == 1 or n_ == 1) and (st[1] == n_ or m_ == 1) and (st[0] == f or nrows == 1):
-        return buf, np.uint64(b0 * st[0])
+    u = st[2] if n_ > 1 else (st[1] if m_ > 1 else st[0])
+    if (n_ == 1 or st[2] == u) and (m_ == 1 or st[1] == n_ * u) and (nrows == 1 or st[0] == f * u):
+        if u == 1:
+            return buf, np.uint64(b0 * st[0])
+        _gather(buf, np.uint64(b0 * st[0]), u, nrows * f, scratch)
+        return scratch, np.uint64(0)
     i = 0
     for b in range(b0, b0 + nrows):
         for m in range(m_):
-            o = np.uint64(b * st[0] + m * st[1])
-            sn = np.uint64(st[2])
-            for j in range(n_):
-                scratch[i] = buf[o + np.uint64(j) * sn]
-                i += 1
+            _gather(buf, np.uint64(b * st[0] + m * st[1]), st[2], n_, scratch[i:])
+            i += n_
     return scratch, np.uint64(0)
 
 
+_LOW32 = np.uint64(0xFFFFFFFF)
+_HIGH = np.uint64(32)
+
+
+@nb.njit(inline="always")
+def _split_pairs(pair, o, cnt, st, sh, i):
+    """st[i+k], sh[i+k] = the low and high float32 of pair[o+k] (k < cnt): contiguous 64-bit
+    loads split in registers, which vectorises where a stride-2 float32 gather does not."""
+    for k in range(cnt):
+        v = pair[o + np.uint64(k)]
+        st[i + k] = np.uint32(v & _LOW32).view(np.float32)
+        sh[i + k] = np.uint32(v >> _HIGH).view(np.float32)
+
+
+@nb.njit(inline="always")
+def _block_pairs(pair, ps, b0, nrows, m_, n_, st, sh):
+    """Shift and raw scale interleaved in one buffer (``params[..., 0]``, ``params[..., 1]``),
+    read as 64-bit pairs (``ps``: the pair view's strides) and split into the two scratch
+    blocks. Returns the (array, offset) runs of both."""
+    f = m_ * n_
+    u = ps[2] if n_ > 1 else (ps[1] if m_ > 1 else ps[0])
+    if u == 1 and (m_ == 1 or ps[1] == n_) and (nrows == 1 or ps[0] == f):
+        _split_pairs(pair, np.uint64(b0 * ps[0]), nrows * f, st, sh, 0)
+    else:
+        i = 0
+        for b in range(b0, b0 + nrows):
+            for m in range(m_):
+                o = np.uint64(b * ps[0] + m * ps[1])
+                if ps[2] == 1:
+                    _split_pairs(pair, o, n_, st, sh, i)
+                else:
+                    for j in range(n_):
+                        _split_pairs(pair, o + np.uint64(j * ps[2]), 1, st, sh, i + j)
+                i += n_
+    return st, np.uint64(0), sh, np.uint64(0)
+
+
+@slp
 @nb.njit(parallel=True, **_NJIT, cache=True)
-def _affine_fwd_kernel(x, xs, t, ts, h, hs, shape, rows, kind, clamp, inverse, out, lad):
+def _affine_fwd_kernel(x, xs, t, ts, h, hs, pair, ps, shape, rows, kind, clamp, inverse, out, lad):
     nb_, m_, n_ = shape[0], shape[1], shape[2]
     f = m_ * n_
     nchunks = (nb_ + rows - 1) // rows
@@ -249,8 +307,11 @@ def _affine_fwd_kernel(x, xs, t, ts, h, hs, shape, rows, kind, clamp, inverse, o
         sh = np.empty(cnt, x.dtype)
         lg = np.empty(cnt, np.float64)
         xr, xo = _block(x, xs, b0, nr, m_, n_, sx)
-        tr, to = _block(t, ts, b0, nr, m_, n_, st)
-        hr, ho = _block(h, hs, b0, nr, m_, n_, sh)
+        if pair.size:
+            tr, to, hr, ho = _block_pairs(pair, ps, b0, nr, m_, n_, st, sh)
+        else:
+            tr, to = _block(t, ts, b0, nr, m_, n_, st)
+            hr, ho = _block(h, hs, b0, nr, m_, n_, sh)
         o = np.uint64(b0 * f)
         if kind == 0:
             _fwd_run(xr, xo, tr, to, hr, ho, out, o, lg, cnt, clamp, inverse, 0, _LAW, _CV)
@@ -266,8 +327,9 @@ def _affine_fwd_kernel(x, xs, t, ts, h, hs, shape, rows, kind, clamp, inverse, o
             lad[b0 + r] = -acc if inverse else acc
 
 
+@slp
 @nb.njit(parallel=True, **_NJIT, cache=True)
-def _affine_bwd_kernel(go, gos, gl, gls, x, xs, t, ts, h, hs, shape, rows, kind, clamp, inverse, gx, gh):
+def _affine_bwd_kernel(go, gos, gl, gls, x, xs, t, ts, h, hs, pair, ps, shape, rows, kind, clamp, inverse, gx, gh):
     nb_, m_, n_ = shape[0], shape[1], shape[2]
     f = m_ * n_
     nchunks = (nb_ + rows - 1) // rows
@@ -281,8 +343,11 @@ def _affine_bwd_kernel(go, gos, gl, gls, x, xs, t, ts, h, hs, shape, rows, kind,
         st = np.empty(cnt, x.dtype)
         gr, g0 = _block(go, gos, b0, nr, m_, n_, sg)
         xr, xo = _block(x, xs, b0, nr, m_, n_, sx)
-        hr, ho = _block(h, hs, b0, nr, m_, n_, sh)
-        tr, to = _block(t, ts, b0, nr, m_, n_, st) if inverse else (sx, np.uint64(0))
+        if pair.size:
+            tr, to, hr, ho = _block_pairs(pair, ps, b0, nr, m_, n_, st, sh)
+        else:
+            hr, ho = _block(h, hs, b0, nr, m_, n_, sh)
+            tr, to = _block(t, ts, b0, nr, m_, n_, st) if inverse else (sx, np.uint64(0))
         # One run per row (its log-det gradient is a scalar): a per-element copy of it would be
         # one more stream, and past ~6 streams LLVM gives up the runtime alias checks and the
         # loop stays scalar.
@@ -306,7 +371,7 @@ def _arithmetic_clone(kernel, suffix, **overrides):
     clone = pytypes.FunctionType(fn.__code__, g, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
     clone.__qualname__ = fn.__qualname__ + suffix
     clone.__module__ = fn.__module__
-    return nb.njit(parallel=True, **_NJIT, cache=True)(clone)
+    return slp(nb.njit(parallel=True, **_NJIT, cache=True)(clone))
 
 
 _affine_fwd_kernel32 = _arithmetic_clone(_affine_fwd_kernel, "32", _LAW=_terms32, _CV=_as32)
@@ -316,6 +381,7 @@ _affine_bwd_kernel32 = _arithmetic_clone(_affine_bwd_kernel, "32", _LAW=_terms32
 _KINDS = {"exp": 0, "softclamp": 1, "sigmoid": 2}
 
 
+@slp
 @nb.njit(parallel=True, **_NJIT, cache=True)
 def _additive_fwd_kernel(x, xs, t, ts, shape, rows, inverse, out):
     nb_, m_, n_ = shape[0], shape[1], shape[2]
@@ -350,6 +416,7 @@ def _rescale_prep_kernel(ls, lss, m_, n_, sign, e):
     return acc
 
 
+@slp
 @nb.njit(parallel=True, **_NJIT, cache=True)
 def _rescale_fwd_kernel(x, xs, e, shape, rows, out):
     nb_, m_, n_ = shape[0], shape[1], shape[2]
@@ -366,6 +433,7 @@ def _rescale_fwd_kernel(x, xs, e, shape, rows, out):
                     out[o + k] = np.float64(xr[xo + k]) * e[eo + k]
 
 
+@slp
 @nb.njit(parallel=True, **_NJIT, cache=True)
 def _rescale_bwd_kernel(go, gos, x, xs, e, shape, rows, gx, partial):
     """gx = go * e; partial[c, f] = sum over chunk c's rows of go * x * e (the output's gradient
@@ -424,6 +492,25 @@ def _rows(shape) -> int:
     return max(1, min(shape[0], _CHUNK_ELEMS // f))
 
 
+_NO_PAIR = (np.empty(0, np.uint64), np.zeros(3, np.int64))
+
+
+def _pairs(shift, raw_scale):
+    """(pair view, its strides) when float32 ``shift`` and ``raw_scale`` are the two columns of
+    one ``(..., 2)`` buffer, as a coupling layer's ``params[..., 0]``/``params[..., 1]``: the
+    64-bit words holding both, with strides in words. Else an empty view (gathered apart)."""
+    if shift.dtype != np.float32 or raw_scale.dtype != np.float32 or shift.strides != raw_scale.strides:
+        return _NO_PAIR
+    a = shift.__array_interface__["data"][0]
+    if raw_scale.__array_interface__["data"][0] != a + 4 or a % 8 or any(s % 8 or s < 0 for s in shift.strides):
+        return _NO_PAIR
+    words = [s // 8 for s in shift.strides]
+    span = 1 + sum((n - 1) * w for n, w in zip(shift.shape, words))
+    # The span covers raw_scale's last element too (the high half of shift's last word).
+    pair = as_strided(shift, shape=(2 * span,), strides=(4,)).view(np.uint64)
+    return pair, np.array(words, dtype=np.int64)
+
+
 def affine_fwd(x, shift, raw_scale, scale, clamp, inverse):
     """``x, shift, raw_scale (B, M, N)`` strided arrays of one dtype -> ``(out (B, M, N), lad (B,))``."""
     shape = np.array(x.shape, dtype=np.int64)
@@ -431,7 +518,7 @@ def affine_fwd(x, shift, raw_scale, scale, clamp, inverse):
     lad = np.empty(x.shape[0], x.dtype)
     if x.size:
         kernel = _affine_fwd_kernel32 if x.dtype == np.float32 else _affine_fwd_kernel
-        kernel(*_base(x), *_base(shift), *_base(raw_scale), shape, _rows(x.shape), _KINDS[scale],
+        kernel(*_base(x), *_base(shift), *_base(raw_scale), *_pairs(shift, raw_scale), shape, _rows(x.shape), _KINDS[scale],
                x.dtype.type(clamp), bool(inverse), out.reshape(-1), lad)
     else:
         lad[:] = 0
@@ -445,7 +532,7 @@ def affine_bwd(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
     gh = np.empty(x.shape, x.dtype)
     if x.size:
         kernel = _affine_bwd_kernel32 if x.dtype == np.float32 else _affine_bwd_kernel
-        kernel(*_base(g_out), *_base(g_lad), *_base(x), *_base(shift), *_base(raw_scale), shape,
+        kernel(*_base(g_out), *_base(g_lad), *_base(x), *_base(shift), *_base(raw_scale), *_pairs(shift, raw_scale), shape,
                _rows(x.shape), _KINDS[scale], x.dtype.type(clamp), bool(inverse), gx.reshape(-1), gh.reshape(-1))
     return gx, gh
 

@@ -1,0 +1,43 @@
+"""Numba's parallel runtime, started so that it shares the CPU with PyTorch's.
+
+Numba's default threading layer on Linux is OpenMP, but not PyTorch's copy of it: the two
+runtimes keep separate thread pools, and libgomp's workers busy-wait (for up to ~300k spins,
+milliseconds) after every parallel region. With one pool spinning while the other works, the
+CPU is oversubscribed: on a 2-core machine a PyTorch op right after a numba kernel (or the
+reverse) ran up to 3x slower in a training step (measured in the coupling benchmark's
+interleaved rounds). Numba's pool is therefore started with passive waiting (its workers
+sleep on a futex as soon as a region ends; the wake-up costs microseconds against kernels of
+milliseconds), unless the user has chosen a wait policy: ``OMP_WAIT_POLICY``,
+``GOMP_SPINCOUNT`` or ``KMP_BLOCKTIME`` set in the environment is left to act as set.
+
+The OpenMP runtime reads these variables once, when it is loaded: ``start()`` sets
+``OMP_WAIT_POLICY=PASSIVE`` only for the moment numba loads its threading layer, then
+restores the environment. If numba's layer was already started (by other code in the
+process) nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+
+_USER_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def start() -> bool:
+    """Start numba's threading layer with passive waiting; True if this call configured it."""
+    try:
+        from numba.np.ufunc import parallel
+    except ImportError:  # pragma: no cover - numba always ships it
+        return False
+    launch = getattr(parallel, "_launch_threads", None)
+    if launch is None or getattr(parallel, "_is_initialized", True):
+        return False
+    if any(v in os.environ for v in _USER_VARS):
+        launch()
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        launch()
+    finally:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    return True
