@@ -502,9 +502,10 @@ def _pairs(shift, raw_scale):
     if shift.dtype != np.float32 or raw_scale.dtype != np.float32 or shift.strides != raw_scale.strides:
         return _NO_PAIR
     a = shift.__array_interface__["data"][0]
-    if raw_scale.__array_interface__["data"][0] != a + 4 or a % 8 or any(s % 8 or s < 0 for s in shift.strides):
+    words = [s // 8 if n > 1 else 0 for s, n in zip(shift.strides, shift.shape)]  # size-1 dims: any stride
+    if raw_scale.__array_interface__["data"][0] != a + 4 or a % 8 or any(
+            s % 8 or s < 0 for s, n in zip(shift.strides, shift.shape) if n > 1):
         return _NO_PAIR
-    words = [s // 8 for s in shift.strides]
     span = 1 + sum((n - 1) * w for n, w in zip(shift.shape, words))
     # The span covers raw_scale's last element too (the high half of shift's last word).
     pair = as_strided(shift, shape=(2 * span,), strides=(4,)).view(np.uint64)
