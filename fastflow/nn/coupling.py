@@ -24,6 +24,10 @@ _VECTOR_NETS = {"mlp": MLP, "resmlp": ResidualMLP}
 _IMAGE_NETS = {"cnn": ConvNet, "resnet": ConvResNet}
 
 
+def _is_range(idx: torch.Tensor) -> bool:
+    return len(idx) > 0 and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + len(idx))).all())
+
+
 class Coupling(Transform):
     """Base class: splits by ``mask``, runs the conditioner, applies :meth:`_elementwise`.
 
@@ -68,7 +72,13 @@ class Coupling(Transform):
                 self.mode = "channel"
                 tr_ch = per_channel[:, 0]
                 self.register_buffer("id_ch", (~tr_ch).nonzero().reshape(-1), persistent=False)
+                self.register_buffer("tr_ch", tr_ch.nonzero().reshape(-1), persistent=False)
                 self.n_tr_ch = int(tr_ch.sum())
+                # Channel halves that are contiguous ranges (every channel_mask) are read as
+                # views and joined with cat: no gather, no scatter, and their backward is cheap.
+                self._ranges = None
+                if _is_range(self.id_ch) and _is_range(self.tr_ch):
+                    self._ranges = ((int(self.id_ch[0]), len(self.id_ch)), (int(self.tr_ch[0]), self.n_tr_ch))
                 in_size, out_size = len(self.id_ch), self.n_tr_ch * p
             else:
                 self.mode = "spatial"
@@ -98,9 +108,6 @@ class Coupling(Transform):
             out = call_conditioner(self.net, x.index_select(1, self.id_idx), context)
             return out.reshape(b, -1, p)
         c, h, w = self.event_shape
-        if self.mode == "channel":
-            out = call_conditioner(self.net, x.index_select(1, self.id_ch), context)
-            return out.reshape(b, self.n_tr_ch, p, h, w).permute(0, 1, 3, 4, 2).reshape(b, -1, p)
         out = call_conditioner(self.net, x * (~self.mask).to(x.dtype), context)
         out = out.reshape(b, c, p, h, w).permute(0, 1, 3, 4, 2).reshape(b, c * h * w, p)
         return out.index_select(1, self.tr_idx)
@@ -114,11 +121,30 @@ class Coupling(Transform):
 
     def _run(self, x, context, inverse):
         self._check(x)
+        if self.mode == "channel":
+            return self._run_channels(x, context, inverse)
         b = x.shape[0]
         flat = x.reshape(b, -1)
         params = self._params(x, context)
         y_tr, lad = self._elementwise(flat.index_select(1, self.tr_idx), params, inverse)
         return flat.index_copy(1, self.tr_idx, y_tr).reshape(x.shape), lad
+
+    def _run_channels(self, x, context, inverse):
+        """Channel masks: the conditioner reads the untouched channels; its output
+        ``(B, n_tr * P, H, W)`` is viewed (not copied) as ``(B, n_tr, H, W, P)`` parameters."""
+        b = x.shape[0]
+        _, h, w = self.event_shape
+        if self._ranges is not None:
+            (i0, ni), (t0, nt) = self._ranges
+            x_id, x_tr = x.narrow(1, i0, ni), x.narrow(1, t0, nt)
+        else:
+            x_id, x_tr = x.index_select(1, self.id_ch), x.index_select(1, self.tr_ch)
+        out = call_conditioner(self.net, x_id, context)
+        params = out.reshape(b, self.n_tr_ch, self.params_per_element, h, w).permute(0, 1, 3, 4, 2)
+        y_tr, lad = self._elementwise(x_tr, params, inverse)
+        if self._ranges is None:
+            return x.index_copy(1, self.tr_ch, y_tr), lad
+        return torch.cat((x_id, y_tr) if i0 < t0 else (y_tr, x_id), dim=1), lad
 
     def forward(self, x, context=None):
         return self._run(x, context, False)
@@ -127,7 +153,8 @@ class Coupling(Transform):
         return self._run(y, context, True)
 
     def _elementwise(self, x_tr, params, inverse):  # pragma: no cover - abstract
-        """``x_tr (B, N)``, ``params (B, N, P)`` -> ``(y_tr (B, N), logabsdet (B,))``."""
+        """``x_tr (B, ...)``, ``params (B, ..., P)`` -> ``(y_tr (B, ...), logabsdet (B,))``
+        (``(B, N)`` for vector and spatial masks, ``(B, n_tr, H, W)`` for channel masks)."""
         raise NotImplementedError
 
 
@@ -192,7 +219,7 @@ class RQSplineCoupling(Coupling):
         uh = params[..., k : 2 * k] * self._wh_scale
         ud = params[..., 2 * k :] + self._d_offset
         y, lad = _ops.rq_spline(x_tr, uw, uh, ud, inverse=inverse, **self.spline_kwargs)
-        return y, lad.sum(dim=1)
+        return y, lad.flatten(1).sum(dim=1)
 
 
 class Rescale(Transform):

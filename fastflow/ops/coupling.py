@@ -35,6 +35,7 @@ import torch
 from fastflow.backends import get_kernel, register_kernel, resolve_backend
 from fastflow.kernels.reference.coupling import SCALES
 from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
+from fastflow.ops._dispatch import custom_op
 
 __all__ = ["affine_coupling", "additive_coupling", "rescale", "SCALES"]
 
@@ -208,7 +209,7 @@ def _contig(t):
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastflow::affine_coupling", mutates_args=())
+@custom_op("fastflow::affine_coupling")
 def _affine_coupling_op(
     x: torch.Tensor, shift: torch.Tensor, raw_scale: torch.Tensor, scale: str, clamp: float, inverse: bool,
     backend: str,
@@ -225,7 +226,7 @@ def _(x, shift, raw_scale, scale, clamp, inverse, backend):
     return _contig(x), x.new_empty(x.shape[0])
 
 
-@torch.library.custom_op("fastflow::affine_coupling_backward", mutates_args=())
+@custom_op("fastflow::affine_coupling_backward")
 def _affine_coupling_backward_op(
     grad_outputs: torch.Tensor, grad_logabsdet: torch.Tensor, x: torch.Tensor, shift: torch.Tensor,
     raw_scale: torch.Tensor, scale: str, clamp: float, inverse: bool, backend: str,
@@ -268,7 +269,7 @@ _affine_coupling_op.register_autograd(_affine_backward, setup_context=_affine_se
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastflow::additive_coupling", mutates_args=())
+@custom_op("fastflow::additive_coupling")
 def _additive_coupling_op(
     x: torch.Tensor, shift: torch.Tensor, inverse: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +311,7 @@ def _rescale_views(x, log_scale, *more):
     return v[0], v[-1][0], v[1:-1]
 
 
-@torch.library.custom_op("fastflow::rescale", mutates_args=())
+@custom_op("fastflow::rescale")
 def _rescale_op(x: torch.Tensor, log_scale: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         return _contig(x), _lad_empty(x)  # an empty event's log-det, or an empty batch
@@ -324,7 +325,7 @@ def _(x, log_scale, inverse, backend):
     return _contig(x), x.new_empty(x.shape[0])
 
 
-@torch.library.custom_op("fastflow::rescale_backward", mutates_args=())
+@custom_op("fastflow::rescale_backward")
 def _rescale_backward_op(
     grad_outputs: torch.Tensor, grad_logabsdet: torch.Tensor, x: torch.Tensor, log_scale: torch.Tensor,
     inverse: bool, backend: str,

@@ -51,6 +51,7 @@ import torch
 from fastflow.backends import get_kernel, register_kernel, resolve_backend
 from fastflow.kernels.reference import lu as ref
 from fastflow.ops._checks import check_same, check_tensor, describe
+from fastflow.ops._dispatch import custom_op
 
 __all__ = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1", "clear_inverse_cache"]
 
@@ -118,7 +119,7 @@ def _inverse_matrix(perm, lower, upper, log_s, sign, dtype: torch.dtype) -> torc
 class _Reference:
     @staticmethod
     def _cast(cd, *ts):
-        return [None if t is None else t.to(cd) for t in ts]
+        return [t if t is None or t.dtype == cd else t.to(cd) for t in ts]
 
     @classmethod
     def _coefficients(cls, cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
@@ -143,11 +144,10 @@ class _Reference:
     def backward(cls, g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
         cd = _compute_dtype(x3.dtype)
         a_mat, _ = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        g3c = g3.to(cd)
-        g_x3 = ref.apply_affine(g3c, a_mat.t(), None)
+        g3c, x3c = cls._cast(cd, g3, x3)
         if not need_params:
-            return g_x3, None, None, None, None, None
-        g_a, g_c = ref.reduce_grads(g3c, x3.to(cd))
+            return ref.apply_affine(g3c, a_mat.t(), None), None, None, None, None, None
+        g_x3, g_a, g_c = ref.data_grads(g3c, x3c, a_mat)
         p = cls._cast(cd, lower, upper, log_s, sign, an_b, an_ls)
         grads = ref.parameter_grads(g_a, g_c, g_lad_sum.to(cd), x3.shape[2], perm, *p, inverse=inverse, a_mat=a_mat)
         return (g_x3, *grads)
@@ -226,7 +226,7 @@ def _fake(x, *rest):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[0],))
 
 
-@torch.library.custom_op("fastflow::lu_linear", mutates_args=())
+@custom_op("fastflow::lu_linear")
 def _lu_linear_op(
     x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
     sign: torch.Tensor, inverse: bool, backend: str,
@@ -234,7 +234,7 @@ def _lu_linear_op(
     return _forward("lu_linear", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
 
 
-@torch.library.custom_op("fastflow::lu_conv1x1", mutates_args=())
+@custom_op("fastflow::lu_conv1x1")
 def _lu_conv1x1_op(
     x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
     sign: torch.Tensor, inverse: bool, backend: str,
@@ -242,7 +242,7 @@ def _lu_conv1x1_op(
     return _forward("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
 
 
-@torch.library.custom_op("fastflow::actnorm_conv1x1", mutates_args=())
+@custom_op("fastflow::actnorm_conv1x1")
 def _actnorm_conv1x1_op(
     x: torch.Tensor, an_bias: torch.Tensor, an_logscale: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor,
     upper: torch.Tensor, log_s: torch.Tensor, sign: torch.Tensor, inverse: bool, backend: str,
@@ -254,7 +254,7 @@ for _o in (_lu_linear_op, _lu_conv1x1_op, _actnorm_conv1x1_op):
     _o.register_fake(_fake)
 
 
-@torch.library.custom_op("fastflow::lu_backward", mutates_args=())
+@custom_op("fastflow::lu_backward")
 def _lu_backward_op(
     grad_y: torch.Tensor, grad_logabsdet: torch.Tensor, x: torch.Tensor, an_bias: Optional[torch.Tensor],
     an_logscale: Optional[torch.Tensor], perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
@@ -347,25 +347,26 @@ _VALIDATED: "OrderedDict[tuple, tuple]" = OrderedDict()
 def _check_values(op, perm, sign) -> None:
     """perm is a permutation of 0..C-1 and sign is +-1 (data-dependent: skipped while compiling).
 
-    On GPUs a check costs a device sync, so a (perm, sign) pair once found valid is remembered by
-    ``data_ptr``/``_version`` (the entry holds a reference, so the address cannot be reused).
+    A (perm, sign) pair once found valid is remembered by ``data_ptr``/``_version`` (the entry
+    holds a reference, so the address cannot be reused): on GPUs a check would cost a device
+    sync, on the CPU ~20 us a call. CPU hits are confirmed against a snapshot (two small
+    ``torch.equal``), which also catches writes through ``.data`` that bump no version.
     """
     if torch.compiler.is_compiling():
         return
-    key = None
-    if perm.device.type != "cpu":
-        key = tuple((t.data_ptr(), _version(t), t.stride()) for t in (perm, sign)) + (perm.device,)
-        if key in _VALIDATED:
-            return
+    key = tuple((t.data_ptr(), _version(t), t.stride(), t.shape, t.dtype) for t in (perm, sign)) + (perm.device,)
+    hit = _VALIDATED.get(key)
+    if hit is not None and (perm.device.type != "cpu" or (torch.equal(hit[2], perm) and torch.equal(hit[3], sign))):
+        return
     c = perm.numel()
     if not torch.equal(torch.sort(perm).values, torch.arange(c, device=perm.device, dtype=perm.dtype)):
         raise ValueError(f"{op}: perm must be a permutation of 0..{c - 1} (each index exactly once), got {perm.tolist() if c <= 32 else describe(perm)}")
     if not bool(((sign == 1) | (sign == -1)).all()):
         raise ValueError(f"{op}: sign must hold only +1 and -1 (the fixed signs of W's diagonal), got {describe(sign)}")
-    if key is not None:
-        _VALIDATED[key] = (perm, sign)
-        while len(_VALIDATED) > 256:
-            _VALIDATED.popitem(last=False)
+    snap = (perm.clone(), sign.clone()) if perm.device.type == "cpu" else (None, None)
+    _VALIDATED[key] = (perm, sign, *snap)
+    while len(_VALIDATED) > 256:
+        _VALIDATED.popitem(last=False)
 
 
 def _check(op, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, x_dims):

@@ -17,6 +17,7 @@ import torch
 
 from fastflow.backends import get_kernel, register_kernel, resolve_backend
 from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
+from fastflow.ops._dispatch import custom_op
 
 __all__ = ["rq_spline"]
 
@@ -103,7 +104,7 @@ def _flat(x, uw, uh, ud):
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastflow::rq_spline", mutates_args=())
+@custom_op("fastflow::rq_spline")
 def _rq_spline_op(
     inputs: torch.Tensor,
     unnormalized_widths: torch.Tensor,
@@ -131,7 +132,7 @@ def _(inputs, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend):
     )
 
 
-@torch.library.custom_op("fastflow::rq_spline_backward", mutates_args=())
+@custom_op("fastflow::rq_spline_backward")
 def _rq_spline_backward_op(
     grad_outputs: torch.Tensor,
     grad_logabsdet: torch.Tensor,

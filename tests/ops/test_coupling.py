@@ -195,11 +195,11 @@ def test_opcheck(backend):
     x, t, h = halves(4, 2, hw=(2, 3), dtype=dtype, device=device)
     x, t, h = x.contiguous(), t.requires_grad_(), h.requires_grad_()
     for scale in SCALES:
-        torch.library.opcheck(_affine_coupling_op, (x, t, h, scale, 1.5, False, backend))
-    torch.library.opcheck(_affine_coupling_op, (x, t, h, "exp", 2.0, True, backend))
-    torch.library.opcheck(_additive_coupling_op, (x.requires_grad_(), t, False, backend))
+        torch.library.opcheck(_affine_coupling_op.op, (x, t, h, scale, 1.5, False, backend))
+    torch.library.opcheck(_affine_coupling_op.op, (x, t, h, "exp", 2.0, True, backend))
+    torch.library.opcheck(_additive_coupling_op.op, (x.requires_grad_(), t, False, backend))
     ls = torch.randn(x.shape[1:], dtype=dtype, device=device, requires_grad=True)
-    torch.library.opcheck(_rescale_op, (x, ls, True, backend))
+    torch.library.opcheck(_rescale_op.op, (x, ls, True, backend))
 
 
 @pytest.mark.skipif(INTERPRET, reason="covered in the CPU run; compile does not trace the interpreter")

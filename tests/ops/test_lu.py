@@ -237,10 +237,10 @@ def test_opcheck(backend, op):
     for inverse in (False, True):
         if op == "actnorm_conv1x1":
             args = (x, p["an_bias"], p["an_logscale"].requires_grad_(), *lu, inverse, name_of(backend))
-            torch.library.opcheck(lu_mod._actnorm_conv1x1_op, args)
+            torch.library.opcheck(lu_mod._actnorm_conv1x1_op.op, args)
         else:
             opdef = lu_mod._lu_linear_op if op == "lu_linear" else lu_mod._lu_conv1x1_op
-            torch.library.opcheck(opdef, (x, *lu, inverse, name_of(backend)))
+            torch.library.opcheck(opdef.op, (x, *lu, inverse, name_of(backend)))
 
 
 @pytest.mark.skipif(INTERPRET, reason="covered in the CPU run; compile does not trace the interpreter")

@@ -202,7 +202,7 @@ def test_opcheck(backend):
     dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
     x, uw, uh, ud = make_params((5, 6), 4, dtype=dtype, device=device)
     args = (x, uw.requires_grad_(), uh.requires_grad_(), ud, False, 1.0, 1e-3, 1e-3, 1e-3, backend)
-    torch.library.opcheck(_rq_spline_op, args)
+    torch.library.opcheck(_rq_spline_op.op, args)
 
 
 @pytest.mark.skipif(INTERPRET, reason="covered in the CPU run; compile does not trace the interpreter")
