@@ -492,3 +492,26 @@ def test_half_precision_on_cpu():
         assert y.dtype == dtype and lad.dtype == dtype
         torch.testing.assert_close(y.double(), ye, **tolerances(dtype))
         torch.testing.assert_close(lad.double(), lade, **tolerances(dtype))
+
+
+# ------------------------------------------------------------------ small-input GEMM path
+
+
+@pytest.mark.parametrize("b,c,n", [(8, 4, 16), (3, 5, 7)])
+def test_small_channels_first_path_matches_batched(monkeypatch, b, c, n):
+    """Small inputs go through one channels-first GEMM instead of a batched one: same maths."""
+    from fastflow.kernels.reference import lu as ref
+
+    g = torch.Generator().manual_seed(0)
+    x3, g3 = torch.randn(b, c, n, generator=g, dtype=torch.float64), torch.randn(b, c, n, generator=g, dtype=torch.float64)
+    a_mat, bias = torch.randn(c, c, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
+    assert ref._small(x3)
+    small = (ref.apply_affine(x3, a_mat, bias), *ref.data_grads(g3, x3, a_mat))
+    monkeypatch.setattr(ref, "SMALL_ELEMS", 0)
+    assert not ref._small(x3)
+    batched = (ref.apply_affine(x3, a_mat, bias), *ref.data_grads(g3, x3, a_mat))
+    oracle_y = torch.einsum("ij,bjn->bin", a_mat, x3) + bias[:, None]
+    torch.testing.assert_close(small[0], oracle_y, rtol=1e-12, atol=1e-12)
+    for s, t in zip(small, batched):
+        assert s.shape == t.shape and s.is_contiguous()
+        torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12)
