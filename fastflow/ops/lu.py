@@ -25,15 +25,17 @@ Ops, each returning ``(y, logabsdet)`` with ``logabsdet`` of shape ``(B,)``:
 
 ``inverse=True`` evaluates the inverse map (and the log-det of the inverse, the negative). The
 inverse never inverts a general matrix: ``W^-1 = M^-1 L^-1 P^T`` comes from two triangular solves,
-or, with fewer pixels than channels, the data are solved directly (no ``W^-1`` at all). On the CPU
-``W^-1`` is cached, keyed on the factors' ``data_ptr``/``_version`` and validated against a
+or, with fewer pixels than channels, the data are solved directly (no ``W^-1`` at all). The
+numba path (up to 32 channels) substitutes in float64 on every call, which costs microseconds;
+the reference path on the CPU caches ``W^-1``, keyed on the factors' ``data_ptr``/``_version`` and validated against a
 snapshot of them (so an optimizer step, ``.data`` writes included, invalidates it); on GPUs it is
 recomputed per call (two small asynchronous solves; a validation would need a device sync).
 
 Backends: ``reference`` (torch on any device: BLAS GEMMs straight on NCHW data, float32 compute for
-half precision) and ``triton`` (fused kernels, see :mod:`fastflow.kernels.triton.lu`). There is
-no ``numba`` kernel on purpose: the work is a GEMM, and torch's BLAS on the un-copied NCHW data is
-the fastest CPU route, so the CPU runs the reference path (which is written to be efficient).
+half precision), ``numba`` (CPU, float32/float64: the data pass is the same BLAS GEMM, but the
+O(C^3) algebra on the factors, forward and backward, is one compiled call each instead of dozens
+of tiny torch ops, which dominate small Glow steps; the reference path above 32 channels) and
+``triton`` (fused kernels, see :mod:`fastflow.kernels.triton.lu`).
 
 Custom ops ``fastflow::lu_linear``, ``fastflow::lu_conv1x1``, ``fastflow::actnorm_conv1x1`` with
 fake impls and autograd; their backward is ``fastflow::lu_backward`` (gradients for ``x``,
@@ -46,6 +48,7 @@ import math
 from collections import OrderedDict
 from typing import Optional
 
+import numpy as np
 import torch
 
 from fastflow.backends import get_kernel, register_kernel, resolve_backend
@@ -190,6 +193,67 @@ class _Triton:
         return (g_x3, *grads)
 
 
+class _Numba:
+    """CPU: the O(C^3) algebra on the factors (assembling ``A, c``; the chain rule back to the
+    factors) in one numba call each (:mod:`fastflow.kernels.numba.lu`) instead of ~15 and ~30
+    tiny torch ops; the data pass stays a BLAS GEMM as in the reference. Scalar O(C^3) loops
+    lose to BLAS on wide layers: above ``MAX_CHANNELS`` this is the reference path."""
+
+    MAX_CHANNELS = 32
+
+    @staticmethod
+    def _arrays(an_b, an_ls, perm, lower, upper, log_s, sign):
+        f = [t.detach().contiguous().numpy() for t in (lower, upper, log_s, sign)]
+        has_an = an_ls is not None
+        an = [t.detach().contiguous().numpy() for t in (an_b, an_ls)] if has_an else [f[2], f[2]]
+        return (perm.contiguous().numpy(), *f, *an, has_an)
+
+    @classmethod
+    def _coefficients(cls, cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+        from fastflow.kernels.numba import lu as nk
+
+        c = lower.shape[0]
+        a_mat, bias = np.empty((c, c)), np.empty(c)
+        nk.assemble(*cls._arrays(an_b, an_ls, perm, lower, upper, log_s, sign), bool(inverse), a_mat, bias)
+        return torch.from_numpy(a_mat).to(cd), (torch.from_numpy(bias).to(cd) if an_ls is not None else None)
+
+    @classmethod
+    def forward(cls, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+        if lower.shape[0] > cls.MAX_CHANNELS:
+            return _Reference.forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+        cd = _compute_dtype(x3.dtype)
+        a_mat, bias = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+        return ref.apply_affine(x3 if x3.dtype == cd else x3.to(cd), a_mat, bias)
+
+    @classmethod
+    def backward(cls, g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
+        if lower.shape[0] > cls.MAX_CHANNELS:
+            return _Reference.backward(g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse,
+                                       need_params)
+        from fastflow.kernels.numba import lu as nk
+
+        cd = _compute_dtype(x3.dtype)
+        a_mat, _ = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+        g3c, x3c = _Reference._cast(cd, g3, x3)
+        if not need_params:
+            return ref.apply_affine(g3c, a_mat.t(), None), None, None, None, None, None
+        g_x3, g_a, g_c = ref.data_grads(g3c, x3c, a_mat)
+        c = lower.shape[0]
+        out = [np.empty(c), np.empty(c), np.empty((c, c)), np.empty((c, c)), np.empty(c)]
+        nk.parameter_grads(g_a.double().numpy(), g_c.double().numpy(), float(g_lad_sum), float(x3.shape[2]),
+                           *cls._arrays(an_b, an_ls, perm, lower, upper, log_s, sign), bool(inverse), *out)
+        grads = [torch.from_numpy(o) for o in out]
+        if an_ls is None:
+            grads[0] = grads[1] = None
+        return (g_x3, *grads)
+
+
+def _load_numba():
+    import fastflow.kernels.numba.lu  # noqa: F401
+
+    return _Numba
+
+
 def _load_triton():
     import fastflow.kernels.triton.lu  # noqa: F401  (fail here, at dispatch, if triton is broken)
 
@@ -198,6 +262,7 @@ def _load_triton():
 
 for _op in OPS:
     register_kernel(_op, "reference", lambda: _Reference)
+    register_kernel(_op, "numba", _load_numba)
     register_kernel(_op, "triton", _load_triton)
 
 

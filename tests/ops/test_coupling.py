@@ -526,3 +526,60 @@ def test_numba_interleaved_params_read_as_pairs(inverse, monkeypatch):
                 for u, v in zip(a, b):
                     assert torch.equal(u, v), (shape, scale)
     assert any(taken) and not all(taken)
+
+
+def test_numba_single_task_launch_uses_one_thread():
+    """A kernel with one parallel task runs on one thread (no pool wake-up); the caller's thread
+    count is restored, and multi-task kernels keep the pool."""
+    import numba
+    import numpy as np
+
+    from fastflow.kernels.numba._threads import launch
+
+    @numba.njit(parallel=True)
+    def team(a):
+        for i in numba.prange(a.shape[0]):
+            a[i] = numba.get_num_threads()
+
+    before = numba.get_num_threads()
+    a = np.zeros(4)
+    launch(team, 1, a)
+    assert (a == 1).all() and numba.get_num_threads() == before
+    launch(team, 4, a)
+    assert (a == before).all()
+
+
+@pytest.mark.parametrize("scale", ["exp", "softclamp", "sigmoid"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_small_cpu_batches_take_torch_ops(monkeypatch, scale, inverse):
+    """backend=None on a small CPU batch evaluates the law with torch ops (cheaper than a kernel
+    launch there): the same values and gradients as the fused kernel and the float64 oracle;
+    larger batches and a forced backend go to the kernel."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 6, 3, 2, generator=g)
+    params = 1.5 * torch.randn(16, 6, 3, 2, 2, generator=g)
+
+    def run(backend, xx=x, pp=params):
+        xi, pi = xx.clone().requires_grad_(), pp.clone().requires_grad_()
+        y, lad = affine_coupling(xi[:, 1:5], pi[:, 1:5, ..., 0], pi[:, 1:5, ..., 1], scale=scale, clamp=1.5,
+                                 inverse=inverse, backend=backend)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(y.dtype)
+        torch.autograd.backward((y, lad), (gy, torch.ones_like(lad)))
+        return y, lad, xi.grad, pi.grad
+
+    small = run(None)
+    assert small[0].grad_fn is None or "Function" not in type(small[0].grad_fn).__name__
+    fused = run("numba")
+    oracle = run("reference", x.double(), params.double())
+    for a, b, c in zip(small, fused, oracle):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(a.double(), c, rtol=2e-5, atol=2e-5)
+    with torch.no_grad():
+        y, _ = additive_coupling(x, params[..., 0], inverse=inverse)
+        torch.testing.assert_close(y, x - params[..., 0] if inverse else x + params[..., 0], rtol=0, atol=0)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "numba")  # forcing still reaches the kernel
+    xi = x.clone().requires_grad_()
+    assert "AffineCouplingFunction" in type(affine_coupling(xi, x, x, scale=scale)[0].grad_fn).__name__
+    monkeypatch.delenv("FASTFLOW_BACKEND")
+    monkeypatch.setattr(coupling_mod, "SMALL_CPU_ELEMS", 10)  # above the threshold: the kernel
+    assert "AffineCouplingFunction" in type(affine_coupling(xi, x, x, scale=scale)[0].grad_fn).__name__

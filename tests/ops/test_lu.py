@@ -14,7 +14,7 @@ from fastflow.testing import jacobian_logabsdet, tolerances
 from tests._backends import INTERPRET, KERNEL_BACKENDS, device_for, dtypes_for
 
 # numba has no LU kernel on purpose (torch's BLAS is the CPU route); see fastflow/ops/lu.py.
-LU_KERNEL_BACKENDS = [b for b in KERNEL_BACKENDS if getattr(b, "values", (b,))[0] != "numba"]
+LU_KERNEL_BACKENDS = KERNEL_BACKENDS
 ALL = ["reference"] + LU_KERNEL_BACKENDS
 OPS = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1"]
 
@@ -389,7 +389,9 @@ def test_inverse_cache_invalidated_by_optimizer_step():
     y = torch.randn(16, c)
 
     def inv():
-        return lu_linear(y, p["perm"], p["lower"], p["upper"], p["log_s"], p["sign"], inverse=True)[0]
+        # the reference path caches W^-1 (the numba path, at this width, recomputes it: microseconds)
+        return lu_linear(y, p["perm"], p["lower"], p["upper"], p["log_s"], p["sign"], inverse=True,
+                         backend="reference")[0]
 
     def oracle():
         pd = {k: v.detach().double() if v.is_floating_point() else v for k, v in p.items()}
@@ -464,8 +466,7 @@ def test_backend_forcing(monkeypatch):
     p = make_params(4, torch.float32)
     x = torch.randn(3, 4)
     lu = [p[k] for k in ("perm", "lower", "upper", "log_s", "sign")]
-    with pytest.raises(BackendUnavailableError, match="numba.*no kernel for 'lu_linear'"):
-        lu_linear(x, *lu, backend="numba")
+    torch.testing.assert_close(lu_linear(x, *lu, backend="numba")[0], lu_linear(x, *lu, backend="reference")[0])
     with pytest.raises(ValueError, match="not a fastflow backend"):
         lu_linear(x, *lu, backend="fortran")
     if not INTERPRET and not torch.cuda.is_available():

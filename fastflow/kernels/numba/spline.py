@@ -20,6 +20,7 @@ import numpy as np
 from fastflow.kernels.numba._math import exp as _exp
 from fastflow.kernels.numba._math import log as _log
 from fastflow.kernels.numba._math import log1p_unit as _log1p_unit
+from fastflow.kernels.numba._threads import launch
 
 # Elements per parallel task: large enough to amortise the scratch allocation and scheduling,
 # small enough to balance two to a few dozen threads.
@@ -314,12 +315,17 @@ def _rq_spline_bwd_kernel(
                     g_ud[i, idx] = (a * dy_ddk1 + b * dl_ddk1) * _sigmoid(np.float64(ud[i, idx]))
 
 
+def _tasks(x) -> int:
+    return (x.shape[0] + _CHUNK - 1) // _CHUNK
+
+
 def rq_spline_fwd(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md):
     """Launcher. ``x (N,)``, ``uw, uh (N, K)``, ``ud (N, K-1)`` C-contiguous arrays of one dtype."""
     out = np.empty_like(x)
     lad = np.empty_like(x)
     if x.shape[0]:
-        _rq_spline_fwd_kernel(x, uw, uh, ud, bool(inverse), float(tail_bound), float(mbw), float(mbh), float(md), out, lad)
+        launch(_rq_spline_fwd_kernel, _tasks(x), x, uw, uh, ud, bool(inverse), float(tail_bound), float(mbw), float(mbh),
+               float(md), out, lad)
     return out, lad
 
 
@@ -330,8 +336,8 @@ def rq_spline_bwd(g_out, g_lad, x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md
     g_uh = np.empty_like(uh)
     g_ud = np.empty_like(ud)
     if x.shape[0]:
-        _rq_spline_bwd_kernel(
-            g_out, g_lad, x, uw, uh, ud, bool(inverse), float(tail_bound), float(mbw), float(mbh), float(md),
+        launch(
+            _rq_spline_bwd_kernel, _tasks(x), g_out, g_lad, x, uw, uh, ud, bool(inverse), float(tail_bound), float(mbw), float(mbh), float(md),
             g_x, g_uw, g_uh, g_ud,
         )
     return g_x, g_uw, g_uh, g_ud
