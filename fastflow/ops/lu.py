@@ -26,10 +26,11 @@ Ops, each returning ``(y, logabsdet)`` with ``logabsdet`` of shape ``(B,)``:
 ``inverse=True`` evaluates the inverse map (and the log-det of the inverse, the negative). The
 inverse never inverts a general matrix: ``W^-1 = M^-1 L^-1 P^T`` comes from two triangular solves,
 or, with fewer pixels than channels, the data are solved directly (no ``W^-1`` at all). The
-numba path (up to 32 channels) substitutes in float64 on every call, which costs microseconds;
-the reference path on the CPU caches ``W^-1``, keyed on the factors' ``data_ptr``/``_version`` and validated against a
-snapshot of them (so an optimizer step, ``.data`` writes included, invalidates it); on GPUs it is
-recomputed per call (two small asynchronous solves; a validation would need a device sync).
+numba path (up to 32 channels) substitutes in float64 on every call, which costs microseconds.
+The reference path on the CPU caches ``W^-1``, keyed on the factors' ``data_ptr``/``_version``
+and validated against a snapshot of them (so an optimizer step, ``.data`` writes included,
+invalidates it); on GPUs it is recomputed per call (two small asynchronous solves; a validation
+would need a device sync).
 
 Backends: ``reference`` (torch on any device: BLAS GEMMs straight on NCHW data, float32 compute for
 half precision), ``numba`` (CPU, float32/float64: the data pass is the same BLAS GEMM, but the
