@@ -385,9 +385,11 @@ SMALL_CPU_ELEMS = 131072
 
 
 def _small_eager(*tensors) -> bool:
+    # float32/float64 only (half precision keeps the op's float32 compute); empty inputs keep
+    # the op's defined empty results.
     x = tensors[0]
-    return (x.is_cpu and x.numel() <= SMALL_CPU_ELEMS and not os.environ.get(ENV_VAR)
-            and _dispatch_eager(tensors))
+    return (x.is_cpu and 0 < x.numel() <= SMALL_CPU_ELEMS and x.dtype in (torch.float32, torch.float64)
+            and not os.environ.get(ENV_VAR) and _dispatch_eager(tensors))
 
 
 def _affine_small(x, shift, raw_scale, scale, clamp, inverse):

@@ -577,6 +577,11 @@ def test_small_cpu_batches_take_torch_ops(monkeypatch, scale, inverse):
     with torch.no_grad():
         y, _ = additive_coupling(x, params[..., 0], inverse=inverse)
         torch.testing.assert_close(y, x - params[..., 0] if inverse else x + params[..., 0], rtol=0, atol=0)
+    for empty in (x[:0], x[:, :0]):  # empty batch / event: the op's defined results, no reshape errors
+        y, lad = affine_coupling(empty, empty, empty, scale=scale, inverse=inverse)
+        assert y.shape == empty.shape and torch.equal(lad, torch.zeros(empty.shape[0]))
+    xh = x.half().requires_grad_()  # half precision keeps the op (float32 compute)
+    assert "AffineCouplingFunction" in type(affine_coupling(xh, xh, xh, scale=scale)[0].grad_fn).__name__
     monkeypatch.setenv("FASTFLOW_BACKEND", "numba")  # forcing still reaches the kernel
     xi = x.clone().requires_grad_()
     assert "AffineCouplingFunction" in type(affine_coupling(xi, x, x, scale=scale)[0].grad_fn).__name__
