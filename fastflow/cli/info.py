@@ -33,4 +33,8 @@ def run(args) -> int:
         print(f"  {name:<10} {mark} {b['description']}; devices {'/'.join(b['devices'])}; dtypes {dtypes}; ops: {ops}")
         if b["reason"]:
             print(f"  {'':<10} why not: {b['reason']}")
+    from fastflow.ops.coupling import SMALL_CPU_ELEMS
+
+    print(f"small CPU batches: with backend=None, affine/additive couplings of at most {SMALL_CPU_ELEMS} "
+          "float32/float64 elements run as PyTorch ops (cheaper than a kernel launch there)")
     return 0
