@@ -152,9 +152,15 @@ class _Reference:
         if not need_params:
             return ref.apply_affine(g3c, a_mat.t(), None), None, None, None, None, None
         g_x3, g_a, g_c = ref.data_grads(g3c, x3c, a_mat)
-        p = cls._cast(cd, lower, upper, log_s, sign, an_b, an_ls)
-        grads = ref.parameter_grads(g_a, g_c, g_lad_sum.to(cd), x3.shape[2], perm, *p, inverse=inverse, a_mat=a_mat)
+        grads = cls._parameter_grads(cd, g_a, g_c, g_lad_sum, x3.shape[2], an_b, an_ls, perm, lower, upper, log_s,
+                                     sign, inverse, a_mat)
         return (g_x3, *grads)
+
+    @classmethod
+    def _parameter_grads(cls, cd, g_a, g_c, g_lad_sum, n, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, a_mat):
+        """``(g_an_bias, g_an_logscale, g_lower, g_upper, g_log_s)`` from the map's ``(gA, gc)``."""
+        p = cls._cast(cd, lower, upper, log_s, sign, an_b, an_ls)
+        return ref.parameter_grads(g_a, g_c, g_lad_sum.to(cd), n, perm, *p, inverse=inverse, a_mat=a_mat)
 
 
 class _Triton:
@@ -194,11 +200,12 @@ class _Triton:
         return (g_x3, *grads)
 
 
-class _Numba:
+class _Numba(_Reference):
     """CPU: the O(C^3) algebra on the factors (assembling ``A, c``; the chain rule back to the
     factors) in one numba call each (:mod:`fastflow.kernels.numba.lu`) instead of ~15 and ~30
-    tiny torch ops; the data pass stays a BLAS GEMM as in the reference. Scalar O(C^3) loops
-    lose to BLAS on wide layers: above ``MAX_CHANNELS`` this is the reference path."""
+    tiny torch ops; the data pass (and the backward's flow) is the reference's BLAS GEMM.
+    Scalar O(C^3) loops lose to BLAS on wide layers: above ``MAX_CHANNELS`` the algebra is the
+    reference's too."""
 
     MAX_CHANNELS = 32
 
@@ -211,6 +218,8 @@ class _Numba:
 
     @classmethod
     def _coefficients(cls, cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+        if lower.shape[0] > cls.MAX_CHANNELS:
+            return super()._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
         from fastflow.kernels.numba import lu as nk
 
         c = lower.shape[0]
@@ -219,34 +228,29 @@ class _Numba:
         return torch.from_numpy(a_mat).to(cd), (torch.from_numpy(bias).to(cd) if an_ls is not None else None)
 
     @classmethod
-    def forward(cls, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
-        if lower.shape[0] > cls.MAX_CHANNELS:
-            return _Reference.forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        cd = _compute_dtype(x3.dtype)
-        a_mat, bias = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        return ref.apply_affine(x3 if x3.dtype == cd else x3.to(cd), a_mat, bias)
-
-    @classmethod
-    def backward(cls, g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
-        if lower.shape[0] > cls.MAX_CHANNELS:
-            return _Reference.backward(g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse,
-                                       need_params)
+    def _parameter_grads(cls, cd, g_a, g_c, g_lad_sum, n, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, a_mat):
+        c = lower.shape[0]
+        if c > cls.MAX_CHANNELS:
+            return super()._parameter_grads(cd, g_a, g_c, g_lad_sum, n, an_b, an_ls, perm, lower, upper, log_s, sign,
+                                            inverse, a_mat)
         from fastflow.kernels.numba import lu as nk
 
-        cd = _compute_dtype(x3.dtype)
-        a_mat, _ = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        g3c, x3c = _Reference._cast(cd, g3, x3)
-        if not need_params:
-            return ref.apply_affine(g3c, a_mat.t(), None), None, None, None, None, None
-        g_x3, g_a, g_c = ref.data_grads(g3c, x3c, a_mat)
-        c = lower.shape[0]
         out = [np.empty(c), np.empty(c), np.empty((c, c)), np.empty((c, c)), np.empty(c)]
-        nk.parameter_grads(g_a.double().numpy(), g_c.double().numpy(), float(g_lad_sum), float(x3.shape[2]),
+        nk.parameter_grads(g_a.double().numpy(), g_c.double().numpy(), float(g_lad_sum), float(n),
                            *cls._arrays(an_b, an_ls, perm, lower, upper, log_s, sign), bool(inverse), *out)
         grads = [torch.from_numpy(o) for o in out]
         if an_ls is None:
             grads[0] = grads[1] = None
-        return (g_x3, *grads)
+        return grads
+
+    @classmethod
+    def forward(cls, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+        if lower.shape[0] > cls.MAX_CHANNELS:
+            return super().forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+        # Always the assembled map: with few channels forming A is cheap, also when B*N < C.
+        cd = _compute_dtype(x3.dtype)
+        a_mat, bias = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+        return ref.apply_affine(x3 if x3.dtype == cd else x3.to(cd), a_mat, bias)
 
 
 def _load_numba():
