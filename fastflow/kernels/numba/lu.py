@@ -23,14 +23,18 @@ _NJIT = dict(cache=True, error_model="numpy")
 
 
 @nb.njit(**_NJIT)
-def _factors(lower, upper, log_s, sign, lo, m, d):
-    """``lo = L`` (unit lower), ``m = M = U + diag(d)``, ``d = sign * exp(log_s)``."""
+def _factors(lower, upper, log_s, sign):
+    """``(L, M, d)``: ``L`` unit lower, ``M = U + diag(d)``, ``d = sign * exp(log_s)``, float64."""
     c = lower.shape[0]
+    lo = np.empty((c, c), np.float64)
+    m = np.empty((c, c), np.float64)
+    d = np.empty(c, np.float64)
     for i in range(c):
         d[i] = np.float64(sign[i]) * math.exp(np.float64(log_s[i]))
         for j in range(c):
             lo[i, j] = np.float64(lower[i, j]) if j < i else (1.0 if j == i else 0.0)
             m[i, j] = np.float64(upper[i, j]) if j > i else (d[i] if j == i else 0.0)
+    return lo, m, d
 
 
 @nb.njit(**_NJIT)
@@ -72,10 +76,7 @@ def assemble(perm, lower, upper, log_s, sign, an_b, an_ls, has_an, inverse, a_ou
     (``a = exp(an_ls)``, ``b = an_b``; without ActNorm ``a = 1``, ``c = 0``).
     """
     c = lower.shape[0]
-    lo = np.empty((c, c), np.float64)
-    m = np.empty((c, c), np.float64)
-    d = np.empty(c, np.float64)
-    _factors(lower, upper, log_s, sign, lo, m, d)
+    lo, m, d = _factors(lower, upper, log_s, sign)
     w = np.empty((c, c), np.float64)
     if not inverse:
         _weight(perm, lo, m, w)
@@ -106,10 +107,7 @@ def parameter_grads(g_a, g_c, g_lad_sum, n, perm, lower, upper, log_s, sign, an_
     are zero outside the strict triangles; ``g_bias``/``g_logscale`` are written only with
     ActNorm."""
     c = lower.shape[0]
-    lo = np.empty((c, c), np.float64)
-    m = np.empty((c, c), np.float64)
-    d = np.empty(c, np.float64)
-    _factors(lower, upper, log_s, sign, lo, m, d)
+    lo, m, d = _factors(lower, upper, log_s, sign)
     g_w = np.empty((c, c), np.float64)
     sgn = -1.0 if inverse else 1.0
     if not inverse:
