@@ -292,6 +292,25 @@ def _block_pairs(pair, ps, b0, nrows, m_, n_, st, sh):
     return st, np.uint64(0), sh, np.uint64(0)
 
 
+@nb.njit(inline="always")
+def _task_blocks(x, xs, t, ts, h, hs, pair, ps, b0, nrows, m_, n_, need_t):
+    """The (array, offset) runs of ``x``, ``t`` and ``h`` for rows ``b0 .. b0+nrows`` of one
+    task, gathered into fresh scratch where a layout needs it (shift and raw scale read as
+    64-bit pairs when ``pair`` holds them). Without ``need_t`` the shift is not read (its run
+    is then a placeholder)."""
+    cnt = nrows * m_ * n_
+    sx = np.empty(cnt, x.dtype)
+    st = np.empty(cnt, x.dtype)
+    sh = np.empty(cnt, x.dtype)
+    xr, xo = _block(x, xs, b0, nrows, m_, n_, sx)
+    if pair.size:
+        tr, to, hr, ho = _block_pairs(pair, ps, b0, nrows, m_, n_, st, sh)
+    else:
+        hr, ho = _block(h, hs, b0, nrows, m_, n_, sh)
+        tr, to = _block(t, ts, b0, nrows, m_, n_, st) if need_t else (sx, np.uint64(0))
+    return xr, xo, tr, to, hr, ho
+
+
 @slp
 @nb.njit(parallel=True, **_NJIT, cache=True)
 def _affine_fwd_kernel(x, xs, t, ts, h, hs, pair, ps, shape, rows, kind, clamp, inverse, out, lad):
@@ -302,19 +321,11 @@ def _affine_fwd_kernel(x, xs, t, ts, h, hs, pair, ps, shape, rows, kind, clamp, 
         b0 = c * rows
         nr = min(nb_, b0 + rows) - b0
         cnt = nr * f
-        sx = np.empty(cnt, x.dtype)
-        st = np.empty(cnt, x.dtype)
-        sh = np.empty(cnt, x.dtype)
         # log s in the arithmetic's own type (float32 in the float32 clone): the sums below widen
         # each term to float64 anyway, so the bits are those of a float64 scratch, and a
         # one-width loop vectorises better (sigmoid law 1.10 -> 0.70 ns/element, L2-resident).
         lg = np.empty(cnt, x.dtype)
-        xr, xo = _block(x, xs, b0, nr, m_, n_, sx)
-        if pair.size:
-            tr, to, hr, ho = _block_pairs(pair, ps, b0, nr, m_, n_, st, sh)
-        else:
-            tr, to = _block(t, ts, b0, nr, m_, n_, st)
-            hr, ho = _block(h, hs, b0, nr, m_, n_, sh)
+        xr, xo, tr, to, hr, ho = _task_blocks(x, xs, t, ts, h, hs, pair, ps, b0, nr, m_, n_, True)
         o = np.uint64(b0 * f)
         if kind == 0:
             _fwd_run(xr, xo, tr, to, hr, ho, out, o, lg, cnt, clamp, inverse, 0, _LAW, _CV)
@@ -340,17 +351,9 @@ def _affine_bwd_kernel(go, gos, gl, gls, x, xs, t, ts, h, hs, pair, ps, shape, r
         b0 = c * rows
         nr = min(nb_, b0 + rows) - b0
         cnt = nr * f
-        sg = np.empty(cnt, x.dtype)
-        sx = np.empty(cnt, x.dtype)
-        sh = np.empty(cnt, x.dtype)
-        st = np.empty(cnt, x.dtype)
-        gr, g0 = _block(go, gos, b0, nr, m_, n_, sg)
-        xr, xo = _block(x, xs, b0, nr, m_, n_, sx)
-        if pair.size:
-            tr, to, hr, ho = _block_pairs(pair, ps, b0, nr, m_, n_, st, sh)
-        else:
-            hr, ho = _block(h, hs, b0, nr, m_, n_, sh)
-            tr, to = _block(t, ts, b0, nr, m_, n_, st) if inverse else (sx, np.uint64(0))
+        gr, g0 = _block(go, gos, b0, nr, m_, n_, np.empty(cnt, x.dtype))
+        # the forward's backward needs no shift
+        xr, xo, tr, to, hr, ho = _task_blocks(x, xs, t, ts, h, hs, pair, ps, b0, nr, m_, n_, inverse)
         # One run per row (its log-det gradient is a scalar): a per-element copy of it would be
         # one more stream, and past ~6 streams LLVM gives up the runtime alias checks and the
         # loop stays scalar.
