@@ -212,7 +212,8 @@ def test_logabsdet_matches_jacobian_slogdet(backend, op, inverse):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("b", [1, 5])  # factored (B*N < C) and assembled paths for lu_linear
-def test_gradcheck_float64(op, inverse, b):
+@pytest.mark.parametrize("backend", ["reference", "numba"])  # numba: the compiled factor algebra
+def test_gradcheck_float64(op, inverse, b, backend):
     c = 4
     p = make_params(c, scale=0.5)
     x = torch.randn(x_shape(op, b, c, 1, 2), dtype=torch.float64, requires_grad=True)
@@ -221,7 +222,7 @@ def test_gradcheck_float64(op, inverse, b):
 
     def fn(x, *params):
         q = dict(p, **dict(zip(names, params)))
-        return call(op, x, q, inverse=inverse, backend="reference")
+        return call(op, x, q, inverse=inverse, backend=backend)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True)
 
