@@ -308,6 +308,38 @@ def test_non_contiguous_layouts(backend):
             assert_close(a / s_, r / s_, **tol(backend, dtype))
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_broadcast_output_gradients(backend, monkeypatch):
+    """Output gradients expanded from a scalar (what ``y.sum()`` hands back: all strides 0) or
+    from one sample (batch stride 0) give the gradients of the same values materialised, in
+    every law and direction; the kernel receives the expanded tensor as it is (the numba
+    kernels read a scalar gradient in place)."""
+    device = device_for(backend)
+    dtype = torch.float64 if backend in CPU_BACKENDS else torch.float32
+    x, t, h = halves(2**3 + 5 if small(backend) else 2**6 + 5, 3, dtype=dtype, device=device)
+    seen = _spy(monkeypatch, backend, "affine_bwd")
+    b = x.shape[0]
+    grads = [
+        (torch.full((), 0.7, dtype=dtype, device=device).expand(x.shape),
+         torch.full((), -1.3, dtype=dtype, device=device).expand(b)),
+        (torch.randn(x.shape[1:], dtype=dtype, device=device).expand(x.shape),
+         torch.randn(b, dtype=dtype, device=device)),
+    ]
+    for g, gl in grads:
+        for scale in SCALES:
+            for inverse in (False, True):
+                kw = dict(scale=scale, inverse=inverse)
+                got = outputs_and_grads(affine_coupling, (x, t, h), g, gl, backend=backend, **kw)
+                dense = outputs_and_grads(affine_coupling, (x, t, h), g.contiguous(), gl.contiguous(), backend=backend,
+                                          **kw)
+                ref = outputs_and_grads(affine_coupling, [v.double() for v in (x, t, h)], g.double().contiguous(),
+                                        gl.double().contiguous(), backend="reference", **kw)
+                for a, d, r in zip(got[2], dense[2], ref[2]):
+                    assert_close(a, d, rtol=0, atol=0)
+                    assert_close(a, r, **tol(backend, dtype))
+                assert any(all(s == 0 for s in call[0].stride()) for call in seen)
+
+
 # ------------------------------------------------------------------ edge cases
 
 

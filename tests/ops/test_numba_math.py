@@ -94,3 +94,56 @@ def test_log1p_unit32_is_float32_accurate():
     a = np.concatenate([np.linspace(0.0, 1.0, 200_001), np.geomspace(1e-38, 1.0, 10_000)]).astype(np.float32)
     got = _vectorised(_math.log1p_unit32, np.float32)(a).astype(np.float64)
     assert _max_rel_err(got, np.log1p(a.astype(np.float64))) < 2.5e-7
+
+
+def _sum8_definition(v, o, n):
+    """The log-det sum's definition in plain Python floats: eight partials, partial l taking
+    elements l, l+8, ... in order, the tail on partial 0, then a fixed pairwise tree."""
+    p = [0.0] * 8
+    n8 = n - n % 8
+    for j in range(n8):
+        p[j % 8] += float(v[o + j])
+    for j in range(n8, n):
+        p[0] += float(v[o + j])
+    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_simd_run_sums_are_bitwise_the_scalar_definition(dtype):
+    """``_simd.sum8_runs4`` (explicit <8 x double> partials, four runs at once) must give the
+    bits of the scalar ``_sum8`` and of the definition, for every run length and offset
+    (vector body and scalar tail), overlapping runs (d < n, d = 0), values over 16 decades
+    (so that the order shows in the bits) and NaN/inf."""
+    from fastflow.kernels.numba._simd import sum8_runs1, sum8_runs4
+    from fastflow.kernels.numba.coupling import _sum8
+
+    @nb.njit
+    def simd4(v, o, n, d):
+        return sum8_runs4(v, np.uint64(o), n, np.uint64(d))
+
+    @nb.njit
+    def simd1(v, o, n):
+        return sum8_runs1(v, np.uint64(o), n, np.uint64(0))[0]
+
+    @nb.njit
+    def scalar(v, o, n):
+        return _sum8(v, np.uint64(o), n)
+
+    rng = np.random.default_rng(7)
+    v = (rng.standard_normal(1200) * 10.0 ** rng.integers(-8, 8, 1200)).astype(dtype)
+    bits = lambda a: np.array(a, dtype=np.float64).view(np.int64).tolist()  # noqa: E731
+    checked = 0
+    for n in range(0, 41):
+        for o in (0, 1, 5):
+            for d in (n, n + 3, 2, 0):
+                want = [_sum8_definition(v, o + r * d, n) for r in range(4)]
+                assert bits(simd4(v, o, n, d)) == bits(want), (n, o, d)
+                assert bits([scalar(v, o + r * d, n) for r in range(4)]) == bits(want)
+                checked += 1
+            assert bits(simd1(v, o, n)) == bits(want[0])
+    assert checked == 41 * 12
+    specials = np.array([1.0, np.nan, 2.0, np.inf] + [0.5] * 12, dtype=dtype)
+    got = simd4(specials, 0, 4, 4)
+    assert np.isnan(got[0]) and got[1:] == (2.0, 2.0, 2.0)
+    got = simd4(np.array([np.inf, -np.inf] + [1.0] * 30, dtype=dtype), 0, 8, 8)
+    assert np.isnan(got[0]) and got[1:] == (8.0, 8.0, 8.0)

@@ -20,6 +20,7 @@ import numba as nb
 import numpy as np
 
 from fastflow.kernels.numba._compile import slp
+from fastflow.kernels.numba._simd import sum8_runs4
 from fastflow.kernels.numba._threads import launch
 from fastflow.kernels.numba._math import exp as _exp
 from fastflow.kernels.numba._math import exp32 as _exp32
@@ -138,6 +139,20 @@ def _sum8(v, o, n):
     return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
 
 
+@nb.njit(inline="always")
+def _run_sums(v, o, n, q, rs):
+    """rs[i] = _sum8(v, o + i*n, n) for the ``q`` back-to-back runs of ``n`` from ``o``: four
+    at a time in explicit SIMD (bitwise the same sums; see ``_simd``), the rest one by one."""
+    i = 0
+    un = np.uint64(n)
+    while i + 4 <= q:
+        rs[i], rs[i + 1], rs[i + 2], rs[i + 3] = sum8_runs4(v, o + np.uint64(i * n), n, un)
+        i += 4
+    while i < q:
+        rs[i] = _sum8(v, o + np.uint64(i * n), n)
+        i += 1
+
+
 @nb.njit(inline="always", **_NJIT)
 def _terms(h, clamp, kind):
     if kind == 0:
@@ -197,14 +212,17 @@ def _fwd_run(xr, xo, tr, to, hr, ho, out, o, lg, n_, clamp, inverse, kind, law, 
 
 
 @nb.njit(inline="always", **_NJIT)
-def _bwd_run(gr, g0, xr, xo, tr, to, hr, ho, gx, gh, o, g, n_, clamp, inverse, kind, law, cv):
-    """One contiguous run of the backward within one row (``g``: that row's log-det gradient)."""
+def _bwd_run(gr, g0, xr, xo, tr, to, hr, ho, gx, gh, o, g, n_, clamp, inverse, kind, law, cv, gconst):
+    """One contiguous run of the backward within one row (``g``: that row's log-det gradient).
+    With ``gconst`` (a literal at each call site) the output gradient is the one value
+    ``gr[g0]`` (a gradient expanded from a scalar, as ``y.sum()`` gives), read once."""
+    gc = cv(gr[g0])
     if inverse:
         # out = (y - t)/s is recomputed: d out/dh = -out (log s)'.
         for j in range(n_):
             k = np.uint64(j)
             logs, s, inv_s, d = law(cv(hr[ho + k]), clamp, kind)
-            gv = cv(gr[g0 + k])
+            gv = gc if gconst else cv(gr[g0 + k])
             xi = (cv(xr[xo + k]) - cv(tr[to + k])) * inv_s
             gx[o + k] = gv * inv_s
             gh[o + k] = -(gv * xi + g) * d
@@ -212,7 +230,7 @@ def _bwd_run(gr, g0, xr, xo, tr, to, hr, ho, gx, gh, o, g, n_, clamp, inverse, k
         for j in range(n_):
             k = np.uint64(j)
             logs, s, inv_s, d = law(cv(hr[ho + k]), clamp, kind)
-            gv = cv(gr[g0 + k])
+            gv = gc if gconst else cv(gr[g0 + k])
             gx[o + k] = gv * s
             gh[o + k] = (gv * cv(xr[xo + k]) * s + g) * d
 
@@ -333,11 +351,17 @@ def _affine_fwd_kernel(x, xs, t, ts, h, hs, pair, ps, shape, rows, kind, clamp, 
             _fwd_run(xr, xo, tr, to, hr, ho, out, o, lg, cnt, clamp, inverse, 1, _LAW, _CV)
         else:
             _fwd_run(xr, xo, tr, to, hr, ho, out, o, lg, cnt, clamp, inverse, 2, _LAW, _CV)
+        # The task's (b, m) runs lie back to back in the block (run i at i*N), summed per run,
+        # then per row in m order: the same order whatever the layout.
+        rs = np.empty(nr * m_, np.float64)
+        if kind == 0:
+            _run_sums(hr, ho, n_, nr * m_, rs)
+        else:
+            _run_sums(lg, np.uint64(0), n_, nr * m_, rs)
         for r in range(nr):
             acc = 0.0
-            for m in range(m_):  # per (b, m) run: the same order whatever the layout
-                e = np.uint64(r * f + m * n_)
-                acc += _sum8(hr, ho + e, n_) if kind == 0 else _sum8(lg, e, n_)
+            for m in range(m_):
+                acc += rs[r * m_ + m]
             lad[b0 + r] = -acc if inverse else acc
 
 
@@ -351,7 +375,13 @@ def _affine_bwd_kernel(go, gos, gl, gls, x, xs, t, ts, h, hs, pair, ps, shape, r
         b0 = c * rows
         nr = min(nb_, b0 + rows) - b0
         cnt = nr * f
-        gr, g0 = _block(go, gos, b0, nr, m_, n_, np.empty(cnt, x.dtype))
+        # An output gradient with all-zero strides is one value broadcast (what ``y.sum()``
+        # hands back): read in place, not gathered into a block.
+        gconst = gos[0] == 0 and gos[1] == 0 and gos[2] == 0
+        if gconst:
+            gr, g0 = go, np.uint64(0)
+        else:
+            gr, g0 = _block(go, gos, b0, nr, m_, n_, np.empty(cnt, x.dtype))
         # the forward's backward needs no shift
         xr, xo, tr, to, hr, ho = _task_blocks(x, xs, t, ts, h, hs, pair, ps, b0, nr, m_, n_, inverse)
         # One run per row (its log-det gradient is a scalar): a per-element copy of it would be
@@ -362,11 +392,20 @@ def _affine_bwd_kernel(go, gos, gl, gls, x, xs, t, ts, h, hs, pair, ps, shape, r
             o = np.uint64((b0 + r) * f)
             g = _CV(gl[(b0 + r) * gls[0]])
             if kind == 0:
-                _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 0, _LAW, _CV)
+                if gconst:
+                    _bwd_run(gr, g0, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 0, _LAW, _CV, True)
+                else:
+                    _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 0, _LAW, _CV, False)
             elif kind == 1:
-                _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 1, _LAW, _CV)
+                if gconst:
+                    _bwd_run(gr, g0, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 1, _LAW, _CV, True)
+                else:
+                    _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 1, _LAW, _CV, False)
             else:
-                _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 2, _LAW, _CV)
+                if gconst:
+                    _bwd_run(gr, g0, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 2, _LAW, _CV, True)
+                else:
+                    _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 2, _LAW, _CV, False)
 
 
 def _arithmetic_clone(kernel, suffix, **overrides):
