@@ -46,6 +46,53 @@ def time_fn(fn: Callable[[], object], device="cpu", repeats: int = 7, warmup: in
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
 
 
+def time_interleaved(calls: dict[str, Callable[[], object]], device="cpu", repeats: int = 7, warmup: int = 2) -> dict:
+    """Time several implementations of one case in alternation: each of ``repeats`` rounds runs
+    every call once, the order rotating from round to round. Drift in the machine's speed
+    (clock, memory traffic from other tenants of a VM, which moved one implementation's
+    median by 1.5x between back-to-back runs here) then hits every implementation alike, so
+    their ratios hold where medians timed one after another do not.
+
+    Returns ``{name: stats}``: ``time_fn``'s keys plus ``times`` (per round, in round order,
+    for paired ratios), or ``{"error": "Type: message"}`` for a call that raised (it leaves the
+    rotation; the others go on)."""
+    out: dict = {}
+    live = {}
+    for name, fn in calls.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            sync(device)
+            live[name] = fn
+        except Exception as exc:  # a failing peer is a result, not a crash
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    times: dict = {name: [] for name in live}
+    names = list(live)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)] if names else ():
+            if name in out:
+                continue
+            try:
+                t0 = time.perf_counter()
+                live[name]()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+            except Exception as exc:
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    for name in names:
+        if name not in out:
+            ts = times[name]
+            out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": len(ts),
+                         "times": ts}
+    return {name: out[name] for name in calls}
+
+
+def paired_ratio(base: list[float], other: list[float]) -> float:
+    """Median over rounds of ``base[i] / other[i]`` (two implementations timed in the same rounds
+    of ``time_interleaved``): the speed-up of ``other`` over ``base``, round by round."""
+    return statistics.median(b / o for b, o in zip(base, other))
+
+
 _ALLOCATOR: str | None = None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastflow.backends import BACKENDS, BackendUnavailableError, resolve_backend
-from fastflow.bench import time_fn
+from fastflow.bench import paired_ratio, time_interleaved
 from fastflow.ops import additive_coupling, affine_coupling, rescale
 
 SUITE = "coupling"
@@ -17,7 +17,7 @@ D = 64
 DEFAULT_SIZES = (2**12, 2**16)  # batch sizes B, at D = 64 features
 QUICK_SIZES = (2**10, 2**14)
 TABLE_COLUMNS = ["op", "impl", "mode", "n", "d", "median_s", "ns_per_element", "speedup_vs_eager",
-                 "speedup_vs_compile"]
+                 "paired_vs_eager", "speedup_vs_compile", "paired_vs_compile"]
 
 
 # -------------------------------------------------------------- the same math in plain torch
@@ -99,6 +99,10 @@ def cases(device="cpu", dtype=torch.float32):
 
 
 def run(device="cpu", sizes=None, dtype=torch.float32, repeats=7, quick=False, impls=None, modes=None, ops=None):
+    """One row per (op, size, mode, implementation). The implementations of one (op, size, mode)
+    are timed in alternation (``time_interleaved``), so ``speedup_vs_eager``/``_compile``
+    (ratios of medians) and ``paired_vs_eager``/``_compile`` (medians of the per-round
+    ratios) compare times taken side by side."""
     sizes = sizes or (QUICK_SIZES if quick else DEFAULT_SIZES)
     modes = modes or ("forward", "inverse", "forward+backward")
     rows = []
@@ -109,8 +113,9 @@ def run(device="cpu", sizes=None, dtype=torch.float32, repeats=7, quick=False, i
             available = {n: f for n, f in available.items() if n in impls}
         for n in sizes:
             tensors = make(n)
-            for name, fn in available.items():
-                for mode in modes:
+            for mode in modes:
+                calls = {}
+                for name, fn in available.items():
                     if mode == "forward+backward":
                         leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
 
@@ -123,20 +128,18 @@ def run(device="cpu", sizes=None, dtype=torch.float32, repeats=7, quick=False, i
                         def call(fn=fn, inv=(mode == "inverse")):
                             with torch.no_grad():
                                 return fn(*tensors, inv)
-                    base = {"op": op, "impl": name, "mode": mode, "n": n, "d": D,
-                            "dtype": str(dtype).replace("torch.", "")}
-                    try:
-                        stats = time_fn(call, device, repeats=repeats, warmup=2)
-                    except Exception as exc:  # a failing peer is a result, not a crash
-                        rows.append({**base, "error": f"{type(exc).__name__}: {exc}"})
-                        continue
-                    rows.append({**base, **stats, "ns_per_element": stats["median_s"] / (n * D) * 1e9})
-    key = lambda r: (r["op"], r["mode"], r["n"])  # noqa: E731
-    index = {(key(r), r["impl"]): r["median_s"] for r in rows if r.get("median_s")}
-    for r in rows:
-        for b in ("eager", "compile"):
-            if r.get("median_s") and (key(r), b) in index:
-                r[f"speedup_vs_{b}"] = index[(key(r), b)] / r["median_s"]
+                    calls[name] = call
+                stats = time_interleaved(calls, device, repeats=repeats, warmup=2)
+                base = {"op": op, "mode": mode, "n": n, "d": D, "dtype": str(dtype).replace("torch.", "")}
+                for name, st in stats.items():
+                    row = {**base, "impl": name, **st}
+                    if "median_s" in st:
+                        row["ns_per_element"] = st["median_s"] / (n * D) * 1e9
+                        for b in ("eager", "compile"):
+                            if "times" in stats.get(b, {}):
+                                row[f"speedup_vs_{b}"] = stats[b]["median_s"] / st["median_s"]
+                                row[f"paired_vs_{b}"] = paired_ratio(stats[b]["times"], st["times"])
+                    rows.append(row)
     return rows
 
 

@@ -1,0 +1,61 @@
+"""The benchmark harness: interleaved timing, paired ratios, and the coupling suite's rows."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from fastflow.bench import paired_ratio, time_interleaved
+
+
+def test_time_interleaved_alternates_and_reports_each_call():
+    log = []
+    calls = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    stats = time_interleaved(calls, repeats=4, warmup=1)
+    assert list(stats) == ["a", "b", "c"]
+    assert log[:3] == ["a", "b", "c"]  # warm-up, once each
+    rounds = [log[3 + 3 * r: 6 + 3 * r] for r in range(4)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]  # rotating order
+    for st in stats.values():
+        assert st["repeats"] == 4 and len(st["times"]) == 4
+        assert st["min_s"] <= st["median_s"] == statistics.median(st["times"]) <= st["max_s"]
+
+
+def test_time_interleaved_keeps_going_when_a_call_fails():
+    state = {"n": 0}
+
+    def flaky():
+        state["n"] += 1
+        if state["n"] > 2:
+            raise RuntimeError("out of memory")
+
+    stats = time_interleaved({"ok": lambda: None, "flaky": flaky, "broken": lambda: 1 / 0}, repeats=5, warmup=1)
+    assert stats["ok"]["repeats"] == 5
+    assert stats["flaky"] == {"error": "RuntimeError: out of memory"}
+    assert stats["broken"]["error"].startswith("ZeroDivisionError")
+
+
+def test_paired_ratio_is_the_median_of_round_ratios():
+    base, other = [1.0, 10.0, 3.0], [1.0, 2.0, 3.0]
+    assert paired_ratio(base, other) == 1.0  # round ratios 1, 5, 1; the ratio of medians is 1.5
+    assert paired_ratio(base, other) != statistics.median(base) / statistics.median(other)
+
+
+def test_coupling_suite_rows_and_ratios():
+    pytest.importorskip("numba")
+    from fastflow.bench import coupling
+
+    rows = coupling.run(sizes=(64,), repeats=3, impls=("numba", "eager"), modes=("forward", "forward+backward"),
+                        ops=("affine_coupling",))
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in ("numba", "eager")
+                                                      for m in ("forward", "forward+backward")}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["n"] == 64 and r["d"] == coupling.D and r["repeats"] == 3 and len(r["times"]) == 3
+        if r["impl"] == "eager":
+            assert r["speedup_vs_eager"] == 1.0 and r["paired_vs_eager"] == 1.0
+        else:
+            eager = next(e for e in rows if e["impl"] == "eager" and e["mode"] == r["mode"])
+            assert r["speedup_vs_eager"] == pytest.approx(eager["median_s"] / r["median_s"])
+            assert r["paired_vs_eager"] == pytest.approx(paired_ratio(eager["times"], r["times"]))
