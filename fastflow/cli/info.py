@@ -35,6 +35,7 @@ def run(args) -> int:
             print(f"  {'':<10} why not: {b['reason']}")
     from fastflow.ops.coupling import SMALL_CPU_ELEMS
 
-    print(f"small CPU batches: with backend=None, affine/additive couplings of at most {SMALL_CPU_ELEMS} "
-          "float32/float64 elements run as PyTorch ops (cheaper than a kernel launch there)")
+    print(f"small CPU batches: with backend=None, affine couplings of at most {SMALL_CPU_ELEMS} "
+          "float32/float64 elements run as PyTorch ops (cheaper than a kernel launch there); additive couplings "
+          "and rescale, one elementwise pass with nothing to fuse, run as PyTorch ops on the CPU at any size")
     return 0

@@ -384,12 +384,35 @@ _rescale_op.register_autograd(_rescale_backward, setup_context=_rescale_setup)
 SMALL_CPU_ELEMS = 131072
 
 
-def _small_eager(*tensors) -> bool:
-    # float32/float64 only (half precision keeps the op's float32 compute); empty inputs keep
-    # the op's defined empty results.
+def _torch_route(tensors, max_elems: int | None) -> bool:
+    """Whether ``backend=None`` evaluates the law as torch ops: eager CPU float32/float64 inputs
+    of at most ``max_elems`` elements (None: any size). Half precision keeps the op's float32
+    compute; empty inputs keep the op's defined empty results."""
     x = tensors[0]
-    return (x.is_cpu and 0 < x.numel() <= SMALL_CPU_ELEMS and x.dtype in (torch.float32, torch.float64)
-            and not os.environ.get(ENV_VAR) and _dispatch_eager(tensors))
+    return (x.is_cpu and 0 < x.numel() and (max_elems is None or x.numel() <= max_elems)
+            and x.dtype in (torch.float32, torch.float64) and not os.environ.get(ENV_VAR) and _dispatch_eager(tensors))
+
+
+def _small_eager(*tensors) -> bool:
+    return _torch_route(tensors, SMALL_CPU_ELEMS)
+
+
+# The additive law and NICE's rescaling are one elementwise pass with nothing to fuse: on the
+# CPU, PyTorch's own kernel for it is as fast as ours at every size, and it reads strided
+# inputs without a gather. Measured (interleaved, B x 64 float32, conditioner-sliced shift):
+# the numba kernel against torch ops, additive forward 0.40x at B=4096 and 0.43x at 65536,
+# rescale forward 0.25x and 0.67x, rescale forward+backward 0.45x and 0.93x. So with
+# ``backend=None`` they are torch ops on the CPU at any size; a forced backend still runs its
+# kernel.
+
+
+def _rescale_torch(x, log_scale, inverse):
+    """NICE's scaling in torch ops; ``log_scale`` already expanded to the event shape. The
+    log-det is summed in float64 (as the kernels do) and rounded once."""
+    lad = log_scale.sum(dtype=torch.float64).to(x.dtype)
+    if inverse:
+        return (x * torch.exp(-log_scale)).contiguous(), (-lad).expand(x.shape[0]).contiguous()
+    return (x * torch.exp(log_scale)).contiguous(), lad.expand(x.shape[0]).contiguous()
 
 
 def _affine_small(x, shift, raw_scale, scale, clamp, inverse):
@@ -482,7 +505,7 @@ def additive_coupling(
     """
     op = "additive_coupling"
     _check_batch(op, {"x": x, "shift": shift})
-    if backend is None and _small_eager(x, shift):
+    if backend is None and _torch_route((x, shift), None):
         return (x - shift if inverse else x + shift).contiguous(), _lad_empty(x)
     name = resolve_backend(op, x, backend)
     return _additive_coupling_op(x, shift, bool(inverse), name)
@@ -517,5 +540,7 @@ def rescale(
     if not ok:
         raise ValueError(f"{op}: log_scale must have the event shape {tuple(event)} of x (or broadcast to it), "
                          f"got {describe(log_scale)}")
+    if backend is None and _torch_route((x, log_scale), None):
+        return _rescale_torch(x, log_scale.expand(event), bool(inverse))
     name = resolve_backend(op, x, backend)
     return _rescale_op(x, log_scale.expand(event), bool(inverse), name)
