@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastflow.backends import BACKENDS, BackendUnavailableError, resolve_backend
-from fastflow.bench import time_fn
+from fastflow.bench import time_interleaved
 from fastflow.ops import actnorm_conv1x1, lu_conv1x1, lu_linear
 
 SUITE = "lu"
@@ -99,7 +99,7 @@ def impls(op, device, dtype=torch.float32):
     return out
 
 
-def run(device="cpu", sizes=None, repeats=5, quick=False, ops=None, modes=None, dtype=torch.float32):
+def run(device="cpu", sizes=None, repeats=5, quick=False, ops=None, modes=None, dtype=torch.float32, impls_only=None):
     sizes = sizes or (QUICK_SIZES if quick else DEFAULT_SIZES)
     modes = modes or ("forward", "inverse", "forward+backward")
     rows = []
@@ -107,8 +107,10 @@ def run(device="cpu", sizes=None, repeats=5, quick=False, ops=None, modes=None, 
         for n in sizes:
             t = make_case(op, n, device, dtype)
             numel = t["x"].numel()
-            for name, fn in impls(op, device, dtype).items():
-                for mode in modes:
+            available = {n: f for n, f in impls(op, device, dtype).items() if not impls_only or n in impls_only}
+            for mode in modes:
+                calls = {}
+                for name, fn in available.items():
                     if mode == "forward+backward":
                         leaves = {k: (v.detach().clone().requires_grad_(k == "x" or k in PARAMS)
                                       if v.is_floating_point() else v) for k, v in t.items()}
@@ -122,14 +124,17 @@ def run(device="cpu", sizes=None, repeats=5, quick=False, ops=None, modes=None, 
                         def call(fn=fn, inverse=mode == "inverse"):
                             with torch.no_grad():
                                 return fn(t, inverse)
-                    row = {"op": op, "impl": name, "mode": mode, "n": numel, "c": t["lower"].shape[0],
-                           "shape": list(t["x"].shape), "dtype": str(dtype).replace("torch.", "")}
-                    try:
-                        stats = time_fn(call, device, repeats=repeats, warmup=2)
-                    except Exception as exc:  # e.g. torch.compile without a C++ compiler
-                        rows.append({**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-                        continue
-                    rows.append({**row, **stats, "ns_per_element": stats["median_s"] / numel * 1e9})
+                    calls[name] = call
+                row = {"op": op, "mode": mode, "n": numel, "c": t["lower"].shape[0], "shape": list(t["x"].shape),
+                       "dtype": str(dtype).replace("torch.", "")}
+                # In alternation (e.g. torch.compile without a C++ compiler fails: its row says so).
+                for name, stats in time_interleaved(calls, device, repeats=repeats, warmup=2).items():
+                    if "error" in stats:
+                        stats = {"error": stats["error"][:300]}
+                    r = {**row, "impl": name, **stats}
+                    if "median_s" in stats:
+                        r["ns_per_element"] = stats["median_s"] / numel * 1e9
+                    rows.append(r)
     return add_ratios(rows)
 
 

@@ -59,3 +59,22 @@ def test_coupling_suite_rows_and_ratios():
             eager = next(e for e in rows if e["impl"] == "eager" and e["mode"] == r["mode"])
             assert r["speedup_vs_eager"] == pytest.approx(eager["median_s"] / r["median_s"])
             assert r["paired_vs_eager"] == pytest.approx(paired_ratio(eager["times"], r["times"]))
+
+
+def test_spline_and_lu_suites_time_their_implementations_side_by_side():
+    pytest.importorskip("numba")
+    from fastflow.bench import add_ratios, lu, spline
+
+    rows = spline.run(sizes=(256,), repeats=2, impls=("numba", "reference"), modes=("forward", "forward+backward"))
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in ("numba", "reference")
+                                                      for m in ("forward", "forward+backward")}
+    rows += lu.run(sizes=(4096,), repeats=2, ops=("lu_linear",), modes=("inverse",),
+                   impls_only=("numba", "reference", "torch_eager"))
+    for r in rows:
+        assert "error" not in r, r
+        assert r["repeats"] == 2 and len(r["times"]) == 2 and r["ns_per_element"] > 0
+    spline_rows = add_ratios([r for r in rows if r["op"] == "rq_spline"])
+    ref = {r["mode"]: r["median_s"] for r in spline_rows if r["impl"] == "reference"}
+    for r in spline_rows:
+        assert r["speedup_vs_reference"] == pytest.approx(ref[r["mode"]] / r["median_s"])
+    assert {r["impl"] for r in rows if r["op"] == "lu_linear"} == {"numba", "reference", "torch_eager"}
