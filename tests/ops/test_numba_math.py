@@ -147,3 +147,17 @@ def test_simd_run_sums_are_bitwise_the_scalar_definition(dtype):
     assert np.isnan(got[0]) and got[1:] == (2.0, 2.0, 2.0)
     got = simd4(np.array([np.inf, -np.inf] + [1.0] * 30, dtype=dtype), 0, 8, 8)
     assert np.isnan(got[0]) and got[1:] == (8.0, 8.0, 8.0)
+
+
+def test_simd_run_sums_refuse_strided_arrays():
+    from numba.core.errors import TypingError
+
+    from fastflow.kernels.numba._simd import sum8_runs4
+
+    @nb.njit
+    def simd4(v):
+        return sum8_runs4(v, np.uint64(0), 8, np.uint64(8))
+
+    with pytest.raises(TypingError):
+        simd4(np.ones(64, np.float32)[::2])  # an 'A'-layout view: its strides would be ignored
+    assert simd4(np.ones(64, np.float32)) == (8.0, 8.0, 8.0, 8.0)

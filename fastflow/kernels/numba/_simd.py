@@ -11,6 +11,9 @@ scalar code for four runs, grouped the partials across runs and shuffled: 130 an
 per 64-element float32 row, against ~12 here.) The results are bitwise those of the
 scalar definition on every machine: the operations and their order are fixed, only their
 packing differs; ``tests/ops/test_numba_math.py`` checks it.
+
+As with ``_math``: numba's on-disk cache keys a kernel on its own source file only, so after
+editing this module delete the ``__pycache__/*.nbi|*.nbc`` files of the kernels that use it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ _LANES = 8
 def _make_sum8_runs(nruns: int):
     @intrinsic
     def sum8_runs(typingctx, v, o, n, d):
-        """``(sum8(v, o + r*d, n) for r < nruns)`` as a tuple of float64; ``v`` a 1-D float32 or
-        float64 array, ``o`` and ``d`` element offsets (unsigned), ``n`` the run length."""
-        if not (isinstance(v, types.Array) and v.ndim == 1 and v.dtype in (types.float32, types.float64)):
+        """``(sum8(v, o + r*d, n) for r < nruns)`` as a tuple of float64; ``v`` a 1-D C-contiguous
+        float32 or float64 array, ``o`` and ``d`` element offsets (unsigned), ``n`` the run
+        length; no bounds checks (as numba's own indexing)."""
+        # 1-D C-contiguous only: the runs are addressed from the data pointer, not through strides.
+        if not (isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C"
+                and v.dtype in (types.float32, types.float64)):
             return None
         if not all(isinstance(a, types.Integer) for a in (o, n, d)):
             return None
