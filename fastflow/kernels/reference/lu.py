@@ -96,6 +96,18 @@ def _from_channels_first(y2: torch.Tensor, b: int, n: int) -> torch.Tensor:
     return y2.view(y2.shape[0], b, n).transpose(0, 1).contiguous()
 
 
+def _gemm_operand(t3: torch.Tensor) -> torch.Tensor:
+    """``t3`` as a batched GEMM reads it fast: itself when each sample's (C, N) matrix is one BLAS
+    can take in place (a unit stride in one of the two, channels-last included), else a
+    contiguous copy. Given a zero stride (an expanded gradient, as ``y.sum()`` hands back) or an
+    irregular view, CPU ``bmm`` clones every sample's matrix on its own: ActNorm + 1x1
+    convolution forward+backward at 4M elements took 42 ms that way, 17 ms with one copy."""
+    zero = any(st == 0 and n > 1 for st, n in zip(t3.stride(), t3.shape))
+    if zero or not (t3.stride(2) == 1 or t3.stride(1) == 1):
+        return t3.contiguous()
+    return t3
+
+
 def apply_affine(x3: torch.Tensor, a_mat: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``y3[b, :, n] = A x3[b, :, n] + c``: one BLAS pass over NCHW data, no layout copies
     (small inputs go through a channels-first copy instead, see ``SMALL_ELEMS``)."""
@@ -107,7 +119,7 @@ def apply_affine(x3: torch.Tensor, a_mat: torch.Tensor, bias: torch.Tensor | Non
         x2 = _channels_first(x3)
         y2 = torch.addmm(bias[:, None], a_mat, x2) if bias is not None else a_mat @ x2
         return _from_channels_first(y2, x3.shape[0], x3.shape[2])
-    y3 = torch.matmul(a_mat, x3)
+    y3 = torch.matmul(a_mat, _gemm_operand(x3))
     if bias is not None:
         y3 += bias[:, None]
     return y3
@@ -116,6 +128,7 @@ def apply_affine(x3: torch.Tensor, a_mat: torch.Tensor, bias: torch.Tensor | Non
 def data_grads(g3: torch.Tensor, x3: torch.Tensor, a_mat: torch.Tensor):
     """For ``y = A x + c`` per pixel: ``(g_x3, gA, gc)`` from the output gradient ``g3``."""
     if not _small(x3):
+        g3, x3 = _gemm_operand(g3), _gemm_operand(x3)
         return (apply_affine(g3, a_mat.t(), None), *reduce_grads(g3, x3))
     b, _, n = x3.shape
     g2 = _channels_first(g3)
