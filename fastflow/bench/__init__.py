@@ -179,6 +179,59 @@ def add_ratios(rows: list[dict], baselines=("nflows", "reference")) -> list[dict
     return rows
 
 
+def speedup_bars(rows: list[dict], baseline: str):
+    """What :func:`plot_speedups` draws: the (op, mode, n) groups the baseline was timed in (in
+    row order), and per other implementation its ``(group index, baseline median / its
+    median)`` points. Rows without a median (errors) are left out."""
+    timed = [r for r in rows if r.get("median_s") and r.get("impl")]
+    base = {(r["op"], r["mode"], r["n"]): r["median_s"] for r in timed if r["impl"] == baseline}
+    groups = [g for g in dict.fromkeys((r["op"], r["mode"], r["n"]) for r in timed) if g in base]
+    median = {(r["op"], r["mode"], r["n"], r["impl"]): r["median_s"] for r in timed}
+    impls = [i for i in dict.fromkeys(r["impl"] for r in timed) if i != baseline]
+    bars = {impl: [(i, base[g] / median[(*g, impl)]) for i, g in enumerate(groups) if (*g, impl) in median]
+            for impl in impls}
+    return groups, bars
+
+
+def plot_speedups(rows: list[dict], path: str | Path, baseline: str, title: str) -> Path:
+    """Bar chart of each implementation's speed-up over ``baseline`` (ratio of the medians of one
+    run; log scale, 1 marked) for every (op, mode, n) the rows time; returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups, bars = speedup_bars(rows, baseline)
+    impls = list(bars)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(groups) + 2.0), 4.8))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        pts = bars[impl]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.bar([x + (k - (len(impls) - 1) / 2) * width for x in xs], ys, width, label=impl)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)))
+    def wrap(name):  # long op names on two lines, split at the underscore nearest the middle
+        cuts = [i for i, ch in enumerate(name) if ch == "_"]
+        if len(name) <= 14 or not cuts:
+            return name
+        i = min(cuts, key=lambda c: abs(c - len(name) / 2))
+        return name[:i] + "\n" + name[i + 1:]
+
+    ax.set_xticklabels([f"{wrap(op)}\n{mode}\nn={n}" for op, mode, n in groups], fontsize=6)
+    ax.set_ylabel(f"speed-up over {baseline} (ratio of medians)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

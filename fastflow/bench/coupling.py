@@ -143,6 +143,16 @@ def run(device="cpu", sizes=None, dtype=torch.float32, repeats=7, quick=False, i
     return rows
 
 
+def after(rows, json_path):
+    """Hook run by ``fastflow bench`` after the JSON is written: the speed-up chart, next to it."""
+    from pathlib import Path
+
+    from fastflow.bench import plot_speedups
+
+    return [plot_speedups(rows, Path(json_path).with_suffix(".png"), "eager",
+                          "Coupling laws: fastflow backends and torch.compile against PyTorch eager")]
+
+
 if __name__ == "__main__":  # python -m fastflow.bench.coupling [B ...]
     import sys
 

@@ -142,3 +142,13 @@ def add_ratios(rows):
     from fastflow.bench import add_ratios as _add
 
     return _add(rows, baselines=("torch_eager", "torch_compile", "reference"))
+
+
+def after(rows, json_path):
+    """Hook run by ``fastflow bench`` after the JSON is written: the speed-up chart, next to it."""
+    from pathlib import Path
+
+    from fastflow.bench import plot_speedups
+
+    return [plot_speedups(rows, Path(json_path).with_suffix(".png"), "torch_eager",
+                          "LU 1x1 convolution / linear: fastflow backends and torch.compile against PyTorch eager")]

@@ -91,3 +91,13 @@ def run(device="cpu", sizes=None, k=8, dtype=torch.float32, repeats=5, quick=Fal
                     row["ns_per_element"] = stats["median_s"] / n * 1e9
                 rows.append(row)
     return rows
+
+
+def after(rows, json_path):
+    """Hook run by ``fastflow bench`` after the JSON is written: the speed-up chart, next to it."""
+    from pathlib import Path
+
+    from fastflow.bench import plot_speedups
+
+    return [plot_speedups(rows, Path(json_path).with_suffix(".png"), "nflows",
+                          "Rational-quadratic spline: fastflow backends and zuko against nflows")]

@@ -78,3 +78,20 @@ def test_spline_and_lu_suites_time_their_implementations_side_by_side():
     for r in spline_rows:
         assert r["speedup_vs_reference"] == pytest.approx(ref[r["mode"]] / r["median_s"])
     assert {r["impl"] for r in rows if r["op"] == "lu_linear"} == {"numba", "reference", "torch_eager"}
+
+
+def test_plot_speedups_draws_every_group_from_the_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastflow.bench import plot_speedups, speedup_bars
+
+    rows = [{"op": op, "mode": mode, "n": 64, "impl": impl, "median_s": t}
+            for op in ("affine_coupling_softclamp", "rescale") for mode in ("forward", "forward+backward")
+            for impl, t in (("eager", 2.0), ("numba", 1.0), ("compile", 4.0))]
+    rows.append({"op": "rescale", "mode": "inverse", "n": 64, "impl": "numba", "error": "RuntimeError: x"})
+    rows.append({"op": "orphan", "mode": "forward", "n": 64, "impl": "numba", "median_s": 1.0})  # no baseline
+    groups, bars = speedup_bars(rows, "eager")
+    assert groups == [(op, mode, 64) for op in ("affine_coupling_softclamp", "rescale")
+                      for mode in ("forward", "forward+backward")]
+    assert bars == {"numba": [(i, 2.0) for i in range(4)], "compile": [(i, 0.5) for i in range(4)]}
+    path = plot_speedups(rows, tmp_path / "chart.png", "eager", "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
