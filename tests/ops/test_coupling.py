@@ -669,3 +669,36 @@ def test_cpu_additive_and_rescale_take_torch_ops_at_any_size(monkeypatch, invers
     xi = x.clone().requires_grad_()
     assert "Function" in type(additive_coupling(xi, x)[0].grad_fn).__name__
     assert "Function" in type(rescale(xi, torch.randn(6, 1, 1))[0].grad_fn).__name__
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_numba_float32_softclamp_with_a_clamp_past_float32_range(inverse, monkeypatch):
+    """The float32 softclamp law uses a bounded exp, exact for |log s| <= 87; a larger clamp
+    (scales up to e^clamp, past float32's ~e^88.7) takes the float64 arithmetic: values,
+    overflow to inf, log-dets and gradients as the float64 reference gives them, rounded."""
+    from fastflow.kernels.numba import coupling as nbc
+
+    picked = []
+    real = nbc._arithmetic
+    monkeypatch.setattr(nbc, "_arithmetic", lambda *a: picked.append(real(*a)) or picked[-1])
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(33, 12, generator=g)
+    t = torch.randn(33, 12, generator=g)
+    h = torch.randn(33, 12, generator=g) * 120.0  # log s reaches +-clamp
+    for clamp in (2.0, 87.0, 100.0):
+        gy, gl = torch.randn(33, 12, generator=g), torch.randn(33, generator=g)
+        got = outputs_and_grads(affine_coupling, (x, t, h), gy, gl, scale="softclamp", clamp=clamp,
+                                inverse=inverse, backend="numba")
+        ref = outputs_and_grads(affine_coupling, (x.double(), t.double(), h.double()), gy.double(), gl.double(),
+                                scale="softclamp", clamp=clamp, inverse=inverse, backend="reference")
+        for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+            r32 = r.float()
+            assert torch.equal(torch.isfinite(a), torch.isfinite(r32)), clamp
+            fin = torch.isfinite(r32)
+            scale_ = r32[fin].abs().max().clamp_min(1.0)
+            assert_close(a[fin] / scale_, r32[fin] / scale_, **tolerances(torch.float32))
+        fwd_kernel = picked[-2]
+        assert (fwd_kernel is nbc._affine_fwd_kernel) == (clamp > nbc.SOFTCLAMP32_MAX), clamp
+        if clamp == 100.0 and not inverse:
+            assert not torch.isfinite(got[0]).all()  # s = e^100 overflows float32, as in the reference
+

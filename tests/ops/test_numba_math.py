@@ -90,6 +90,18 @@ def test_exp32_is_float32_accurate():
     np.testing.assert_array_equal(_vectorised(_math.exp32, np.float32)(specials), want)
 
 
+def test_exp32_bounded_is_exp32_on_its_range_and_clamps_outside():
+    rng = np.random.default_rng(3)
+    a = np.concatenate([np.linspace(-87.0, 87.0, 1_000_001), rng.uniform(-87, 87, 200_000),
+                        np.array([-87.0, 87.0, 0.0, -0.0, 1e-30, -1e-30])]).astype(np.float32)
+    bounded = _vectorised(_math.exp32_bounded, np.float32)
+    np.testing.assert_array_equal(bounded(a).view(np.int32), _vectorised(_math.exp32, np.float32)(a).view(np.int32))
+    edge = bounded(np.array([-87.0, 87.0], np.float32))
+    outside = bounded(np.array([-np.inf, -500.0, -87.5, 87.5, 500.0, np.inf, np.nan], np.float32))
+    np.testing.assert_array_equal(outside[:6], np.repeat(edge, 3))
+    assert np.isnan(outside[6])
+
+
 def test_log1p_unit32_is_float32_accurate():
     a = np.concatenate([np.linspace(0.0, 1.0, 200_001), np.geomspace(1e-38, 1.0, 10_000)]).astype(np.float32)
     got = _vectorised(_math.log1p_unit32, np.float32)(a).astype(np.float64)

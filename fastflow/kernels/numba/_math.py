@@ -115,20 +115,42 @@ _E2, _E3, _E4, _E5, _E6, _E7 = (_F32(1.0 / math.factorial(i)) for i in range(2, 
 
 
 @nb.njit(inline="always", fastmath={"contract"})
-def exp32(x):
-    """exp of a float32 in float32 arithmetic, max relative error 1.2e-7 (~1 ulp) measured;
-    overflows to inf above ~88.72, underflows through the subnormals to 0, NaN gives NaN."""
-    xc = min(max(x, _F32(-104.0)), _F32(89.0))
+def _exp32_parts(xc):
+    """``(p, n)`` with ``exp(xc) = p * 2^n``: n = round(xc / ln 2), and a degree-7 polynomial on
+    the reduced argument |r| <= ln2/2."""
     kf = xc * _LOG2E32 + _ROUND32
     n = kf - _ROUND32
     ni = np.float32(kf).view(np.int32) - _ROUND32_BITS
     r = (xc - n * _LN2_HI32) - n * _LN2_LO32
     r2 = r * r
     p = (_ONE32 + r) + r2 * ((_E2 + r * _E3) + r2 * ((_E4 + r * _E5) + r2 * (_E6 + r * _E7)))
+    return p, ni
+
+
+@nb.njit(inline="always", fastmath={"contract"})
+def exp32(x):
+    """exp of a float32 in float32 arithmetic, max relative error 1.2e-7 (~1 ulp) measured;
+    overflows to inf above ~88.72, underflows through the subnormals to 0, NaN gives NaN."""
+    p, ni = _exp32_parts(min(max(x, _F32(-104.0)), _F32(89.0)))
+    # 2^n as two factors, so that both stay normal floats down to the subnormal results
     k1 = ni >> np.int32(1)
     k2 = ni - k1
     y = p * np.int32((np.int32(127) + k1) << np.int32(23)).view(np.float32)
     y = y * np.int32((np.int32(127) + k2) << np.int32(23)).view(np.float32)
+    return y if x == x else x
+
+
+_EXP32_BOUND = _F32(87.0)
+
+
+@nb.njit(inline="always", fastmath={"contract"})
+def exp32_bounded(x):
+    """``exp32`` for arguments known to lie in [-87, 87]: the same bits there, from one
+    power-of-two factor instead of two (the result is a normal float, so either scaling is
+    exact); arguments outside are clamped to the bounds (never inf, never subnormal); NaN gives
+    NaN. ~20% off a softclamp coupling's float32 forward loop (two of these per element)."""
+    p, ni = _exp32_parts(min(max(x, -_EXP32_BOUND), _EXP32_BOUND))
+    y = p * np.int32((np.int32(127) + ni) << np.int32(23)).view(np.float32)
     return y if x == x else x
 
 

@@ -23,6 +23,7 @@ from fastflow.kernels.numba._simd import sum8_runs4
 from fastflow.kernels.numba._threads import launch
 from fastflow.kernels.numba._math import exp as _exp
 from fastflow.kernels.numba._math import exp32 as _exp32
+from fastflow.kernels.numba._math import exp32_bounded as _exp32b
 from fastflow.kernels.numba._math import log1p_unit32 as _log1p32
 
 # Elements per parallel task (rows are never split): enough to amortise a task's scratch
@@ -76,7 +77,9 @@ _TWO32 = np.float32(2.0)
 
 @nb.njit(inline="always", **_NJIT)
 def _tanh32(a):
-    e = _exp32(-_TWO32 * abs(a))
+    # e <= 1; past -87 it is clamped to e^-87 (~1.6e-38) instead of going subnormal, and
+    # (1 - e)/(1 + e) rounds to 1 either way: the same bits as with exp32.
+    e = _exp32b(-_TWO32 * abs(a))
     r = (_ONE32 - e) / (_ONE32 + e)
     return r if a >= 0 else -r
 
@@ -90,7 +93,9 @@ def _terms_exp32(h, clamp):
 def _terms_softclamp32(h, clamp):
     u = _tanh32(h / clamp)
     logs = clamp * u
-    return logs, _exp32(logs), _exp32(-logs), _ONE32 - u * u
+    # |log s| <= clamp <= SOFTCLAMP32_MAX (larger clamps take the float64 arithmetic, see
+    # _arithmetic): exp32_bounded's range, where its bits are exp32's.
+    return logs, _exp32b(logs), _exp32b(-logs), _ONE32 - u * u
 
 
 @nb.njit(inline="always", **_NJIT)
@@ -566,13 +571,25 @@ def _pairs(shift, raw_scale):
     return pair, np.array(words, dtype=np.int64)
 
 
+# The float32 softclamp law evaluates exp(+-log s) with exp32_bounded, exact for |log s| <= 87
+# (= clamp). A larger clamp (a scale up to e^clamp, past float32's range from ~88.7) takes the
+# float64-arithmetic kernel, rounded once on the store: results as the float64 law gives them.
+SOFTCLAMP32_MAX = 87.0
+
+
+def _arithmetic(kernel32, kernel64, dtype, scale, clamp):
+    if dtype == np.float32 and not (scale == "softclamp" and clamp > SOFTCLAMP32_MAX):
+        return kernel32
+    return kernel64
+
+
 def affine_fwd(x, shift, raw_scale, scale, clamp, inverse):
     """``x, shift, raw_scale (B, M, N)`` strided arrays of one dtype -> ``(out (B, M, N), lad (B,))``."""
     shape = np.array(x.shape, dtype=np.int64)
     out = np.empty(x.shape, x.dtype)
     lad = np.empty(x.shape[0], x.dtype)
     if x.size:
-        kernel = _affine_fwd_kernel32 if x.dtype == np.float32 else _affine_fwd_kernel
+        kernel = _arithmetic(_affine_fwd_kernel32, _affine_fwd_kernel, x.dtype, scale, clamp)
         rows = _rows(x.shape)
         launch(kernel, _tasks(x.shape, rows), *_base(x), *_base(shift), *_base(raw_scale), *_pairs(shift, raw_scale),
                shape, rows, _KINDS[scale], x.dtype.type(clamp), bool(inverse), out.reshape(-1), lad)
@@ -587,7 +604,7 @@ def affine_bwd(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
     gx = np.empty(x.shape, x.dtype)
     gh = np.empty(x.shape, x.dtype)
     if x.size:
-        kernel = _affine_bwd_kernel32 if x.dtype == np.float32 else _affine_bwd_kernel
+        kernel = _arithmetic(_affine_bwd_kernel32, _affine_bwd_kernel, x.dtype, scale, clamp)
         rows = _rows(x.shape)
         launch(kernel, _tasks(x.shape, rows), *_base(g_out), *_base(g_lad), *_base(x), *_base(shift), *_base(raw_scale),
                *_pairs(shift, raw_scale), shape, rows, _KINDS[scale], x.dtype.type(clamp), bool(inverse),
