@@ -7,7 +7,6 @@ full run, with the speed-ups against eager and torch.compile measured in the sam
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fastflow.bench import coupling as suite
 
@@ -24,20 +23,6 @@ def test_coupling(benchmark, op, impl, mode):
     make, impls = CASES[op]
     if impl not in impls:
         pytest.skip(f"{impl} cannot run here")
-    fn = impls[impl]
-    tensors = make(B)
-    if mode == "forward+backward":
-        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-
-        def call():
-            y, lad = fn(*leaves, False)
-            (y.sum() + lad.sum()).backward()
-            for t in leaves:
-                t.grad = None
-    else:
-        def call():
-            with torch.no_grad():
-                return fn(*tensors, mode == "inverse")
-
+    call = suite.case_call(impls[impl], make(B), mode)
     call()  # compile/JIT outside the timing
     benchmark(call)

@@ -94,16 +94,7 @@ def main(argv=None) -> int:
     make, impls = suite.cases()["affine_coupling"]
     tensors = [t.contiguous() for t in make(args.batch)]
     fns = {"eager": impls["eager"], "fastflow": impls["numba"], "minimal": lambda x, t, h, inv: _Minimal.apply(x, t, h)}
-    calls = {}
-    for name, fn in fns.items():
-        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-
-        def call(fn=fn, leaves=leaves):
-            y, lad = fn(*leaves, False)
-            (y.sum() + lad.sum()).backward()
-            for t in leaves:
-                t.grad = None
-        calls[name] = call
+    calls = {name: suite.case_call(fn, tensors, "forward+backward") for name, fn in fns.items()}
 
     # The three compute the same gradients (the minimal one's log-det is torch's float32 sum).
     grads = {}

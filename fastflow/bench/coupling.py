@@ -98,6 +98,25 @@ def cases(device="cpu", dtype=torch.float32):
     return out
 
 
+def case_call(fn, tensors, mode):
+    """The timed call of one case: ``fn(*tensors, inverse)`` under no_grad for ``"forward"`` and
+    ``"inverse"``; for ``"forward+backward"``, the forward on leaves of its own (fresh copies),
+    ``(y.sum() + lad.sum()).backward()``, and the gradients cleared for the next call."""
+    if mode == "forward+backward":
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+
+        def call():
+            y, lad = fn(*leaves, False)
+            (y.sum() + lad.sum()).backward()
+            for t in leaves:
+                t.grad = None
+    else:
+        def call():
+            with torch.no_grad():
+                return fn(*tensors, mode == "inverse")
+    return call
+
+
 def run(device="cpu", sizes=None, dtype=torch.float32, repeats=7, quick=False, impls=None, modes=None, ops=None):
     """One row per (op, size, mode, implementation). The implementations of one (op, size, mode)
     are timed in alternation (``time_interleaved``), so ``speedup_vs_eager``/``_compile``
@@ -114,21 +133,7 @@ def run(device="cpu", sizes=None, dtype=torch.float32, repeats=7, quick=False, i
         for n in sizes:
             tensors = make(n)
             for mode in modes:
-                calls = {}
-                for name, fn in available.items():
-                    if mode == "forward+backward":
-                        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-
-                        def call(fn=fn, leaves=leaves):
-                            y, lad = fn(*leaves, False)
-                            (y.sum() + lad.sum()).backward()
-                            for t in leaves:
-                                t.grad = None
-                    else:
-                        def call(fn=fn, inv=(mode == "inverse")):
-                            with torch.no_grad():
-                                return fn(*tensors, inv)
-                    calls[name] = call
+                calls = {name: case_call(fn, tensors, mode) for name, fn in available.items()}
                 stats = time_interleaved(calls, device, repeats=repeats, warmup=2)
                 base = {"op": op, "mode": mode, "n": n, "d": D, "dtype": str(dtype).replace("torch.", "")}
                 for name, st in stats.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastflow.bench import time_fn
+from fastflow.bench import save_figure, time_fn
 from fastflow.kernels.reference import lu as ref
 from fastflow.ops import lu_linear
 
@@ -154,11 +154,7 @@ def plot(rows, path):
     ax.set_title("log|det J| of one LU layer sample: O(D) vs O(D^3)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def after(rows, json_path):
