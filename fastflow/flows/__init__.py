@@ -10,10 +10,14 @@ from fastflow.flows.distributions import (
 from fastflow.flows.flow import Flow
 from fastflow.flows.models import build, glow, iaf, maf, names, nice, nsf, nsf_ar, realnvp, realnvp_image, register
 from fastflow.flows.training import ml_loss, ml_step, reverse_kl_loss, reverse_kl_step
+from fastflow.flows.continuous import OBJECTIVES, ContinuousFlow, training_loss
+from fastflow.flows.families import cnf, planar, radial, resflow  # registers the four builders
 from fastflow.nn.base import CompositeTransform
 
 __all__ = [
-    "CompositeTransform", "ConditionalDiagonalNormal", "DiagonalNormal", "Distribution", "Flow", "StandardLogistic",
+    "OBJECTIVES", "CompositeTransform", "ConditionalDiagonalNormal", "ContinuousFlow", "DiagonalNormal",
+    "Distribution", "Flow", "StandardLogistic",
     "StandardNormal", "build", "glow", "iaf", "maf", "ml_loss", "ml_step", "names", "nice", "nsf", "nsf_ar",
     "realnvp", "realnvp_image", "register", "reverse_kl_loss", "reverse_kl_step",
+    "cnf", "planar", "radial", "resflow", "training_loss",
 ]

@@ -15,6 +15,9 @@ from fastflow.nn.linear import CholeskyAffine
 from fastflow.nn.masks import alternating_mask, channel_mask, checkerboard_mask, half_mask, random_mask
 from fastflow.nn.mixture import MixtureLogisticCDF
 from fastflow.nn.normalization import BatchNormFlow
+from fastflow.nn.continuous import CNF, ODEVectorField
+from fastflow.nn.planar import PlanarFlow, RadialFlow
+from fastflow.nn.residual import ConvergenceError, LipschitzMLP, LipSwish, ResidualBlock, SpectralNormLinear
 from fastflow.nn.permutations import Permutation, RandomPermutation, ReversePermutation
 
 __all__ = [
@@ -24,4 +27,6 @@ __all__ = [
     "MixtureLogisticCDF", "MultiScale", "Permutation", "RQSplineCoupling", "RandomPermutation", "Rescale", "Reshape", "ResidualMLP",
     "ReversePermutation", "Squeeze", "Transform", "alternating_mask", "channel_mask", "checkerboard_mask",
     "half_mask", "random_mask",
+    "CNF", "ConvergenceError", "LipSwish", "LipschitzMLP", "ODEVectorField", "PlanarFlow", "RadialFlow",
+    "ResidualBlock", "SpectralNormLinear",
 ]

@@ -1,0 +1,231 @@
+"""Continuous normalizing flows: ``dz/dt = v(z, t[, c])`` solved by ``torchdiffeq``.
+
+FFJORD (Grathwohl et al., 2019, "FFJORD: Free-form Continuous Dynamics for Scalable Reversible
+Generative Models"), after Neural ODEs (Chen et al., 2018). Along a trajectory the log-density
+obeys ``d log p(z_t) / dt = -tr(dv/dz)`` (the instantaneous change of variables), so the log-det
+of the map is the time integral of the trace of the Jacobian of the vector field. The trace is
+computed exactly (``D`` vector-Jacobian products, small ``D``) or by Hutchinson's estimator
+``e^T (dv/dz) e`` with one Gaussian or Rademacher probe per sample, fixed over the solve
+(FFJORD's choice: the solver then integrates a smooth function of time).
+
+Time runs from ``t = 0`` (noise, the base distribution) to ``t = t1`` (data), the convention of
+flow matching (Lipman et al., 2023), so the same vector field trains by maximum likelihood
+through the ODE or by conditional flow matching without solving it
+(:meth:`CNF.flow_matching_loss`). ``forward`` (data to noise) integrates from ``t1`` down to 0.
+
+The solver is torchdiffeq's ``odeint`` (or ``odeint_adjoint`` with ``adjoint=True``: O(1) memory
+in the number of solver steps, gradients by solving the adjoint ODE backwards; the gradient with
+respect to a context tensor is then not propagated, only to the vector field's parameters).
+Adaptive methods (``"dopri5"``, ...) use ``rtol``/``atol``; fixed-step ones (``"rk4"``,
+``"euler"``, ``"midpoint"``) use ``step_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastflow.nn.base import Transform
+
+__all__ = ["ODEVectorField", "CNF"]
+
+TRACES = ("exact", "hutchinson")
+PROBES = ("gaussian", "rademacher")
+FIXED_STEP = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def _act(name):
+    table = {"tanh": nn.Tanh, "softplus": nn.Softplus, "silu": nn.SiLU, "elu": nn.ELU}
+    if name not in table:
+        raise ValueError(f"activation={name!r}: expected one of {sorted(table)} (smooth, for the ODE solver)")
+    return table[name]()
+
+
+class ODEVectorField(nn.Module):
+    """``v(t, z[, c])``: an MLP with the time (and the context) concatenated to every layer's input
+    (FFJORD's "concat" layers), ``(B, D) -> (B, D)``.
+
+    Args:
+        features: ``D``.
+        hidden_features, num_layers: width and number of hidden layers.
+        context_features: width of an optional context vector.
+        activation: a smooth activation (``"tanh"``, ``"softplus"``, ``"silu"``, ``"elu"``).
+    """
+
+    def __init__(self, features, hidden_features=64, num_layers=3, context_features=None, activation="tanh"):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"ODEVectorField: num_layers must be >= 1, got {num_layers}")
+        self.features, self.context_features = features, context_features
+        extra = 1 + (context_features or 0)
+        widths = [features] + [hidden_features] * num_layers + [features]
+        self.linears = nn.ModuleList(nn.Linear(a + extra, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.acts = nn.ModuleList(_act(activation) for _ in range(num_layers))
+
+    def forward(self, t, z, context=None):
+        if self.context_features and context is None:
+            raise ValueError(f"ODEVectorField was built with context_features={self.context_features} "
+                             "but got no context")
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1, 1).expand(z.shape[0], 1)
+        extra = t if not self.context_features else torch.cat([t, context.to(z.dtype)], dim=1)
+        h = z
+        for i, lin in enumerate(self.linears):
+            h = lin(torch.cat([h, extra], dim=1))
+            if i < len(self.acts):
+                h = self.acts[i](h)
+        return h
+
+
+class _Dynamics(nn.Module):
+    """The augmented ODE ``d(z, l)/dt = (v, tr dv/dz)`` that torchdiffeq integrates."""
+
+    def __init__(self, field):
+        super().__init__()
+        self.field = field
+        self.context, self.probe, self.exact, self.nfe = None, None, False, 0
+
+    def forward(self, t, state):
+        z = state[0]
+        self.nfe += 1
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not (create_graph and z.requires_grad):  # values only (or a state outside any graph)
+                z = z.detach().requires_grad_(True)
+            dz = self.field(t, z, self.context)
+            if self.exact:
+                tr = z.new_zeros(z.shape[0])
+                for i in range(z.shape[1]):
+                    tr = tr + torch.autograd.grad(dz[:, i].sum(), z, create_graph=create_graph,
+                                                  retain_graph=True)[0][:, i]
+            else:
+                e = self.probe
+                tr = (torch.autograd.grad(dz, z, e, create_graph=create_graph)[0] * e).sum(1)
+        if not create_graph:
+            dz, tr = dz.detach(), tr.detach()
+        return dz, tr
+
+
+class CNF(Transform):
+    """A continuous normalizing flow layer over vectors ``(B, D)`` (FFJORD).
+
+    Args:
+        features: ``D``.
+        hidden_features, num_layers, context_features, activation: the :class:`ODEVectorField`
+            (or pass ``field``, any module ``field(t, z, context) -> dz``).
+        method: torchdiffeq method (``"dopri5"`` adaptive with ``rtol``/``atol``; ``"rk4"`` fixed
+            step ``step_size``; the others torchdiffeq offers likewise).
+        rtol, atol: tolerances of adaptive methods.
+        step_size: step of fixed-step methods (in units of ``t1``).
+        adjoint: solve by ``torchdiffeq.odeint_adjoint`` (memory O(1) in the steps).
+        trace: trace route in training mode, ``"hutchinson"`` (default) or ``"exact"``.
+        eval_trace: in eval mode; ``"auto"`` is exact for ``D <= exact_max_features``.
+        probe: Hutchinson probe, ``"rademacher"`` (lower variance; FFJORD's default) or ``"gaussian"``.
+        t1: the integration time.
+
+    ``last_solve_info`` holds the number of vector-field evaluations of the latest solve.
+    """
+
+    def __init__(self, features, hidden_features=64, num_layers=3, context_features=None, activation="tanh",
+                 method="dopri5", rtol=1e-5, atol=1e-5, step_size=0.05, adjoint=False, trace="hutchinson",
+                 eval_trace="auto", probe="rademacher", exact_max_features=64, t1=1.0, field=None):
+        super().__init__()
+        if features < 1:
+            raise ValueError(f"CNF: features must be >= 1, got {features}")
+        if method not in FIXED_STEP + ADAPTIVE:
+            raise ValueError(f"CNF: method={method!r}, expected one of {FIXED_STEP + ADAPTIVE}")
+        if trace not in TRACES:
+            raise ValueError(f"CNF: trace={trace!r}, expected one of {TRACES}")
+        if eval_trace not in TRACES + ("auto",):
+            raise ValueError(f"CNF: eval_trace={eval_trace!r}, expected 'auto' or one of {TRACES}")
+        if probe not in PROBES:
+            raise ValueError(f"CNF: probe={probe!r}, expected one of {PROBES}")
+        if not t1 > 0:
+            raise ValueError(f"CNF: t1 must be positive, got {t1}")
+        if method in FIXED_STEP and not step_size > 0:
+            raise ValueError(f"CNF: step_size must be positive for method={method!r}, got {step_size}")
+        self.features = int(features)
+        self.context_features = context_features
+        self.field = field if field is not None else ODEVectorField(features, hidden_features, num_layers,
+                                                                    context_features, activation)
+        self.dynamics = _Dynamics(self.field)
+        self.method, self.rtol, self.atol, self.step_size = method, rtol, atol, step_size
+        self.adjoint, self.trace, self.eval_trace, self.probe = adjoint, trace, eval_trace, probe
+        self.exact_max_features, self.t1 = exact_max_features, float(t1)
+        self.last_solve_info: dict = {}
+
+    def _check(self, x, what):
+        if x.dim() != 2 or x.shape[1] != self.features:
+            raise ValueError(f"CNF: {what} must have shape (B, {self.features}), got {tuple(x.shape)}")
+
+    def _exact(self):
+        route = self.trace if self.training else self.eval_trace
+        if route == "auto":
+            return self.features <= self.exact_max_features
+        return route == "exact"
+
+    def _solve(self, x, context, t0, t1, trace=None):
+        import torchdiffeq
+
+        dyn = self.dynamics
+        dyn.context = context
+        dyn.exact = self._exact() if trace is None else trace == "exact"
+        if not dyn.exact:
+            dyn.probe = (torch.randn_like(x) if self.probe == "gaussian"
+                         else torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1)
+        dyn.nfe = 0
+        ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
+        state = (x, x.new_zeros(x.shape[0]))
+        kw = {"method": self.method}
+        if self.method in FIXED_STEP:
+            kw["options"] = {"step_size": self.step_size * self.t1}
+        else:
+            kw.update(rtol=self.rtol, atol=self.atol)
+        try:
+            if self.adjoint:
+                zs, ls = torchdiffeq.odeint_adjoint(dyn, state, ts, adjoint_params=tuple(self.field.parameters()),
+                                                    **kw)
+            else:
+                zs, ls = torchdiffeq.odeint(dyn, state, ts, **kw)
+        finally:
+            dyn.context, dyn.probe = None, None
+        self.last_solve_info = {"nfe": dyn.nfe, "method": self.method, "exact_trace": dyn.exact}
+        return zs[-1], ls[-1]
+
+    def forward(self, x, context=None, trace=None):
+        """Data to noise: ``(z, log|det dz/dx|)``, integrating from ``t1`` to 0."""
+        self._check(x, "x")
+        if x.shape[0] == 0:
+            return x.clone(), x.new_zeros(0)
+        z, l0 = self._solve(x, context, self.t1, 0.0, trace)
+        return z, l0  # l(0) = -int_0^t1 tr dt with l(t1) = 0
+
+    def inverse(self, z, context=None, trace=None):
+        """Noise to data: ``(x, log|det dx/dz|)``, integrating from 0 to ``t1``."""
+        self._check(z, "z")
+        if z.shape[0] == 0:
+            return z.clone(), z.new_zeros(0)
+        return self._solve(z, context, 0.0, self.t1, trace)
+
+    def flow_matching_loss(self, x1, x0, context=None, sigma_min=1e-4, t=None):
+        """Conditional flow matching with the optimal-transport path (Lipman et al., 2023, eq. 20-23):
+        ``x_t = (1 - (1 - sigma_min) t) x0 + t x1``, target ``u = x1 - (1 - sigma_min) x0``; the
+        loss is ``E ||v(x_t, t) - u||^2`` (sum over features, mean over the batch). No ODE solve.
+
+        Args:
+            x1: data ``(B, D)``; x0: base samples ``(B, D)``; t: times in ``[0, 1]`` ``(B,)``
+                (default uniform), scaled by ``t1``.
+        """
+        self._check(x1, "x1")
+        self._check(x0, "x0")
+        if x1.shape[0] == 0:
+            return x1.new_zeros(()).requires_grad_(x1.requires_grad)
+        t = torch.rand(x1.shape[0], 1, dtype=x1.dtype, device=x1.device) if t is None else t.reshape(-1, 1)
+        xt = (1 - (1 - sigma_min) * t) * x0 + t * x1
+        u = (x1 - (1 - sigma_min) * x0) / self.t1
+        v = self.field(t * self.t1, xt, context)
+        return (v - u).pow(2).sum(1).mean()
+
+    def extra_repr(self):
+        return (f"features={self.features}, method={self.method!r}, trace={self.trace!r}, "
+                f"eval_trace={self.eval_trace!r}, adjoint={self.adjoint}")
