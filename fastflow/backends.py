@@ -25,7 +25,9 @@ import torch
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "UnknownBackendError",
     "backend_status",
+    "check_backend_name",
     "register_kernel",
     "resolve_backend",
     "get_kernel",
@@ -36,6 +38,10 @@ ENV_VAR = "FASTFLOW_BACKEND"
 
 class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run the requested op on the given tensors."""
+
+
+class UnknownBackendError(ValueError):
+    """A backend name (argument or ``FASTFLOW_BACKEND``) that is not a fastflow backend."""
 
 
 def _interpreting() -> bool:
@@ -127,15 +133,32 @@ def get_kernel(op: str, backend: str):
     return BACKENDS[backend].kernels[op]()
 
 
+def check_backend_name(backend, source: str = "the backend argument") -> str | None:
+    """``backend`` normalised (stripped, lower case), or None; raises for anything that is not
+    ``None`` or the name of a fastflow backend."""
+    if backend is None:
+        return None
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be None or one of {sorted(BACKENDS)} (a string), got "
+                        f"{type(backend).__name__} {backend!r} (from {source})")
+    name = backend.strip().lower()
+    if name not in BACKENDS:
+        raise UnknownBackendError(f"backend={backend!r} is not a fastflow backend; expected one of "
+                                  f"{sorted(BACKENDS)} (from {source})")
+    return name
+
+
+def env_backend() -> str | None:
+    """The backend ``FASTFLOW_BACKEND`` forces (None when unset or empty), checked."""
+    return check_backend_name(os.environ.get(ENV_VAR) or None, ENV_VAR)
+
+
 def _resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None) -> str:
-    requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    if backend is not None:
+        requested = check_backend_name(backend)
+    else:
+        requested = env_backend()
     if requested is not None:
-        requested = requested.strip().lower()
-        if requested not in BACKENDS:
-            raise ValueError(
-                f"backend={requested!r} is not a fastflow backend; expected one of {sorted(BACKENDS)} "
-                f"(from {'the backend argument' if backend is not None else ENV_VAR})"
-            )
         reason = BACKENDS[requested].decline_reason(op, device, dtype)
         if reason:
             raise BackendUnavailableError(f"{op}: forced backend {requested!r} cannot run: {reason}")

@@ -162,6 +162,7 @@ if __name__ == "__main__":  # python -m fastflow.bench.coupling [B ...]
     import sys
 
     from fastflow.bench import format_table
+    from fastflow.bench.sizes import parse_size
 
-    sizes = tuple(int(eval(a, {"__builtins__": {}})) for a in sys.argv[1:]) or None
+    sizes = tuple(parse_size(a) for a in sys.argv[1:]) or None
     print(format_table([r for r in run(sizes=sizes) if "error" not in r], TABLE_COLUMNS))

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+from fastflow.bench.sizes import parse_sizes
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        return parse_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parser(sub):
@@ -12,8 +22,8 @@ def add_parser(sub):
     p.add_argument("suites", nargs="*", default=None, help=f"suites to run (default: all of {', '.join(SUITES)})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    p.add_argument("--sizes", type=lambda s: [int(eval(v, {"__builtins__": {}})) for v in s.split(",")], default=None,
-                   help="comma-separated element counts, e.g. 2**16,2**20")
+    p.add_argument("--sizes", type=_sizes, default=None,
+                   help="comma-separated element counts, e.g. 2**16,2**20 or 1e6 (parsed, never evaluated)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     p.set_defaults(func=run)

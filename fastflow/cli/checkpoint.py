@@ -2,24 +2,40 @@
 
 ``model.pt`` (what ``score``/``sample`` load)::
 
-    {"format": "fastflow-model", "format_version": 1, "fastflow_version": ...,
+    {"format": "fastflow-model", "format_version": 2, "fastflow_version": ...,
      "factory": "fastflow.flows:build", "spec": flow.spec, "state_dict": ..., "shape": [...],
-     "data": {...}, "config": {...}}
+     "data": {...}, "config": {...}, "digest": "sha256:..."}
 
 ``checkpoint.pt`` (what a restarted ``fit`` resumes from) adds the optimiser, scheduler, RNG
 states of every rank (torch, numpy, python), step (the data-order position is a function of the
-step), best validation score and early-stopping state.
+step), best validation score, early-stopping state and the fingerprint of the data file.
 
 Both are written atomically and loaded with ``torch.load(weights_only=True)``: only tensors and
-plain containers, no pickled code. A file from another format version or another fastflow
-version is refused with a clear message, as is a checkpoint of a different model.
+plain containers, no pickled code. Files are data, never code:
+
+- **Rebuilding calls only fastflow's registry.** A file names the factory that built its model;
+  ``fastflow.flows:build`` (the registry) is the only one called on the file's word. A user
+  factory ``pkg.mod:fn`` stored in a file is imported only when the person running the command
+  names it (``--trust-factory pkg.mod:fn``; ``load_model(path, trust_factory="pkg.mod:fn")``);
+  otherwise loading is refused, naming the factory and how to allow it.
+- **Every file carries a digest of its payload** (SHA-256 over a canonical walk of the stored
+  containers: keys, scalars, and each tensor's dtype, shape and bytes), verified on load, so a
+  flipped bit anywhere in the data is an error naming the file, not a different model.
+
+A file from another format version or another fastflow version is refused with a clear message,
+as is a checkpoint of a different model. Version-1 files (written before digests) still load,
+with a warning that their integrity cannot be verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import re
+import struct
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -28,8 +44,10 @@ from fastflow.cli.errors import CLIError
 
 MODEL_FORMAT = "fastflow-model"
 CHECKPOINT_FORMAT = "fastflow-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_VERSIONS = (1,)  # readable, without a digest to verify
 DEFAULT_FACTORY = "fastflow.flows:build"
+_FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def factory_for(model: str) -> tuple[str, str | None]:
@@ -40,17 +58,27 @@ def factory_for(model: str) -> tuple[str, str | None]:
     return (model, None) if ":" in model else (DEFAULT_FACTORY, model)
 
 
+def _check_factory_name(path: str) -> None:
+    if not isinstance(path, str) or not _FACTORY_RE.match(path):
+        raise CLIError(f"model factory {path!r} is not of the form 'package.module:function'")
+
+
 def resolve_factory(path: str):
+    """Import a factory named by the person running the command (never one read from a file
+    unless that person named it too: see :func:`rebuild`)."""
+    _check_factory_name(path)
+    if path == DEFAULT_FACTORY:
+        from fastflow.flows import build
+
+        return build
     mod_name, _, attr = path.partition(":")
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        if mod_name == "fastflow.flows":
-            raise CLIError(f"the model builder fastflow.flows.build is not available: {e}") from None
         raise CLIError(f"cannot import model factory module {mod_name!r}: {e}") from None
     fn = getattr(mod, attr, None)
-    if fn is None:
-        raise CLIError(f"model factory {path!r}: module {mod_name} has no attribute {attr!r}")
+    if fn is None or not callable(fn):
+        raise CLIError(f"model factory {path!r}: module {mod_name} has no callable {attr!r}")
     return fn
 
 
@@ -89,12 +117,84 @@ def _tuplify_shapes(spec: dict) -> dict:
     return spec
 
 
-def rebuild(factory: str, spec: dict) -> torch.nn.Module:
+def _trusted(trust_factory) -> set[str]:
+    if trust_factory is None:
+        return set()
+    if isinstance(trust_factory, str):
+        return {trust_factory}
+    return set(trust_factory)
+
+
+def rebuild(factory: str, spec: dict, *, trust_factory: str | Iterable[str] | None = None,
+            source: Path | str | None = None) -> torch.nn.Module:
+    """The model a file describes: ``build(**spec)`` from fastflow's registry, or a user factory
+    only if it is among ``trust_factory`` (named by the person, never taken from the file)."""
+    where = f"{source} " if source is not None else ""
+    if not isinstance(spec, dict):
+        raise CLIError(f"{where}holds a model spec of type {type(spec).__name__}, expected a table")
+    if factory != DEFAULT_FACTORY:
+        if not isinstance(factory, str) or factory not in _trusted(trust_factory):
+            raise CLIError(
+                f"{where}asks to rebuild its model by calling the factory {factory!r}; fastflow imports and runs "
+                f"code named in a file only when you name it too: pass --trust-factory {factory} (Python: "
+                f"load_model(path, trust_factory={factory!r})) if you trust it")
     fn = resolve_factory(factory)
     try:
         return fn(**_tuplify_shapes(spec))
     except (TypeError, ValueError, KeyError) as e:
         raise CLIError(f"cannot rebuild model from spec {spec}: {e}") from None
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def _walk_digest(h, obj) -> None:
+    """Feed a canonical, type-tagged encoding of ``obj`` to the hash ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(b"T" + str(t.dtype).encode() + repr(tuple(t.shape)).encode() + b";")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"D%d;" % len(obj))
+        for k in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _walk_digest(h, k)
+            _walk_digest(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update((b"L" if isinstance(obj, list) else b"U") + b"%d;" % len(obj))
+        for v in obj:
+            _walk_digest(h, v)
+    elif isinstance(obj, bool) or obj is None:
+        h.update(b"B" + repr(obj).encode() + b";")
+    elif isinstance(obj, int):
+        h.update(b"I" + str(obj).encode() + b";")
+    elif isinstance(obj, float):
+        h.update(b"F" + struct.pack("<d", obj))
+    elif isinstance(obj, str):
+        b = obj.encode("utf-8", "surrogatepass")
+        h.update(b"S%d;" % len(b) + b)
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(b"Y%d;" % len(obj) + bytes(obj))
+    elif isinstance(obj, (torch.dtype, torch.device, torch.Size)):
+        h.update(b"O" + repr(obj).encode() + b";")
+    else:
+        raise TypeError(f"cannot digest a {type(obj).__name__} in a fastflow file")
+
+
+def payload_digest(obj: dict) -> str:
+    """``sha256:<hex>`` of everything in ``obj`` but its ``digest`` entry."""
+    h = hashlib.sha256()
+    _walk_digest(h, {k: v for k, v in obj.items() if k != "digest"})
+    return "sha256:" + h.hexdigest()
+
+
+def seal(obj: dict) -> dict:
+    """``obj`` with its payload digest (what every fastflow file is written as)."""
+    return {**obj, "digest": payload_digest(obj)}
+
+
+class CorruptFileError(CLIError):
+    """A fastflow file whose payload does not match its digest (or cannot be read at all)."""
 
 
 def _header(fmt: str) -> dict:
@@ -107,23 +207,36 @@ def _load(path: Path, fmt: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CLIError(f"cannot read {path}: not a fastflow file or corrupt ({type(e).__name__})") from None
+        raise CorruptFileError(f"cannot read {path}: not a fastflow file or corrupt ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CLIError(f"{path} is not a {fmt} file (found {found!r})")
-    if obj.get("format_version") != FORMAT_VERSION:
-        raise CLIError(f"{path} has format version {obj.get('format_version')}; this fastflow "
+    version = obj.get("format_version")
+    if version not in (FORMAT_VERSION, *LEGACY_VERSIONS):
+        raise CLIError(f"{path} has format version {version}; this fastflow "
                        f"({fastflow.__version__}) reads version {FORMAT_VERSION}")
     if obj.get("fastflow_version") != fastflow.__version__:
         raise CLIError(f"{path} was written by fastflow {obj.get('fastflow_version')}; this is fastflow "
                        f"{fastflow.__version__} (re-run fit, or use the matching fastflow version)")
+    if version == FORMAT_VERSION:
+        stored = obj.get("digest")
+        try:
+            actual = payload_digest(obj)
+        except TypeError as e:
+            raise CorruptFileError(f"{path} is corrupt: {e}") from None
+        if stored != actual:
+            raise CorruptFileError(f"{path} is corrupt: its contents do not match the digest stored when it was "
+                                   "written (damaged or modified since)")
+    else:
+        print(f"fastflow: warning: {path} is a format-version-{version} file without a digest; its integrity "
+              "cannot be verified", file=sys.stderr)
     return obj
 
 
 def model_payload(flow, factory: str, shape, data_info: dict, config: dict, extra: dict | None = None) -> dict:
-    return {**_header(MODEL_FORMAT), "factory": factory, "spec": spec_of(flow), "shape": list(shape),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in flow.state_dict().items()},
-            "data": data_info, "config": config, **(extra or {})}
+    return seal({**_header(MODEL_FORMAT), "factory": factory, "spec": spec_of(flow), "shape": list(shape),
+                 "state_dict": {k: v.detach().cpu().clone() for k, v in flow.state_dict().items()},
+                 "data": data_info, "config": config, **(extra or {})})
 
 
 def model_path(path: str | Path) -> Path:
@@ -131,18 +244,34 @@ def model_path(path: str | Path) -> Path:
     return path / "model.pt" if path.is_dir() else path
 
 
-def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the flow stored in a ``model.pt`` (or a run folder holding one), in eval mode."""
+def load_model(path: str | Path, device="cpu", *, trust_factory: str | Iterable[str] | None = None
+               ) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the flow stored in a ``model.pt`` (or a run folder holding one), in eval mode.
+
+    Args:
+        path: a ``model.pt`` file or a ``fastflow fit`` run folder.
+        device: where to put the model.
+        trust_factory: user factories (``"pkg.mod:fn"``) you allow the file to call. A file built
+            by fastflow's registry needs none; a file naming any other factory is refused unless
+            that factory is listed here (files are data: nothing they name runs on their word).
+
+    Raises:
+        CLIError: unreadable, corrupt (digest mismatch), foreign or untrusted file.
+    """
     path = model_path(path)
     obj = _load(path, MODEL_FORMAT)
-    flow = rebuild(obj["factory"], obj["spec"])
-    load_state(flow, obj["state_dict"], path)
+    flow = rebuild(obj.get("factory"), obj.get("spec"), trust_factory=trust_factory, source=path)
+    load_state(flow, obj.get("state_dict"), path)
+    if not isinstance(obj.get("shape"), list) or not all(isinstance(s, int) and s > 0 for s in obj["shape"]):
+        raise CLIError(f"{path} holds an invalid event shape {obj.get('shape')!r}")
     if torch.device(device).type != "cpu":
         flow.to(device)
     return flow.eval(), obj
 
 
 def load_state(flow: torch.nn.Module, state: dict, path: Path) -> None:
+    if not isinstance(state, dict):
+        raise CLIError(f"{path} holds no parameter table")
     try:
         flow.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -161,4 +290,4 @@ def load_checkpoint(path: str | Path, expect_factory: str, expect_spec: dict) ->
 
 
 def checkpoint_payload(**fields: Any) -> dict:
-    return {**_header(CHECKPOINT_FORMAT), **fields}
+    return seal({**_header(CHECKPOINT_FORMAT), **fields})

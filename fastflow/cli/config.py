@@ -48,6 +48,8 @@ FIELDS: list[Field] = [
           maximum=0.9, section="data"),
     Field("test_fraction", float, 0.1, "fraction of a data file's rows held out for the final test", minimum=0.0,
           maximum=0.9, section="data"),
+    Field("csv_header", str, "auto", "a .csv's first line: a header when none of its fields is a number (auto), "
+          "always (yes) or never (no)", choices=("auto", "yes", "no"), section="data"),
     Field("model", str, "nsf", "model name for fastflow.flows.build, or 'package.module:factory'", section="model"),
     Field("model_args", dict, {}, "keyword arguments for the model builder (TOML table [model_args]; flag "
           "--model-arg K=V, repeatable), over the defaults: for nsf hidden_features=64, num_layers=4, num_blocks=1; "
@@ -65,15 +67,21 @@ FIELDS: list[Field] = [
     Field("checkpoint_every", int, 100, "write a resumable checkpoint every N steps", minimum=1),
     Field("log_every", int, 10, "write a metrics line every N steps", minimum=1),
     Field("eval_batch_size", int, 2048, "batch size for validation/test evaluation", minimum=1),
-    Field("seed", int, 0, "seed for initialisation, data order and splits"),
+    Field("seed", int, 0, "seed for initialisation, data order and splits", minimum=0, maximum=2**32 - 1),
     Field("samples", int, 1000, "samples drawn for the final plot and samples.npy (0 = none)", minimum=0),
     Field("out", str, "", "output folder (default runs/<model>-<data>)", runtime=True, section="run"),
     Field("device", str, "auto", "auto, cpu, cuda or cuda:N", runtime=True, section="run"),
     Field("threads", int, 0, "torch CPU threads per process (0 = leave torch's default)", minimum=0, runtime=True,
           section="run"),
     Field("quiet", bool, False, "no progress bar", runtime=True, section="run"),
-    Field("overwrite", bool, False, "replace an existing run folder instead of resuming it", runtime=True,
-          section="run"),
+    Field("overwrite", bool, False, "replace an existing run folder instead of resuming it (only the files fit "
+          "wrote are removed)", runtime=True, section="run"),
+    Field("recover", bool, False, "when checkpoint.pt is corrupt, resume from the verified checkpoint.prev.pt",
+          runtime=True, section="run"),
+    Field("allow_data_change", bool, False, "resume even though the data file's contents changed since the run "
+          "started", runtime=True, section="run"),
+    Field("dist_timeout", float, 600.0, "under torchrun: fail when another rank does not answer for this many "
+          "seconds", minimum=0.0, exclusive_min=True, runtime=True, section="run"),
 ]
 BY_NAME = {f.name: f for f in FIELDS}
 

@@ -58,7 +58,7 @@ def _looks_like_path(name: str) -> bool:
     return Path(name).suffix.lower() in DATA_SUFFIXES or "/" in name or Path(name).exists()
 
 
-def load(cfg: dict) -> Data:
+def load(cfg: dict, log=None) -> Data:
     name = cfg["data"]
     if not _looks_like_path(name):
         names = _embedded_names()
@@ -88,7 +88,7 @@ def load(cfg: dict) -> Data:
             return Data(Split(splits["train"]), Split(splits["val"]), Split(splits["test"]), shape,
                         {"name": str(path), "kind": "file-splits", "sizes": {k: len(v) for k, v in splits.items()},
                          "shape": list(shape)})
-    array = read_all(path)
+    array = read_all(path, csv_header=cfg.get("csv_header", "auto"), log=log)
     n = len(array)
     # The split is a function of the seed alone, so a resumed run sees the same one.
     perm = np.random.default_rng([int(cfg["seed"]) & 0xFFFFFFFF, 0x5EED]).permutation(n)

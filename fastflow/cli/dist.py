@@ -3,10 +3,16 @@
 A launch is distributed when ``WORLD_SIZE`` > 1 (set by torchrun, or by ``srun`` wrappers that
 export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``). The backend is
 NCCL when the process's device is a GPU, gloo otherwise.
+
+Every collective has a deadline (``--dist-timeout``, default :data:`DEFAULT_TIMEOUT_S`): a rank
+that is hung (stopped, deadlocked, stuck on I/O) or dead makes the others fail with a clear
+error after that long instead of waiting forever.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -22,6 +28,7 @@ class DistEnv:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    timeout_s: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -72,7 +79,46 @@ def _match_numba_threads(n: int) -> None:
         pass
 
 
-def init(device_pref: str = "auto", threads: int = 0) -> DistEnv:
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def check_timeout(value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise CLIError(f"--dist-timeout must be a number of seconds, got {value!r}") from None
+    if not (v > 0 and v < 1e7):
+        raise CLIError(f"--dist-timeout must be a positive number of seconds, got {value!r}")
+    return v
+
+
+def _dist_errors() -> tuple[type, ...]:
+    errs = [getattr(torch.distributed, n) for n in ("DistError", "DistBackendError", "DistStoreError")
+            if hasattr(torch.distributed, n)]
+    return tuple(errs) or (RuntimeError,)
+
+
+@contextlib.contextmanager
+def collective_guard(env: DistEnv, what: str):
+    """Turn a timed-out or broken collective into a CLIError naming the rank and the deadline."""
+    if not env.enabled:
+        yield
+        return
+    try:
+        yield
+    except CLIError:
+        raise
+    except RuntimeError as e:  # DistBackendError & co. are RuntimeErrors; so are gloo's timeouts
+        if not isinstance(e, _dist_errors()) and "timed out" not in str(e).lower() \
+                and "connection" not in str(e).lower():
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CLIError(f"rank {env.rank}/{env.world_size}: {what} did not complete within --dist-timeout "
+                       f"{env.timeout_s:g} s: another rank is hung or has died ({first})") from None
+
+
+def init(device_pref: str = "auto", threads: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+    timeout_s = check_timeout(timeout_s)
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -82,12 +128,14 @@ def init(device_pref: str = "auto", threads: int = 0) -> DistEnv:
         torch.set_num_threads(threads)
     if threads or world > 1:
         _match_numba_threads(torch.get_num_threads())
-    env = DistEnv(rank, world, local_rank, local_world, device)
+    env = DistEnv(rank, world, local_rank, local_world, device, timeout_s)
     if env.enabled and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world)
+        with collective_guard(env, "joining the process group"):
+            torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world,
+                                                 timeout=datetime.timedelta(seconds=timeout_s))
     return env
 
 
@@ -98,7 +146,8 @@ def shutdown(env: DistEnv) -> None:
 
 def barrier(env: DistEnv) -> None:
     if env.enabled:
-        torch.distributed.barrier()
+        with collective_guard(env, "a barrier"):
+            torch.distributed.barrier()
 
 
 def broadcast_object(env: DistEnv, obj=None):
@@ -106,7 +155,8 @@ def broadcast_object(env: DistEnv, obj=None):
     if not env.enabled:
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
+    with collective_guard(env, "a broadcast from rank 0"):
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -115,7 +165,8 @@ def gather_objects(env: DistEnv, obj) -> list:
     if not env.enabled:
         return [obj]
     out = [None] * env.world_size
-    torch.distributed.all_gather_object(out, obj)
+    with collective_guard(env, "a gather"):
+        torch.distributed.all_gather_object(out, obj)
     return out
 
 
@@ -124,7 +175,8 @@ def all_reduce_sum(env: DistEnv, values: list[float]) -> list[float]:
     if not env.enabled:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
-    torch.distributed.all_reduce(t)
+    with collective_guard(env, "an all-reduce"):
+        torch.distributed.all_reduce(t)
     return t.cpu().tolist()
 
 

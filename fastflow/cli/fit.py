@@ -3,9 +3,11 @@
 ``fastflow fit`` alone trains the default model (an NSF on the embedded ``digits`` set) into
 ``runs/nsf-digits``. Output folder (``--out``)::
 
+    .fastflow-run   the marker that makes this a fastflow run folder (only fit writes it)
     config.json     the resolved configuration
     metrics.jsonl   one JSON object per line: {"step", "loss", "lr", ...} and {"step", "val_ll", ...}
     checkpoint.pt   resumable training state (every ``checkpoint_every`` steps, atomically)
+    checkpoint.prev.pt  the checkpoint before it, kept in case checkpoint.pt is damaged
     model.pt        the best model so far (by validation log-likelihood); what score/sample load
     samples.npy     samples from the final model; samples.png for 2-D and image data
     summary.json    test log-likelihood (nats, bits/dim), timings; written last = run complete
@@ -13,6 +15,13 @@
 Resume: re-running the same command continues from ``checkpoint.pt`` and ends with the same
 parameters as an uninterrupted run (the data order is a function of (seed, epoch), and the step
 fixes the position in it; model, optimiser, scheduler, RNG and early-stopping state are restored).
+A checkpoint whose digest does not match is refused, naming it (``--recover`` continues from
+the verified ``checkpoint.prev.pt``, which gives the same final model); a data file whose size or
+SHA-256 changed since the run started is refused (``--allow-data-change`` to resume anyway).
+
+Folders: only a folder holding the ``.fastflow-run`` marker is taken for a run. ``--overwrite``
+removes the files listed above (and fit's own temporary files), nothing else; a non-empty folder
+without the marker is refused either way.
 
 Distributed: under ``torchrun`` each of the K ranks takes a contiguous 1/K of every global batch
 (``batch_size`` must be divisible by K), DDP averages the gradients, so the update is the
@@ -26,7 +35,7 @@ import json
 import math
 import os
 import random
-import shutil
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,12 +44,23 @@ import numpy as np
 import torch
 
 import fastflow
+from fastflow.backends import BackendUnavailableError, UnknownBackendError
 from fastflow.cli import checkpoint as ckpt
 from fastflow.cli import config as config_mod
 from fastflow.cli import dist
 from fastflow.cli.errors import CLIError, report
-from fastflow.cli.io import atomic_save_npy, atomic_torch_save, atomic_write_json, atomic_write_text
+from fastflow.cli.io import (atomic_save_npy, atomic_torch_save, atomic_write_json, atomic_write_text,
+                             file_fingerprint)
 from fastflow.cli.progress import Progress
+
+MARKER = ".fastflow-run"
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+CORRUPT = "checkpoint.pt.corrupt"
+# Everything fit writes into a run folder: the only names --overwrite removes.
+RUN_FILES = (MARKER, "config.json", "metrics.jsonl", CHECKPOINT, PREVIOUS, CORRUPT, "model.pt", "samples.npy",
+             "samples.png", "summary.json")
+_OUR_TEMP = re.compile(r"^\.(" + "|".join(re.escape(n) for n in RUN_FILES) + r")\.tmp-[A-Za-z0-9-]+(\.png)?$")
 
 
 def add_parser(sub):
@@ -60,10 +80,12 @@ def run(args) -> int:
         if args.print_config:
             sys.stdout.write(config_mod.to_toml(cfg))
             return 0
-        env = dist.init(cfg["device"], cfg["threads"])
+        env = dist.init(cfg["device"], cfg["threads"], cfg["dist_timeout"])
         return fit(cfg, env)
     except CLIError as e:
         return report("fit", e, env.rank if env else int(os.environ.get("RANK", "0") or 0))
+    except (BackendUnavailableError, UnknownBackendError) as e:
+        return report("fit", CLIError(str(e)), env.rank if env else int(os.environ.get("RANK", "0") or 0))
     finally:
         if env is not None:
             dist.shutdown(env)
@@ -131,18 +153,90 @@ def default_out(cfg) -> Path:
     return Path("runs") / f"{model}-{data}"
 
 
-def _prepare_out(out: Path, cfg: dict) -> str:
-    """Decide (on rank 0) whether to start fresh or resume; raise for folders we must not touch."""
+def _is_run_folder(out: Path) -> bool:
+    marker = out / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("fastflow_run") == 1
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_marker(out: Path) -> None:
+    atomic_write_json(out / MARKER, {"fastflow_run": 1, "fastflow_version": fastflow.__version__,
+                                     "note": "written by `fastflow fit`; marks this folder as its run folder"})
+
+
+def _remove_run_files(out: Path) -> list[str]:
+    """Delete the files fit writes (and its temporary files), nothing else; the folder stays."""
+    removed = []
+    for entry in out.iterdir():
+        if entry.name == MARKER:
+            continue  # last, so an interrupted overwrite still leaves a recognisable run folder
+        if (entry.name in RUN_FILES or _OUR_TEMP.match(entry.name)) and (entry.is_file() or entry.is_symlink()):
+            entry.unlink()
+            removed.append(entry.name)
+    (out / MARKER).unlink(missing_ok=True)
+    return removed
+
+
+def _data_fingerprint(cfg: dict, data) -> dict:
+    if data.info.get("kind") == "embedded":
+        return {"embedded": data.info["name"]}
+    return file_fingerprint(cfg["data"])  # the contents, not the path: a moved file is the same data
+
+
+def _choose_checkpoint(out: Path, cfg: dict, factory: str, spec: dict, fingerprint: dict, log) -> str:
+    """The checkpoint file to resume from, verified; raise a CLIError naming a bad one."""
+    ck, prev = out / CHECKPOINT, out / PREVIOUS
+    name = CHECKPOINT
+    if not ck.exists():  # only a predecessor: resume from it
+        name = PREVIOUS
+    try:
+        state = ckpt.load_checkpoint(out / name, factory, spec)
+    except ckpt.CorruptFileError as e:
+        if name == PREVIOUS:
+            raise CLIError(f"{e}; no intact checkpoint is left: pass --overwrite to start the run again") from None
+        try:
+            state = ckpt.load_checkpoint(prev, factory, spec) if prev.exists() else None
+        except CLIError:
+            state = None
+        if state is None:
+            raise CLIError(f"{e}; there is no intact previous checkpoint ({prev.name}): pass --overwrite to start "
+                           "the run again") from None
+        if not cfg["recover"]:
+            raise CLIError(f"{e}; the previous checkpoint {prev} (step {state['step']}) is intact: re-run with "
+                           "--recover to continue from it (same final model), or --overwrite to start again") from None
+        os.replace(ck, out / CORRUPT)  # kept for inspection, out of the way of the next save
+        log(f"{ck} is corrupt (moved to {CORRUPT}); resuming from {prev.name} at step {state['step']}")
+        name = PREVIOUS
+    saved = state.get("data_fingerprint")
+    if saved is not None and saved != fingerprint and not cfg["allow_data_change"]:
+        what = ("another embedded data set" if "embedded" in saved or "embedded" in fingerprint else
+                f"{saved.get('size')} bytes, sha256 {str(saved.get('sha256'))[:12]}... then; {fingerprint.get('size')} "
+                f"bytes, sha256 {str(fingerprint.get('sha256'))[:12]}... now")
+        raise CLIError(f"data file {cfg['data']} changed since this run started ({what}); pass --allow-data-change "
+                       "to resume on the new contents anyway, or --overwrite to start again")
+    if saved is not None and saved != fingerprint:
+        log(f"warning: data file {cfg['data']} changed since this run started; resuming on it as asked")
+    return name
+
+
+def _prepare_out(out: Path, cfg: dict, factory: str, spec: dict, fingerprint: dict, log) -> tuple[str, str]:
+    """Decide (on rank 0) whether to start fresh or resume (and from which checkpoint); raise for
+    folders we must not touch."""
     want = config_mod.comparable(cfg)
     if out.exists() and not out.is_dir():
         raise CLIError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        saved_path = out / "config.json"
-        if not saved_path.is_file():
-            raise CLIError(f"output folder {out} exists and is not a fastflow run folder; choose another --out")
+        if not _is_run_folder(out):
+            raise CLIError(f"output folder {out} exists and is not a fastflow run folder (it has no {MARKER} "
+                           "marker); nothing in it was changed; choose another --out")
         if cfg["overwrite"]:
-            shutil.rmtree(out)
-            return "fresh"
+            _remove_run_files(out)
+            return "fresh", ""
+        saved_path = out / "config.json"
         if (out / "summary.json").exists():
             raise CLIError(f"output folder {out} holds a finished run; pass --overwrite to redo it or choose "
                            "another --out")
@@ -154,10 +248,13 @@ def _prepare_out(out: Path, cfg: dict) -> str:
         if key is not None:
             raise CLIError(f"output folder {out} holds a run with a different '{key}' ({saved.get(key)!r}, now "
                            f"{cfg.get(key)!r}); pass --overwrite to replace it or choose another --out")
-        for stale in out.glob(".*.tmp-*"):  # half-written by a killed predecessor; never read
-            stale.unlink(missing_ok=True)
-        return "resume" if (out / "checkpoint.pt").exists() else "fresh"
-    return "fresh"
+        for stale in out.iterdir():  # half-written by a killed predecessor; never read
+            if _OUR_TEMP.match(stale.name) and stale.is_file():
+                stale.unlink(missing_ok=True)
+        if (out / CHECKPOINT).exists() or (out / PREVIOUS).exists():
+            return "resume", _choose_checkpoint(out, cfg, factory, spec, fingerprint, log)
+        return "fresh", ""
+    return "fresh", ""
 
 
 def _metric_step(line: str) -> float:
@@ -256,7 +353,7 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
     if B % K:
         raise CLIError(f"config key 'batch_size': {B} is not divisible by the {K} ranks")
 
-    data = data_mod.load(cfg)
+    data = data_mod.load(cfg, log=log)
     n_train = len(data.train)
     if n_train < B:
         raise CLIError(f"config key 'batch_size': {B} is larger than the training set ({n_train} rows)")
@@ -277,27 +374,37 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
 
     # Rank 0 decides about the folder; everyone follows (or everyone fails with its message).
     decision = None
+    fingerprint = None
     if main:
         try:
-            decision = ("ok", _prepare_out(out, cfg))
+            fingerprint = _data_fingerprint(cfg, data)
+            decision = ("ok", *_prepare_out(out, cfg, factory, spec, fingerprint, log))
         except CLIError as e:
             decision = ("error", str(e))
     decision = dist.broadcast_object(env, decision)
     if decision[0] == "error":
         raise CLIError(decision[1])
-    mode = decision[1]
+    mode, resume_from = decision[1], decision[2]
 
     step, best_val, best_step, bad_evals, stopped, elapsed_before = 0, -math.inf, -1, 0, False, 0.0
     best_state = None
     metrics_path = out / "metrics.jsonl"
     if mode == "fresh" and main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", cfg)
-        atomic_write_text(metrics_path, "")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_marker(out)
+            atomic_write_json(out / "config.json", cfg)
+            atomic_write_text(metrics_path, "")
+        except OSError as e:
+            decision = ("error", f"cannot write the run folder {out}: {e.strerror or e}")
+    if mode == "fresh":
+        decision = dist.broadcast_object(env, decision)
+        if decision[0] == "error":
+            raise CLIError(decision[1])
     dist.barrier(env)
     if mode == "resume":
-        state = ckpt.load_checkpoint(out / "checkpoint.pt", factory, spec)
-        ckpt.load_state(flow, state["model"], out / "checkpoint.pt")
+        state = ckpt.load_checkpoint(out / resume_from, factory, spec)
+        ckpt.load_state(flow, state["model"], out / resume_from)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         rngs = state["rng"]
@@ -338,7 +445,8 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
                 epoch=step // batches_per_epoch, position=step % batches_per_epoch, best_val=best_val,
                 best_step=best_step, bad_evals=bad_evals, stopped=stopped, best_state=best_state,
                 elapsed_s=elapsed_before + time.perf_counter() - t_start, world_size=K,
-                config=config_mod.comparable(cfg)), out / "checkpoint.pt")
+                config=config_mod.comparable(cfg), data_fingerprint=fingerprint), out / CHECKPOINT,
+                keep_previous=out / PREVIOUS)
         dist.barrier(env)
 
     def save_model(state) -> None:
@@ -358,18 +466,20 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
     step_at_loop = step
     try:
         while step < cfg["steps"] and not stopped:
-            epoch, pos = divmod(step, batches_per_epoch)
-            if epoch != order_epoch:
-                order_epoch, order = epoch, epoch_order(seed, epoch, n_train)
-            batch = order[pos * B:(pos + 1) * B][env.rank * local:(env.rank + 1) * local]
-            x = data.train.rows(batch).to(device, non_blocking=True)
-            loss = -module(x).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg["grad_clip"])
-            opt.step()
-            sched.step()
+            # DDP all-reduces gradients inside backward: a hung or dead rank ends in a clear error
+            with dist.collective_guard(env, "a training step (gradient all-reduce)"):
+                epoch, pos = divmod(step, batches_per_epoch)
+                if epoch != order_epoch:
+                    order_epoch, order = epoch, epoch_order(seed, epoch, n_train)
+                batch = order[pos * B:(pos + 1) * B][env.rank * local:(env.rank + 1) * local]
+                x = data.train.rows(batch).to(device, non_blocking=True)
+                loss = -module(x).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg["grad_clip"] > 0:
+                    torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg["grad_clip"])
+                opt.step()
+                sched.step()
             step += 1
             window_loss += float(loss.detach())
             window_n += 1

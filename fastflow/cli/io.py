@@ -1,15 +1,21 @@
 """Files for the batch commands: atomic writes, and row-oriented reading of .npy/.npz/.csv data.
 
-Rows are indexed from 0 in file order. For .csv, a first line that does not parse as numbers is a
-header (not a row); whitespace-only lines are not rows. ``.npy`` is memory-mapped, so files larger
+Rows are indexed from 0 in file order. For .csv, a first line with no numeric field at all is a
+header (not a row) and its use is reported; a first line mixing numbers and anything else is a
+row like any other (a bad one if it does not parse); ``header="yes"|"no"`` forces either reading.
+Whitespace-only lines are not rows. ``.npy`` is memory-mapped, so files larger
 than memory stream; ``.npz`` members cannot be memory-mapped (they are zip members) and are read
 whole; ``.csv`` is streamed in chunks of lines.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,8 +30,50 @@ DATA_SUFFIXES = (".npy", ".npz", ".csv")
 # --------------------------------------------------------------------------- atomic writes
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
 def tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``.NAME.tmp-HOST-PID`` beside ``path``: whose it is, so a later run can tell a stale one."""
+    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or we cannot tell: keep the file
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files a killed run of ours left for ``path`` (``.NAME.tmp-HOST-PID``,
+    or ``.NAME.tmp-PID`` from before hosts were recorded): only files of this host whose process
+    is gone. Files of other hosts or of live processes are left alone. Returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.tmp-(?:(?P<host>[A-Za-z0-9-]+)-)?(?P<pid>[0-9]+)$")
+    removed = []
+    try:
+        candidates = list(path.parent.iterdir()) if path.parent.is_dir() else []
+    except OSError:
+        return removed
+    here = _host()
+    for cand in candidates:
+        m = pattern.match(cand.name)
+        if not m or (m.group("host") not in (None, here)):
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or _pid_alive(pid) or not cand.is_file() or cand.is_symlink():
+            continue
+        try:
+            cand.unlink()
+            removed.append(cand)
+        except OSError:
+            pass
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,9 +89,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj, path: str | Path) -> Path:
+def atomic_torch_save(obj, path: str | Path, keep_previous: str | Path | None = None) -> Path:
     """``torch.save`` to a temporary file, fsync, then ``os.replace``: a reader (or a restarted job
-    after SIGKILL) sees the old file or the new one, never a torn one."""
+    after SIGKILL) sees the old file or the new one, never a torn one.
+
+    ``keep_previous``: the file ``path`` held until now is kept under this name (a hard link, or a
+    copy where links are not supported), so a later-damaged ``path`` has a good predecessor. At
+    every moment ``path`` is whole (old or new)."""
     import torch
 
     path = Path(path)
@@ -52,9 +104,36 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    if keep_previous is not None and path.is_file():
+        prev = Path(keep_previous)
+        ptmp = tmp_path(prev)
+        ptmp.unlink(missing_ok=True)
+        try:
+            os.link(path, ptmp)
+        except OSError:
+            shutil.copy2(path, ptmp)
+        os.replace(ptmp, prev)
     os.replace(tmp, path)
     _fsync_dir(path)
     return path
+
+
+def file_fingerprint(path: str | Path, chunk: int = 1 << 22) -> dict:
+    """``{"size": bytes, "sha256": hex}`` of a file, hashed in a stream (constant memory)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    break
+                h.update(block)
+                size += len(block)
+    except OSError as e:
+        raise CLIError(f"cannot read data file {path}: {e.strerror or e}") from None
+    return {"size": size, "sha256": h.hexdigest()}
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -93,16 +172,41 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
     return path
 
 
-def check_output_file(path: str | Path, overwrite: bool) -> Path:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_file(path: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Validate an output ``.npy`` path before any work: not one of ``inputs``, not an existing
+    file unless ``overwrite``, in a folder that exists (created if needed) and is writable. Stale
+    temporary files of a killed earlier run for this output are removed."""
     path = Path(path)
     if path.suffix != ".npy":
         raise CLIError(f"output {path} must be a .npy file")
-    if path.exists() and not overwrite:
-        raise CLIError(f"output {path} exists; pass --overwrite to replace it")
+    for src in inputs:
+        if src is not None and _same_file(path, Path(src)):
+            raise CLIError(f"output {path} is the input file {src}; writing it would destroy the input; choose "
+                           "another --out")
     if path.is_dir():
         raise CLIError(f"output {path} is a directory")
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise CLIError(f"output {path} exists; pass --overwrite to replace it")
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CLIError(f"cannot create the folder of output {path}: {e.strerror or e}") from None
+    if not parent.is_dir():
+        raise CLIError(f"cannot write output {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write output {path}: folder {parent} is not writable")
+    remove_stale_temps(path)
     return path
 
 
@@ -179,12 +283,22 @@ class ArraySource(RowSource):
             yield a, chunk, bad
 
 
-class CsvSource(RowSource):
-    """Comma-separated numbers, streamed. The width is the first data row's, or ``width``."""
+CSV_HEADER_CHOICES = ("auto", "yes", "no")
 
-    def __init__(self, path: Path, width: int | None = None):
+
+class CsvSource(RowSource):
+    """Comma-separated numbers, streamed. The width is the first data row's, or ``width``.
+
+    ``header``: ``"auto"`` (a first line with no numeric field is a header), ``"yes"`` (the first
+    line is a header) or ``"no"`` (every line is a row). ``header_line`` is the header taken, if any.
+    """
+
+    def __init__(self, path: Path, width: int | None = None, header: str = "auto"):
+        if header not in CSV_HEADER_CHOICES:
+            raise CLIError(f"csv header mode {header!r}: expected one of {', '.join(CSV_HEADER_CHOICES)}")
         self.path = path
         self.header = False
+        self.header_line: str | None = None
         n = 0
         first = None
         try:
@@ -194,8 +308,9 @@ class CsvSource(RowSource):
                         continue
                     if first is None:
                         first = line
-                        if not _parses(line):
+                        if header == "yes" or (header == "auto" and _no_numeric_field(line)):
                             self.header = True
+                            self.header_line = line.strip()
                             continue
                     n += 1
         except (OSError, UnicodeDecodeError) as e:
@@ -232,12 +347,27 @@ class CsvSource(RowSource):
             row += len(block)
 
 
-def _parses(line: str) -> bool:
+def _is_number(token: str) -> bool:
     try:
-        [float(t) for t in line.split(",")]
+        float(token)
         return True
     except ValueError:
         return False
+
+
+def _no_numeric_field(line: str) -> bool:
+    """A header line: not one of its comma-separated fields is a number."""
+    return not any(_is_number(t) for t in line.split(","))
+
+
+def header_notice(src: RowSource) -> str | None:
+    """The line to report when a CSV's first line was taken as a header."""
+    line = getattr(src, "header_line", None)
+    if line is None:
+        return None
+    shown = line if len(line) <= 80 else line[:77] + "..."
+    return (f"{src.path}: first line taken as a header ({shown!r}), not a row; pass --csv-header no to read it "
+            "as a row")
 
 
 def _parse_block(lines: list[str], first: int, width: int) -> tuple[np.ndarray, BadRows]:
@@ -262,7 +392,7 @@ def _parse_block(lines: list[str], first: int, width: int) -> tuple[np.ndarray, 
     return out, bad
 
 
-def open_rows(path: str | Path, npz_key: str | None = None) -> RowSource:
+def open_rows(path: str | Path, npz_key: str | None = None, csv_header: str = "auto") -> RowSource:
     """Open a data file for chunked row reading (``.npy`` memory-mapped)."""
     path = Path(path)
     suffix = path.suffix.lower()
@@ -271,7 +401,7 @@ def open_rows(path: str | Path, npz_key: str | None = None) -> RowSource:
     if not path.is_file():
         raise CLIError(f"cannot read data file {path}: no such file")
     if suffix == ".csv":
-        return CsvSource(path)
+        return CsvSource(path, header=csv_header)
     try:
         if suffix == ".npy":
             return ArraySource(path, np.load(path, mmap_mode="r", allow_pickle=False))
@@ -300,10 +430,14 @@ def read_splits_npz(path: Path) -> dict[str, np.ndarray] | None:
     return None
 
 
-def read_all(path: str | Path, chunk: int = 65536) -> np.ndarray:
+def read_all(path: str | Path, chunk: int = 65536, csv_header: str = "auto", log=None) -> np.ndarray:
     """All rows of a data file for training: a memory map for .npy (checked for NaN/Inf in
-    chunks), an in-memory float32 array otherwise. Bad rows are an error listing their indices."""
-    src = open_rows(path)
+    chunks), an in-memory float32 array otherwise. Bad rows are an error listing their indices.
+    ``log(msg)`` is told when a CSV header was taken."""
+    src = open_rows(path, csv_header=csv_header)
+    notice = header_notice(src)
+    if notice and log is not None:
+        log(notice)
     bad = BadRows()
     if isinstance(src, ArraySource):
         for _, _, b in src.chunks(0, len(src), chunk):
@@ -331,7 +465,11 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
 
 def open_npy_writer(path: Path, shape: tuple[int, ...], dtype) -> np.memmap:
     """A .npy file opened for writing in place (``open_memmap``): constant memory for any size."""
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    try:
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    except OSError as e:
+        Path(path).unlink(missing_ok=True)
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def merge_shards(shards: list[Path], out: Path, chunk_rows: int = 1 << 16) -> Path:

@@ -27,8 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from fastflow.backends import BackendUnavailableError, UnknownBackendError, env_backend
+    from fastflow.cli.errors import CLIError, report
+
     try:
+        if args.command != "info":  # info reports a bad FASTFLOW_BACKEND itself
+            env_backend()
         return int(args.func(args) or 0)
+    except (BackendUnavailableError, UnknownBackendError) as e:  # e.g. --model-arg backend=triton on a CPU
+        return report(args.command, CLIError(str(e)))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

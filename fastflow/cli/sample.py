@@ -6,6 +6,7 @@ the same recipe gives the same file on any number of ranks (each rank draws a co
 of chunks and rank 0 merges the shards in order), but a different chunk size gives different
 (equally valid) samples, because a flow draws its base noise for a whole batch at once. The
 output is written through a memory map to a temporary file and renamed into place when complete.
+Seeds are integers in ``[0, 2**64)``; anything else is refused rather than wrapped.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import numpy as np
 import torch
 
 from fastflow.cli import dist
-from fastflow.cli.checkpoint import load_model
+from fastflow.cli.checkpoint import load_model, model_path
 from fastflow.cli.errors import CLIError, report
 from fastflow.cli.io import check_output_file, merge_shards, open_npy_writer, shard_path, tmp_path
 from fastflow.cli.progress import Progress
+from fastflow.cli.score import add_common
+
+MAX_SEED = 2**64 - 1
 
 
 def add_parser(sub):
@@ -37,6 +41,7 @@ def add_parser(sub):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common(p)
     p.set_defaults(func=run)
 
 
@@ -47,7 +52,9 @@ def run(args) -> int:
             raise CLIError(f"-n must be >= 1, got {args.n}")
         if args.chunk_size < 1:
             raise CLIError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-        env = dist.init(args.device)
+        if not 0 <= args.seed <= MAX_SEED:
+            raise CLIError(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
+        env = dist.init(args.device, timeout_s=args.dist_timeout)
         return sample(args, env)
     except CLIError as e:
         return report("sample", e, env.rank if env else int(os.environ.get("RANK", "0") or 0))
@@ -58,7 +65,9 @@ def run(args) -> int:
 
 def chunk_seed(seed: int, chunk: int) -> int:
     """A 63-bit seed per (seed, chunk): independent streams, no overlap between neighbours."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(chunk)]).generate_state(1, np.uint64)[0]
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**64 - 1], got {seed}")
+    return int(np.random.SeedSequence([int(seed), int(chunk)]).generate_state(1, np.uint64)[0]
                & 0x7FFFFFFFFFFFFFFF)
 
 
@@ -67,7 +76,7 @@ def sample(args, env: dist.DistEnv) -> int:
     decision = None
     if env.is_main:
         try:
-            check_output_file(out, args.overwrite)
+            check_output_file(out, args.overwrite, inputs=(model_path(args.model),))
             decision = ("ok", "")
         except CLIError as e:
             decision = ("error", str(e))
@@ -75,7 +84,7 @@ def sample(args, env: dist.DistEnv) -> int:
     if decision[0] == "error":
         raise CLIError(decision[1])
 
-    flow, meta = load_model(args.model, env.device)
+    flow, meta = load_model(args.model, env.device, trust_factory=args.trust_factory)
     shape = tuple(meta["shape"])
     n, cs = args.n, args.chunk_size
     n_chunks = -(-n // cs)

@@ -1,8 +1,8 @@
 """``fastflow score MODEL DATA --out logp.npy``: log-densities of every row of a data file.
 
 MODEL is a ``model.pt`` or a ``fastflow fit`` run folder. DATA is streamed in chunks of
-``--chunk-size`` rows: ``.npy`` through a memory map, ``.csv`` line by line (a non-numeric first
-line is a header), ``.npz`` (read whole: zip members cannot be memory-mapped). So a file larger
+``--chunk-size`` rows: ``.npy`` through a memory map, ``.csv`` line by line (a first line with
+no numeric field is a header, and said so; ``--csv-header yes|no`` forces it), ``.npz`` (read whole: zip members cannot be memory-mapped). So a file larger
 than memory is fine; the output is written through a memory map to a temporary file and renamed
 into place when complete, so ``logp.npy`` is either absent or whole.
 
@@ -13,6 +13,9 @@ stderr and in ``<out>.bad_rows.json``. Row ``i`` of the output is row ``i`` of t
 
 Under ``torchrun`` each rank scores a contiguous part of the rows into its own shard file; rank 0
 merges the shards in order after a barrier.
+
+A model file is data: a model built by fastflow's registry is rebuilt from it; a file naming a
+user factory (``pkg.mod:fn``) is refused unless you pass ``--trust-factory pkg.mod:fn``.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ import numpy as np
 import torch
 
 from fastflow.cli import dist
-from fastflow.cli.checkpoint import load_model
+from fastflow.cli.checkpoint import load_model, model_path
 from fastflow.cli.errors import CLIError, report
-from fastflow.cli.io import (BadRows, CsvSource, atomic_write_json, check_output_file, merge_shards, open_npy_writer,
-                             open_rows, shard_path, tmp_path)
+from fastflow.cli.io import (CSV_HEADER_CHOICES, BadRows, CsvSource, atomic_write_json, check_output_file,
+                             header_notice, merge_shards, open_npy_writer, open_rows, shard_path, tmp_path)
 from fastflow.cli.progress import Progress
 
 
@@ -43,10 +46,24 @@ def add_parser(sub):
     p.add_argument("--on-bad-rows", choices=("error", "nan"), default="error",
                    help="bad rows (NaN/Inf, wrong width): fail listing them (default), or score them NaN")
     p.add_argument("--npz-key", default=None, help="array to score in a .npz (default: x, data, test or the first)")
+    p.add_argument("--csv-header", choices=CSV_HEADER_CHOICES, default="auto",
+                   help="a .csv's first line: a header if no field is a number (auto, default), always (yes), "
+                        "never (no)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common(p)
     p.set_defaults(func=run)
+
+
+def add_common(p) -> None:
+    """Flags score and sample share: the factories a model file may call, the ranks' deadline."""
+    p.add_argument("--trust-factory", action="append", default=None, metavar="PKG.MOD:FN",
+                   help="allow a model file built by this user factory to call it (repeatable); files built "
+                        "by fastflow's registry need none")
+    p.add_argument("--dist-timeout", default=dist.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"under torchrun: fail when another rank does not answer for this long "
+                        f"(default {dist.DEFAULT_TIMEOUT_S:g})")
 
 
 def run(args) -> int:
@@ -54,7 +71,7 @@ def run(args) -> int:
     try:
         if args.chunk_size < 1:
             raise CLIError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-        env = dist.init(args.device)
+        env = dist.init(args.device, timeout_s=args.dist_timeout)
         return score(args, env)
     except CLIError as e:
         return report("score", e, env.rank if env else int(os.environ.get("RANK", "0") or 0))
@@ -68,7 +85,7 @@ def score(args, env: dist.DistEnv) -> int:
     decision = None
     if env.is_main:
         try:
-            check_output_file(out, args.overwrite)
+            check_output_file(out, args.overwrite, inputs=(args.data, model_path(args.model)))
             decision = ("ok", "")
         except CLIError as e:
             decision = ("error", str(e))
@@ -76,12 +93,16 @@ def score(args, env: dist.DistEnv) -> int:
     if decision[0] == "error":
         raise CLIError(decision[1])
 
-    flow, meta = load_model(args.model, env.device)
+    flow, meta = load_model(args.model, env.device, trust_factory=args.trust_factory)
     shape = tuple(meta["shape"])
     width = int(np.prod(shape))
-    src = open_rows(args.data, npz_key=args.npz_key)
+    src = open_rows(args.data, npz_key=args.npz_key, csv_header=args.csv_header)
     if isinstance(src, CsvSource):
-        src = CsvSource(src.path, width=width)  # rows of another width are bad rows, not a new width
+        # rows of another width are bad rows, not a new width
+        src = CsvSource(src.path, width=width, header=args.csv_header)
+        notice = header_notice(src)
+        if notice and env.is_main and not args.quiet:
+            print(f"fastflow score: {notice}", file=sys.stderr)
     elif int(np.prod(src.row_shape)) != width:
         raise CLIError(f"data file {src.path} has rows of shape {src.row_shape}; the model expects {shape}")
 

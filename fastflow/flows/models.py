@@ -10,6 +10,7 @@ flatten it first. Glow takes ``(C, H, W)``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 from fastflow.flows.distributions import DiagonalNormal, StandardLogistic, StandardNormal
@@ -48,18 +49,55 @@ def build(name: str, shape, context_features: int | None = None, kwargs: dict | 
     ``kwargs`` (a dict, as stored in ``flow.spec``) and keyword arguments are merged and passed
     to the builder. Unknown keyword arguments raise ``TypeError``.
     """
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown flow {name!r}; expected one of {names()}")
-    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"build({name!r}): shape must be a non-empty tuple of positive sizes, got {shape}")
+    shape = _check_shape(name, shape)
     if context_features is not None:
-        context_features = int(context_features)
+        context_features = _positive_int(name, "context_features", context_features)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"build({name!r}): kwargs must be a dict, got {type(kwargs).__name__}")
     kw = dict(kwargs or {})
     kw.update(extra)
+    _check_kwargs(name, kw)
     flow = _REGISTRY[name](shape, context_features, **kw)
     flow.spec = {"name": name, "shape": shape, "context_features": context_features, "kwargs": kw}
+    flow.context_features = context_features
     return flow
+
+
+def _positive_int(model: str, key: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"build({model!r}): {key} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"build({model!r}): {key} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_shape(model: str, shape) -> tuple[int, ...]:
+    items = (shape,) if isinstance(shape, numbers.Integral) and not isinstance(shape, bool) else shape
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"build({model!r}): shape must be a tuple of positive integers, got {shape!r}") from None
+    if not items or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in items):
+        raise ValueError(f"build({model!r}): shape must be a non-empty tuple of positive integers, got {shape!r}")
+    return tuple(int(s) for s in items)
+
+
+# Sizes that every builder taking them needs to be at least this (a flow of zero layers would be
+# the identity, a conditioner of zero hidden units a constant): refused, not silently built.
+_SIZE_MINIMUMS = {"num_layers": 1, "hidden_features": 1, "hidden_channels": 1, "num_blocks": 1, "num_bins": 2,
+                  "levels": 1, "depth": 1}
+
+
+def _check_kwargs(model: str, kw: dict) -> None:
+    for key, minimum in _SIZE_MINIMUMS.items():
+        if key in kw:
+            _positive_int(model, key, kw[key], minimum)
+    if "backend" in kw:
+        from fastflow.backends import check_backend_name
+
+        check_backend_name(kw["backend"], f"build({model!r}, backend=...)")
 
 
 def _base(kind, shape, context_features=None):

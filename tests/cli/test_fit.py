@@ -180,7 +180,12 @@ def test_user_model_factory(tmp_path, main_cli):
                          "--batch-size", 50, "--samples", 0, "--out", out, "--quiet")
     assert code == 0, err
     assert torch.load(out / "model.pt", weights_only=True)["factory"] == "tests.cli._tinyflow:build"
+    # the file names a user factory: score calls it only when the person names it too
     code, err = main_cli("score", out, tmp_path / "x.npy", "--out", tmp_path / "lp.npy", "--quiet")
+    assert code == 2 and "--trust-factory tests.cli._tinyflow:build" in err
+    assert not (tmp_path / "lp.npy").exists()
+    code, err = main_cli("score", out, tmp_path / "x.npy", "--out", tmp_path / "lp.npy", "--quiet",
+                         "--trust-factory", "tests.cli._tinyflow:build")
     assert code == 0, err
     assert np.isfinite(np.load(tmp_path / "lp.npy")).all()
     code, err = main_cli("fit", "--model", "tests.cli._nowhere:build", "--out", tmp_path / "r2", "--quiet")
