@@ -20,6 +20,15 @@ from fastflow.testing import jacobian_logabsdet
 D = 3
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tensors are tiny: intra-op threads only add synchronisation (10x slower on a busy 2-core box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _strong_block(d=D, context=None, coeff=0.9, num_hidden=1, seed=0):
     """A block whose Jacobian is close to its Lipschitz budget: weights on the spectral bound,
     ``W_out = W_in^T`` (so ``J`` is near positive semi-definite) and pre-activations where the
