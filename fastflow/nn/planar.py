@@ -6,7 +6,7 @@ convention (``forward`` maps data to noise) that map is the layer's ``inverse``,
 ``Flow.sample_and_log_prob`` (what the reverse KL needs) uses only the closed-form maps:
 
 - planar: ``x = z + u_hat h(w^T z + b)``, ``h = tanh``, ``log|det| = log|1 + u_hat^T w h'(w^T z + b)|``,
-  with ``u_hat = u + (m(w^T u) - w^T u) w / |w|^2``, ``m(a) = -1 + softplus(a)``, so that
+  with ``u_hat = u + (m(w^T u) - w^T u) w / |w|^2``, ``m(a) = -1 + softplus(a) + 1e-6``, so that
   ``w^T u_hat > -1`` and the map is invertible (appendix A of the paper);
 - radial: ``x = z + beta (z - z0) / (alpha + r)``, ``r = |z - z0|``, ``alpha = softplus(.) > 0``,
   ``beta = -alpha + softplus(.) > -alpha`` (invertibility).
@@ -36,6 +36,8 @@ from torch import nn
 from fastflow.nn.base import Transform
 
 __all__ = ["PlanarFlow", "RadialFlow"]
+
+_MARGIN = 1e-6
 
 
 def _check_mode(inverse, who):
@@ -98,7 +100,9 @@ class PlanarFlow(_Generative):
 
     def u_hat(self):
         wu = self.w @ self.u
-        return self.u + (-1.0 + F.softplus(wu) - wu) * self.w / (self.w @ self.w)
+        # m(a) = -1 + softplus(a) + margin: softplus underflows to 0 for a << 0 and w^T u_hat would
+        # round to exactly -1 (a singular layer); the margin keeps it above -1 in float32 and float64.
+        return self.u + (-1.0 + F.softplus(wu) + _MARGIN - wu) * self.w / (self.w @ self.w)
 
     def _generate(self, z):
         u = self.u_hat()
