@@ -228,7 +228,7 @@ def test_resflow_fit_density_integrates_to_one():
     flow.train()
     opt = torch.optim.Adam(flow.parameters(), 1e-2)
     g = torch.Generator().manual_seed(0)
-    for _ in range(60):
+    for _ in range(240):
         idx = torch.randint(0, len(train), (128,), generator=g)
         loss = -flow.log_prob(train[idx]).mean()  # unbiased roulette estimate of the NLL
         opt.zero_grad()
@@ -237,7 +237,9 @@ def test_resflow_fit_density_integrates_to_one():
     flow.eval()
     with torch.no_grad():
         nll = float(-flow.log_prob(test).mean())
-    assert nll < nll0 - 0.05, (nll0, nll)  # it learns (slowly: 60 steps); the point is the mass below
+    gauss = torch.distributions.MultivariateNormal(train.mean(0), torch.cov(train.T))
+    gauss_nll = float(-gauss.log_prob(test).mean())
+    assert nll < nll0 - 0.2 and nll < gauss_nll - 0.1, (nll0, nll, gauss_nll)
     lim, n = 7.0, 160
     grid = torch.linspace(-lim, lim, n)
     xx, yy = torch.meshgrid(grid, grid, indexing="ij")
