@@ -19,9 +19,15 @@ The inverse map needs ``W^-1``; it is formed on the host by two triangular solve
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, make_spec, ptr, unique
+
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -111,6 +117,58 @@ def _tile(c: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(c)))
 
 
+def _canon(v: int) -> int:
+    # same JIT typing as v (1 -> constexpr, i32/i64, 16-divisible or not): keeps the cache small
+    return 1 if v == 1 else (2**32 if v >= 2**31 else 32) + (0 if v % 16 == 0 else 1)
+
+
+def lu_spec(kernel_name: str, c: int, dtype: torch.dtype = torch.float32, has_extra: bool = False,
+            ints: dict | None = None) -> Spec:
+    """The specialisation the launcher of ``kernel_name`` (``assemble``, ``apply``, ``wgrad``)
+    launches for ``C = c`` channels and storage ``dtype`` (``has_extra``: ActNorm folded in for
+    ``assemble``, a bias for ``apply``); ``ints`` are the integer arguments' values."""
+    key = tuple(sorted((k, _canon(int(v))) for k, v in (ints or {}).items()))
+    return _lu_spec(kernel_name, c, dtype, bool(has_extra), key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _lu_spec(kernel_name, c, dtype, has_extra, ints) -> Spec:
+    f32 = ptr(torch.float32)
+    ints = dict(ints)
+    if kernel_name == "assemble":
+        kernel = _lu_assemble_kernel
+        types = dict(perm_ptr="*i64", lower_ptr=ptr(dtype), upper_ptr=ptr(dtype), log_s_ptr=ptr(dtype),
+                     sign_ptr=ptr(dtype), an_b_ptr=ptr(dtype), an_ls_ptr=ptr(dtype), a_ptr=f32, c_ptr=f32)
+        cx = dict(HAS_AN=has_extra, BR=16, BCOL=_tile(c, 64), BK=_tile(c, 32))
+    elif kernel_name == "apply":
+        kernel = _lu_apply_kernel
+        types = dict(x_ptr=ptr(dtype), a_ptr=f32, c_ptr=f32, y_ptr=ptr(dtype))
+        cx = dict(HAS_BIAS=has_extra, BN=64, BO=_tile(c, 64), BK=_tile(c, 32))
+    else:
+        kernel = _lu_wgrad_kernel
+        types = dict(g_ptr=ptr(dtype), x_ptr=ptr(dtype), part_ptr=f32)
+        cx = dict(BN=64, BO=_tile(c, 32), BK=_tile(c, 32))
+    label = f"lu {kernel_name}{' +' if has_extra else ''} C={c} {TRITON_TYPES[dtype]}"
+    return make_spec(kernel, types, cx, NUM_WARPS, label, ints=ints)
+
+
+def specializations() -> list[Spec]:
+    """The distinct specialisations the ahead-of-time compile covers: every tile size the
+    launchers choose (C = 8, 24, 48, 96: tiles 16, 32, 64 and a ragged edge), every storage
+    dtype the LU ops take at C = 48, with and without ActNorm/bias, for (B, C, 32x32) images."""
+    out = []
+    hw, b = 1024, 64
+    for c in (8, 24, 48, 96):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16) if c == 48 else (torch.float32,):
+            for extra in (False, True):
+                out.append(lu_spec("assemble", c, dtype, extra, dict(C=c)))
+                out.append(lu_spec("apply", c, dtype, extra, dict(NTOT=b * hw, C=c, HW=hw, stride_ao=c, stride_ak=1)))
+            # the backward applies A^T: transposed strides
+            out.append(lu_spec("apply", c, dtype, False, dict(NTOT=b * hw, C=c, HW=hw, stride_ao=1, stride_ak=c)))
+            out.append(lu_spec("wgrad", c, dtype, False, dict(NTOT=b * hw, C=c, HW=hw, PER_SPLIT=b * hw // 8)))
+    return unique(out)
+
+
 def _device_ctx(t):
     return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
 
@@ -121,12 +179,12 @@ def assemble(perm, lower, upper, log_s, sign, an_bias=None, an_logscale=None):
     a_mat = torch.empty((c, c), dtype=torch.float32, device=lower.device)
     has_an = an_logscale is not None
     bias = torch.empty((c,), dtype=torch.float32, device=lower.device) if has_an else a_mat
-    br = 16
+    spec = lu_spec("assemble", c, lower.dtype, has_an, dict(C=c))
     with _device_ctx(lower):
-        _lu_assemble_kernel[(triton.cdiv(c, br),)](
+        _lu_assemble_kernel[(triton.cdiv(c, dict(spec.constexprs)["BR"]),)](
             perm.contiguous(), lower.contiguous(), upper.contiguous(), log_s.contiguous(), sign.contiguous(),
             an_bias.contiguous() if has_an else log_s, an_logscale.contiguous() if has_an else log_s,
-            a_mat, bias, c, HAS_AN=has_an, BR=br, BCOL=_tile(c, 64), BK=_tile(c, 32),
+            a_mat, bias, c, **spec.launch_kwargs(),
         )
     return a_mat, (bias if has_an else None)
 
@@ -142,12 +200,12 @@ def apply(x3, a_mat, bias=None, transpose=False):
     s_o, s_k = a_mat.stride()
     if transpose:
         s_o, s_k = s_k, s_o
-    bn, bo, bk = 64, _tile(c, 64), _tile(c, 32)
-    grid = (triton.cdiv(ntot, bn), triton.cdiv(c, bo))
+    spec = lu_spec("apply", c, x3.dtype, bias is not None, dict(NTOT=ntot, C=c, HW=hw, stride_ao=s_o, stride_ak=s_k))
+    cx = dict(spec.constexprs)
+    grid = (triton.cdiv(ntot, cx["BN"]), triton.cdiv(c, cx["BO"]))
     with _device_ctx(x3):
         _lu_apply_kernel[grid](
-            x3, a_mat, bias if bias is not None else a_mat, y3, ntot, c, hw, s_o, s_k,
-            HAS_BIAS=bias is not None, BN=bn, BO=bo, BK=bk,
+            x3, a_mat, bias if bias is not None else a_mat, y3, ntot, c, hw, s_o, s_k, **spec.launch_kwargs(),
         )
     return y3
 
@@ -156,7 +214,8 @@ def wgrad(g3, x3):
     """Launcher: ``sum_{b,n} g3[b,:,n] x3[b,:,n]^T`` ``(C, C)`` float32; both ``(B, C, N)`` contiguous."""
     b, c, hw = x3.shape
     ntot = b * hw
-    bn, bo, bk = 64, _tile(c, 32), _tile(c, 32)
+    cx = dict(lu_spec("wgrad", c, x3.dtype, False, dict(NTOT=ntot, C=c, HW=hw, PER_SPLIT=64)).constexprs)
+    bn, bo, bk = cx["BN"], cx["BO"], cx["BK"]  # the tile does not depend on PER_SPLIT
     tiles = triton.cdiv(c, bo) * triton.cdiv(c, bk)
     # Enough programs to fill a GPU (~4 per SM) without partial buffers dwarfing C x C.
     splits = max(1, min(triton.cdiv(ntot, 4 * bn), triton.cdiv(512, tiles)))
@@ -165,9 +224,10 @@ def wgrad(g3, x3):
     part = torch.empty((splits, c, c), dtype=torch.float32, device=x3.device)
     if ntot == 0:
         return torch.zeros((c, c), dtype=torch.float32, device=x3.device)
+    spec = lu_spec("wgrad", c, x3.dtype, False, dict(NTOT=ntot, C=c, HW=hw, PER_SPLIT=per_split))
     with _device_ctx(x3):
         _lu_wgrad_kernel[(triton.cdiv(c, bo), triton.cdiv(c, bk), splits)](
-            g3, x3, part, ntot, c, hw, per_split, BN=bn, BO=bo, BK=bk,
+            g3, x3, part, ntot, c, hw, per_split, **spec.launch_kwargs(),
         )
     return part.sum(0)
 

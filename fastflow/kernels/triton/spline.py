@@ -3,21 +3,56 @@
 Each program takes a block of rows (elements) and the whole padded bin dimension ``KP`` as a
 2-D tile: softmax, cumulative sum, bin search and the gathers are row reductions over the
 tile, so every raw parameter is read once and nothing is written but the results.
-float16/bfloat16/float32 storage, float32 arithmetic.
+float16/bfloat16/float32 storage computed in float32; float64 storage computed in float64.
+
+Tile size: ``BLOCK * KP`` is ~512 entries per 4-warp program (4 per thread per tile), at most 64
+rows. The first version held 4096 (32 per thread): the sm_90 compile (``fastflow bench
+gpu-model``) then used all 255 registers and spilled up to 10 KB per thread in the backward; at
+512 every specialisation fits without spilling (see ``benchmarks/results/gpu_model.json``).
+
+Knots: the bin sizes' running sum is taken in float64 whatever the compute dtype, and each knot
+rounded once. A float32 scan rounds at each of its log2(K)..K additions, and at K=64 that made
+the knots, hence the widths near the upper end and the x-gradient, several times less accurate
+than nflows' (whose CPU ``cumsum`` accumulates float32 in double).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, make_spec, ptr, unique
+
+
+NUM_WARPS = 4
+_TILE = 512  # tile entries per program: 4 per thread at 4 warps
+_MAX_ROWS = 64
+
+
+@triton.jit
+def _ct(v, F64: tl.constexpr):
+    """``v`` in the compute dtype: float64 for float64 storage, float32 otherwise."""
+    # tl.cast, not .to: the interpreter passes scalar arguments as Python floats.
+    if F64:
+        return tl.cast(v, tl.float64)
+    else:
+        return tl.cast(v, tl.float32)
+
 
 @triton.jit
 def _softplus(z):
+    """log(1 + exp(z)) to a few ulps in the compute dtype, without a libdevice call.
+
+    log1p(e) as log(u) * e / (u - 1), u = 1 + e rounded (Goldberg's identity): the plain
+    log(1 + e) loses log(1+e)'s relative accuracy to the rounding of 1 + e (3e-5 relative at
+    e = 2e-3 in float32), and with it the derivatives min_derivative + softplus(z) of strongly
+    negative z: that was the larger part of the float32 gradient error against nflows."""
     e = tl.exp(-tl.abs(z))
-    # log1p(e) without a libdevice call: for small e the series is exact to fp32.
-    lp = tl.where(e < 1e-3, e * (1.0 - e * (0.5 - e / 3.0)), tl.log(1.0 + e))
+    u = 1.0 + e
+    lp = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
     return tl.maximum(z, 0.0) + lp
 
 
@@ -28,21 +63,24 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _knots(u_ptr, rows, rmask, cols, cmask, K: tl.constexpr, bound, min_size):
+def _knots(u_ptr, rows, rmask, cols, cmask, K: tl.constexpr, bound, min_size, F64: tl.constexpr):
     """softmax probabilities (BLOCK, KP) and each bin's right knot (BLOCK, KP).
 
     Bin j spans [right[j-1], right[j]] (right[-1] = -bound): left knots are never recomputed
     separately, so adjacent bins share their knot bit for bit and no point falls in a gap.
     """
     u = tl.load(u_ptr + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-    u = tl.where(cmask[None, :], u.to(tl.float32), float("-inf"))
+    u = tl.where(cmask[None, :], _ct(u, F64), float("-inf"))
     m = tl.max(u, axis=1)
     e = tl.exp(u - m[:, None])
     e = tl.where(cmask[None, :], e, 0.0)
     p = e / tl.sum(e, axis=1)[:, None]
     size = tl.where(cmask[None, :], min_size + (1.0 - min_size * K) * p, 0.0)
-    cum = tl.cumsum(size, axis=1)
-    right = tl.where(cols[None, :] >= K - 1, bound, 2.0 * bound * cum - bound)
+    # The running sum in float64 (see the module docstring), each knot rounded once.
+    cum = tl.cumsum(size.to(tl.float64), axis=1)
+    b64 = tl.cast(bound, tl.float64)
+    right = _ct(2.0 * b64 * cum - b64, F64)
+    right = tl.where(cols[None, :] >= K - 1, bound, right)
     return p, right
 
 
@@ -52,7 +90,8 @@ def _pick(t, sel):
 
 
 @triton.jit
-def _locate(x, ud_ptr, rows, inside, cols, cmask, rw, rh, K: tl.constexpr, INVERSE: tl.constexpr, bound, md):
+def _locate(x, ud_ptr, rows, inside, cols, cmask, rw, rh, K: tl.constexpr, INVERSE: tl.constexpr, bound, md,
+            F64: tl.constexpr):
     """Bin index and local quantities for each row, as in the numba/reference kernels."""
     knots = rh if INVERSE else rw
     # Bin = number of interior knots <= x (a value on a knot takes the bin to its right).
@@ -66,8 +105,8 @@ def _locate(x, ud_ptr, rows, inside, cols, cmask, rw, rh, K: tl.constexpr, INVER
     s = hk / wk
     lm = inside & (idx >= 1)
     hm = inside & (idx + 1 <= K - 1)
-    zl = tl.load(ud_ptr + rows * (K - 1) + idx - 1, mask=lm, other=0.0).to(tl.float32)
-    zh = tl.load(ud_ptr + rows * (K - 1) + idx, mask=hm, other=0.0).to(tl.float32)
+    zl = _ct(tl.load(ud_ptr + rows * (K - 1) + idx - 1, mask=lm, other=0.0), F64)
+    zh = _ct(tl.load(ud_ptr + rows * (K - 1) + idx, mask=hm, other=0.0), F64)
     dk = tl.where(lm, md + _softplus(zl), 1.0)
     dk1 = tl.where(hm, md + _softplus(zh), 1.0)
     if INVERSE:
@@ -87,20 +126,23 @@ def _locate(x, ud_ptr, rows, inside, cols, cmask, rw, rh, K: tl.constexpr, INVER
 
 @triton.jit
 def _rq_spline_fwd_kernel(
-    x_ptr, uw_ptr, uh_ptr, ud_ptr, out_ptr, lad_ptr, n, bound, mbw, mbh, md,
-    K: tl.constexpr, KP: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, uw_ptr, uh_ptr, ud_ptr, out_ptr, lad_ptr, n,
+    # float64 scalars whatever the storage (Python floats; rounded in the kernel for float32).
+    bound_: tl.float64, mbw_: tl.float64, mbh_: tl.float64, md_: tl.float64,
+    K: tl.constexpr, KP: tl.constexpr, INVERSE: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    bound, mbw, mbh, md = _ct(bound_, F64), _ct(mbw_, F64), _ct(mbh_, F64), _ct(md_, F64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < n
     cols = tl.arange(0, KP)
     cmask = cols < K
     xr = tl.load(x_ptr + rows, mask=rmask, other=0.0)
-    x = xr.to(tl.float32)
+    x = _ct(xr, F64)
     inside = rmask & (x >= -bound) & (x <= bound)
-    pw, rw = _knots(uw_ptr, rows, inside, cols, cmask, K, bound, mbw)
-    ph, rh = _knots(uh_ptr, rows, inside, cols, cmask, K, bound, mbh)
+    pw, rw = _knots(uw_ptr, rows, inside, cols, cmask, K, bound, mbw, F64)
+    ph, rh = _knots(uh_ptr, rows, inside, cols, cmask, K, bound, mbh, F64)
     idx, xk, wk, yk, hk, s, dk, dk1, zl, zh, lm, hm, theta = _locate(
-        x, ud_ptr, rows, inside, cols, cmask, rw, rh, K, INVERSE, bound, md
+        x, ud_ptr, rows, inside, cols, cmask, rw, rh, K, INVERSE, bound, md, F64
     )
     t = theta * (1.0 - theta)
     den = s + (dk + dk1 - 2.0 * s) * t
@@ -132,23 +174,24 @@ def _knot_grads(p, cols, cmask, idx, g_lo, g_hi, K: tl.constexpr, bound, min_siz
 
 @triton.jit
 def _rq_spline_bwd_kernel(
-    gout_ptr, glad_ptr, x_ptr, uw_ptr, uh_ptr, ud_ptr, gx_ptr, guw_ptr, guh_ptr, gud_ptr,
-    n, bound, mbw, mbh, md,
-    K: tl.constexpr, KP: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr,
+    gout_ptr, glad_ptr, x_ptr, uw_ptr, uh_ptr, ud_ptr, gx_ptr, guw_ptr, guh_ptr, gud_ptr, n,
+    bound_: tl.float64, mbw_: tl.float64, mbh_: tl.float64, md_: tl.float64,
+    K: tl.constexpr, KP: tl.constexpr, INVERSE: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    bound, mbw, mbh, md = _ct(bound_, F64), _ct(mbw_, F64), _ct(mbh_, F64), _ct(md_, F64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < n
     cols = tl.arange(0, KP)
     cmask = cols < K
     xr = tl.load(x_ptr + rows, mask=rmask, other=0.0)
-    x = xr.to(tl.float32)
-    go = tl.load(gout_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    gl = tl.load(glad_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    x = _ct(xr, F64)
+    go = _ct(tl.load(gout_ptr + rows, mask=rmask, other=0.0), F64)
+    gl = _ct(tl.load(glad_ptr + rows, mask=rmask, other=0.0), F64)
     inside = rmask & (x >= -bound) & (x <= bound)
-    pw, rw = _knots(uw_ptr, rows, inside, cols, cmask, K, bound, mbw)
-    ph, rh = _knots(uh_ptr, rows, inside, cols, cmask, K, bound, mbh)
+    pw, rw = _knots(uw_ptr, rows, inside, cols, cmask, K, bound, mbw, F64)
+    ph, rh = _knots(uh_ptr, rows, inside, cols, cmask, K, bound, mbh, F64)
     idx, xk, wk, yk, hk, s, dk, dk1, zl, zh, lm, hm, theta = _locate(
-        x, ud_ptr, rows, inside, cols, cmask, rw, rh, K, INVERSE, bound, md
+        x, ud_ptr, rows, inside, cols, cmask, rw, rh, K, INVERSE, bound, md, F64
     )
     tt = theta * (1.0 - theta)
     omt = 1.0 - theta
@@ -199,11 +242,44 @@ def _rq_spline_bwd_kernel(
     tl.store(gud_ptr + rows[:, None] * (K - 1) + c, gud.to(xr.dtype), mask=rmask[:, None] & (c < K - 1))
 
 
-def _launch_cfg(n: int, k: int):
+@functools.lru_cache(maxsize=None)
+def launch_spec(k: int, dtype: torch.dtype, inverse: bool, backward: bool) -> Spec:
+    """The specialisation ``fwd``/``bwd`` launch for ``K = k`` bins and storage ``dtype``: the
+    launchers take their constexprs and ``num_warps`` from here, and so do the ahead-of-time
+    compile test and the resource model."""
     kp = triton.next_power_of_2(max(k, 2))
-    # ~4096 tile entries per program keeps the (BLOCK, KP) tiles in registers for any K.
-    block = max(16, min(1024, 4096 // kp))
-    return kp, block, (triton.cdiv(n, block),)
+    # float64 values take two registers: half the tile (170 -> ~90 registers in the backward)
+    block = max(1, min(_MAX_ROWS, (_TILE // 2 if dtype == torch.float64 else _TILE) // kp))
+    kernel = _rq_spline_bwd_kernel if backward else _rq_spline_fwd_kernel
+    types = {a: ptr(dtype) for a in kernel.arg_names if a.endswith("_ptr")}
+    types.update(bound_="fp64", mbw_="fp64", mbh_="fp64", md_="fp64")
+    constexprs = dict(K=k, KP=kp, INVERSE=bool(inverse), F64=dtype == torch.float64, BLOCK=block)
+    label = f"spline {'bwd' if backward else 'fwd'}{' inverse' if inverse else ''} K={k} {TRITON_TYPES[dtype]}"
+    # n: a large batch (the JIT types it i32, 16-divisible); its value never changes the code.
+    return make_spec(kernel, types, constexprs, NUM_WARPS, label, ints={"n": 2**20})
+
+
+def specializations() -> list[Spec]:
+    """The distinct specialisations the ahead-of-time compile covers: every storage dtype x
+    direction x INVERSE at K=8 and K=64, and in float32 every bin padding KP=2..1024 (K=KP
+    and a padded K=KP/2+1). K is a constexpr, so each K is its own specialisation; these K
+    take every tile shape and row count the heuristic produces."""
+    ks = sorted({8, 64} | {kp for kp in (2 ** i for i in range(1, 11))} | {kp // 2 + 1 for kp in (8, 32, 128, 1024)})
+    out = []
+    for backward in (False, True):
+        for inverse in (False, True):
+            for dtype in TRITON_TYPES:
+                for k in (8, 64):
+                    out.append(launch_spec(k, dtype, inverse, backward))
+            for k in ks:
+                out.append(launch_spec(k, torch.float32, inverse, backward))
+    return unique(out)
+
+
+def _launch(spec: Spec, n: int, args):
+    grid = (triton.cdiv(n, dict(spec.constexprs)["BLOCK"]),)
+    with torch.cuda.device(args[0].device) if args[0].is_cuda else _nullctx():
+        spec.kernel[grid](*args, **spec.launch_kwargs())
 
 
 def fwd(x, uw, uh, ud, inverse, tb, mbw, mbh, md):
@@ -211,12 +287,9 @@ def fwd(x, uw, uh, ud, inverse, tb, mbw, mbh, md):
     n, k = uw.shape
     out = torch.empty_like(x)
     lad = torch.empty_like(x)
-    kp, block, grid = _launch_cfg(n, k)
-    with torch.cuda.device(x.device) if x.is_cuda else _nullctx():
-        _rq_spline_fwd_kernel[grid](
-            x, uw, uh, ud, out, lad, n, float(tb), float(mbw), float(mbh), float(md),
-            K=k, KP=kp, INVERSE=bool(inverse), BLOCK=block,
-        )
+    if n:
+        _launch(launch_spec(k, x.dtype, bool(inverse), False), n,
+                (x, uw, uh, ud, out, lad, n, float(tb), float(mbw), float(mbh), float(md)))
     return out, lad
 
 
@@ -227,13 +300,9 @@ def bwd(g_out, g_lad, x, uw, uh, ud, inverse, tb, mbw, mbh, md):
     g_uw = torch.empty_like(uw)
     g_uh = torch.empty_like(uh)
     g_ud = torch.empty_like(ud)
-    kp, block, grid = _launch_cfg(n, k)
-    with torch.cuda.device(x.device) if x.is_cuda else _nullctx():
-        _rq_spline_bwd_kernel[grid](
-            g_out, g_lad, x, uw, uh, ud, g_x, g_uw, g_uh, g_ud, n,
-            float(tb), float(mbw), float(mbh), float(md),
-            K=k, KP=kp, INVERSE=bool(inverse), BLOCK=block,
-        )
+    if n:
+        _launch(launch_spec(k, x.dtype, bool(inverse), True), n,
+                (g_out, g_lad, x, uw, uh, ud, g_x, g_uw, g_uh, g_ud, n, float(tb), float(mbw), float(mbh), float(md)))
     return g_x, g_uw, g_uh, g_ud
 
 
