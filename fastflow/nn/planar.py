@@ -29,6 +29,8 @@ instead, for users who want the paper's VI-only contract enforced.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,8 +95,13 @@ class PlanarFlow(_Generative):
 
     def __init__(self, features, inverse="numerical", init_scale=0.1, max_iter=200):
         super().__init__(features, inverse, "PlanarFlow")
-        self.u = nn.Parameter(init_scale * torch.randn(features))
-        self.w = nn.Parameter(init_scale * torch.randn(features) + 1.0 / features ** 0.5)
+        w = init_scale * torch.randn(features) + 1.0 / features ** 0.5
+        u = init_scale * torch.randn(features)
+        # w^T u = log(e - 1) makes w^T u_hat = m(w^T u) = 0: a near-identity start (u_hat is the small
+        # part of u orthogonal to w) instead of a contraction by up to 1 + m(0) = 0.69 per layer.
+        u = u + (math.log(math.e - 1) - w @ u) * w / (w @ w)
+        self.u = nn.Parameter(u)
+        self.w = nn.Parameter(w)
         self.b = nn.Parameter(torch.zeros(()))
         self.max_iter = max_iter
 
