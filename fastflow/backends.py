@@ -3,7 +3,8 @@
 Four backends, tried in this order when ``backend=None``:
 
 - ``triton``: fused GPU kernels for CUDA tensors (and CPU tensors when ``TRITON_INTERPRET=1``,
-  which is how they are tested without a GPU); float32/float16/bfloat16, computed in float32.
+  which is how they are tested without a GPU); float32/float16/bfloat16, computed in float32, and
+  float64 computed in float64 for the spline and coupling ops.
 - ``cuda``: hand-written CUDA C++ kernels from ``csrc/``, loaded through CuPy.
 - ``numba``: fused parallel CPU kernels; float32/float64, computed in float64.
 - ``reference``: pure torch, any device and floating dtype; the oracle and the last resort.
@@ -86,6 +87,8 @@ class Backend:
     probe: Callable[[], str | None] = lambda: None
     description: str = ""
     kernels: dict = field(default_factory=dict, compare=False, hash=False)
+    # op -> dtypes taken beyond ``dtypes`` for that op alone (computed in that dtype)
+    op_dtypes: dict = field(default_factory=dict, compare=False, hash=False)
 
     def device_ok(self, device: torch.device) -> bool:
         if self.name == "triton" and device.type == "cpu":
@@ -101,8 +104,8 @@ class Backend:
             return reason
         if not self.device_ok(device):
             return f"backend {self.name!r} runs on {'/'.join(self.devices)} tensors, got device {device}"
-        if dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+        if dtype not in self.dtypes + self.op_dtypes.get(op, ()):
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes + self.op_dtypes.get(op, ()))
             return f"backend {self.name!r} takes dtypes ({names}), got {str(dtype).replace('torch.', '')}"
         return None
 
@@ -111,11 +114,18 @@ _F = (torch.float32, torch.float64)
 _LOW = (torch.float16, torch.bfloat16)
 
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", ("cuda",), (torch.float32,) + _LOW, _probe_triton, "fused Triton GPU kernels"),
+    "triton": Backend("triton", ("cuda",), (torch.float32,) + _LOW, _probe_triton, "fused Triton GPU kernels",
+                      # float64 kernels computed in float64 (the LU kernels stay float32-only)
+                      op_dtypes={op: (torch.float64,) for op in ("rq_spline", "affine_coupling", "additive_coupling",
+                                                                  "rescale")}),
     "cuda": Backend("cuda", ("cuda",), (torch.float32,) + _LOW, _probe_cuda, "CUDA C++ kernels via CuPy"),
     "numba": Backend("numba", ("cpu",), _F, _probe_numba, "fused parallel Numba CPU kernels"),
     "reference": Backend("reference", ("any",), _F + _LOW, lambda: None, "pure PyTorch (oracle)"),
 }
+# triton before cuda on a GPU: the resource/roofline model (``fastflow bench gpu-model``,
+# benchmarks/results/gpu-model_*.json, "model_gpu_backend_order") predicts the spline kernels of
+# both memory-bound at float32 K=8 (no spills, >= 50% occupancy), so neither is predicted >10%
+# faster and triton, which also takes float64, leads; a device run may overturn it.
 _ORDER = ("triton", "cuda", "numba", "reference")
 
 

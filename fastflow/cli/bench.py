@@ -16,10 +16,11 @@ def _sizes(text: str) -> list[int]:
 
 
 def add_parser(sub):
-    from fastflow.bench import SUITES
+    from fastflow.bench import EXTRA_SUITES, SUITES
 
     p = sub.add_parser("bench", help="benchmark the fused ops against the reference, nflows and zuko")
-    p.add_argument("suites", nargs="*", default=None, help=f"suites to run (default: all of {', '.join(SUITES)})")
+    p.add_argument("suites", nargs="*", default=None, help=f"suites to run (default: all of {', '.join(SUITES)}; "
+                   f"also {', '.join(EXTRA_SUITES)})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--sizes", type=_sizes, default=None,
