@@ -49,6 +49,11 @@ class ContinuousFlow(Flow):
         x0 = self.base.sample(x.shape[0], context=context).reshape(x.shape[0], -1).to(x1.dtype)
         return self.cnf.flow_matching_loss(x1, x0, context, sigma_min=self.sigma_min)
 
+    def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` samples (shapes as :meth:`Flow.sample`); the ODE is solved without the trace."""
+        with self.cnf.without_trace():
+            return super().sample_and_log_prob(n, context)[0]
+
     def training_loss(self, x: torch.Tensor, objective: str = "nll", context: torch.Tensor | None = None):
         """The scalar loss of ``objective`` (``"nll"`` or ``"flow-matching"``) on the batch ``x``."""
         return training_loss(self, x, objective, context)

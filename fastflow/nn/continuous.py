@@ -22,6 +22,8 @@ Adaptive methods (``"dopri5"``, ...) use ``rtol``/``atol``; fixed-step ones (``"
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -93,7 +95,9 @@ class _Dynamics(nn.Module):
             if not (create_graph and z.requires_grad):  # values only (or a state outside any graph)
                 z = z.detach().requires_grad_(True)
             dz = self.field(t, z, self.context)
-            if self.exact:
+            if self.exact is None:  # sampling only: no log-det wanted
+                tr = z.new_zeros(z.shape[0])
+            elif self.exact:
                 tr = z.new_zeros(z.shape[0])
                 for i in range(z.shape[1]):
                     tr = tr + torch.autograd.grad(dz[:, i].sum(), z, create_graph=create_graph,
@@ -153,6 +157,16 @@ class CNF(Transform):
         self.adjoint, self.trace, self.eval_trace, self.probe = adjoint, trace, eval_trace, probe
         self.exact_max_features, self.t1 = exact_max_features, float(t1)
         self.last_solve_info: dict = {}
+        self._trace_override = None  # "none" while sampling without log-densities
+
+    @contextlib.contextmanager
+    def without_trace(self):
+        """Solves inside this block skip the trace (their log-dets are zeros): for plain sampling."""
+        self._trace_override = "none"
+        try:
+            yield
+        finally:
+            self._trace_override = None
 
     def _check(self, x, what):
         if x.dim() != 2 or x.shape[1] != self.features:
@@ -169,8 +183,11 @@ class CNF(Transform):
 
         dyn = self.dynamics
         dyn.context = context
-        dyn.exact = self._exact() if trace is None else trace == "exact"
-        if not dyn.exact:
+        if trace not in (None, "none") + TRACES:
+            raise ValueError(f"CNF: trace={trace!r}, expected None, 'none' or one of {TRACES}")
+        trace = trace or self._trace_override
+        dyn.exact = None if trace == "none" else (self._exact() if trace is None else trace == "exact")
+        if dyn.exact is False:
             dyn.probe = (torch.randn_like(x) if self.probe == "gaussian"
                          else torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1)
         dyn.nfe = 0

@@ -90,6 +90,7 @@ class SpectralNormLinear(nn.Module):
         g = torch.Generator().manual_seed(0)
         self.register_buffer("u", F.normalize(torch.randn(out_features, generator=g), dim=0))
         self.register_buffer("v", F.normalize(torch.randn(in_features, generator=g), dim=0))
+        self.frozen = False
         self._power_iteration(50)
 
     @torch.no_grad()
@@ -103,7 +104,9 @@ class SpectralNormLinear(nn.Module):
         self.v.copy_(v)
 
     def normalized_weight(self):
-        if self.training:
+        # One power-iteration step per training forward that builds a graph; never inside a
+        # fixed-point inverse (``frozen``), whose iterates must all see the same weight.
+        if self.training and not self.frozen and torch.is_grad_enabled():
             self._power_iteration(self.n_power_iterations)
         sigma = torch.dot(self.u.to(self.weight.dtype), self.weight @ self.v.to(self.weight.dtype))
         return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
@@ -342,6 +345,16 @@ class ResidualBlock(Transform):
         self._check(y, "y")
         if y.shape[0] == 0:
             return y.clone(), y.new_zeros(0)
+        linears = list(self.net.linears)
+        for lin in linears:
+            lin.frozen = True
+        try:
+            return self._inverse(y, context)
+        finally:
+            for lin in linears:
+                lin.frozen = False
+
+    def _inverse(self, y, context):
         x_star = self._fixed_point(y.detach(), None if context is None else context.detach())
         if torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in self.parameters())
                                         or (context is not None and context.requires_grad)):

@@ -160,6 +160,12 @@ def test_objectives_and_bad_arguments():
         assert flow.log_prob(torch.zeros(0, 2)).shape == (0,)
         assert flow.sample(0).shape == (0, 2)
         assert flow.sample(3).shape == (3, 2)
+    # plain sampling skips the trace and gives the same points (up to the adaptive solver's tolerance)
+    torch.manual_seed(1)
+    s_fast = flow.sample(4)
+    torch.manual_seed(1)
+    s_full = flow.sample_and_log_prob(4)[0]
+    torch.testing.assert_close(s_fast, s_full, rtol=0, atol=1e-3)  # adaptive steps differ: solver tolerance
     # images are flattened; the spec rebuilds the flow
     img = build("cnf", (1, 2, 2), hidden_features=8, num_layers=1, method="rk4", step_size=0.5)
     other = build(**img.spec)

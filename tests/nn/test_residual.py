@@ -104,6 +104,17 @@ def test_exact_logdet_and_fixed_point_round_trip(context):
         assert float((blk(x, torch.zeros_like(c))[0] - y).detach().abs().max()) > 1e-2
 
 
+def test_training_mode_inverse_does_not_move_the_weights():
+    blk = _strong_block().train()
+    u0 = [lin.u.clone() for lin in blk.net.linears]
+    y = torch.randn(4, D, dtype=torch.float64)
+    x, _ = blk.inverse(y)
+    assert all(torch.equal(a, lin.u) for a, lin in zip(u0, blk.net.linears))
+    torch.testing.assert_close(blk.net(x) + x, y, rtol=0, atol=1e-5)
+    blk(y)  # a training forward does take a power-iteration step
+    assert not all(torch.equal(a, lin.u) for a, lin in zip(u0, blk.net.linears))
+
+
 def test_inverse_non_convergence_is_reported():
     blk = _strong_block()
     blk.max_iter = 2
