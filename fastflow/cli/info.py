@@ -25,6 +25,14 @@ def run(args) -> int:
     print("devices:  " + ", ".join(status["devices"]))
     if status["triton_interpret"]:
         print("TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter")
+    from fastflow.backends import ENV_VAR, UnknownBackendError, env_backend
+
+    try:
+        forced = env_backend()
+        if forced:
+            print(f"{ENV_VAR}={forced}: every op is forced onto the {forced!r} backend")
+    except UnknownBackendError as e:
+        print(f"warning: {e}; the batch commands refuse to run until it is fixed or unset")
     print("backends (tried in this order when backend=None):")
     for name, b in status["backends"].items():
         mark = "available  " if b["available"] else "unavailable"

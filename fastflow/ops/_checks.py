@@ -33,10 +33,16 @@ def check_same(op: str, named: dict[str, torch.Tensor]) -> None:
 
 
 def check_positive_float(op: str, name: str, value, *, allow_zero: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{op}: {name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a number, got {value!r}")
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        v = value  # dynamic shapes under torch.compile: checked by comparisons (guards), no float()
+    else:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{op}: {name} must be a number, got {value!r}") from None
+    # comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat
+    if v != v or v == math.inf or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{op}: {name} must be a finite {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
     return v

@@ -14,6 +14,18 @@ or through an ``autograd.Function`` built from the same ``setup_context``/``back
 that is registered with the op. Anything else (compiling or exporting, tracing, fake/meta or
 subclass tensors, functorch transforms, dispatch or torch-function modes) goes through the
 custom op, so those see exactly the registered op.
+
+Higher-order and forward-mode derivatives (the fused backward kernels are first-order only):
+
+- **Double backward** (``create_graph=True``): an op registered with a ``composite`` (the same
+  maths as differentiable torch ops) recomputes its outputs with it inside the backward and
+  differentiates that, so second derivatives exist at every size and on every backend; the fused
+  backward still runs whenever no graph of the gradient is asked for. An op without one raises a
+  :class:`HigherOrderError` naming itself.
+- **Forward mode** (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``): an op registered
+  with a ``jvp`` runs through an ``autograd.Function`` whose ``jvp`` computes the tangents
+  (the elementwise ops from their fused backward kernels); an op without one raises a
+  :class:`HigherOrderError` naming itself, never zero tangents.
 """
 
 from __future__ import annotations
@@ -22,9 +34,44 @@ from typing import Callable
 
 import torch
 
-__all__ = ["custom_op", "FusedOp"]
+__all__ = ["custom_op", "FusedOp", "HigherOrderError"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class HigherOrderError(NotImplementedError):
+    """A derivative mode (forward-mode AD, double backward) that an op does not support."""
+
+
+def _transformed(args) -> bool:
+    """Whether this call is under a functorch transform (grad, vjp, jvp, vmap, jacrev, jacfwd)
+    or has a dual-tensor input of ``torch.autograd.forward_ad``."""
+    try:
+        if torch._C._are_functorch_transforms_active():
+            return True
+        from torch.autograd import forward_ad
+
+        if forward_ad._current_level >= 0:
+            return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+    except AttributeError:  # an unknown torch: assume plain reverse mode
+        return False
+    return False
+
+
+def _loop_vmap_rule(op):
+    """vmap by calling ``op`` once per slice of the vmapped dimension and stacking."""
+
+    def rule(info, in_dims, *args):
+        n = info.batch_size
+        outs = []
+        for i in range(n):
+            outs.append(op(*(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                             for a, d in zip(args, in_dims))))
+        if isinstance(outs[0], (tuple, list)):
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    return rule
 
 
 def _modes_active() -> bool:
@@ -61,35 +108,147 @@ class FusedOp:
         self.impl = impl
         self.op = torch.library.custom_op(name, mutates_args=())(impl)
         self._function = None
+        self._jvp_function = None
+        # vmap (and so jacrev/jacfwd) over the op: one call per vmapped slice unless an op
+        # registers a batched rule (register_vmap)
+        self.op.register_vmap(_loop_vmap_rule(self.op))
+
+    def register_vmap(self, rule: Callable) -> None:
+        """A batched vmap rule ``rule(info, in_dims, *args) -> (outputs, out_dims)``."""
+        self.op.register_vmap(rule)
 
     def register_fake(self, fn: Callable) -> Callable:
         self.op.register_fake(fn)
         return fn
 
-    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
-        self.op.register_autograd(backward, setup_context=setup_context)
+    @property
+    def public_name(self) -> str:
+        return "fastflow.ops." + self.name.split("::")[-1]
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable, composite: Callable | None = None,
+                          jvp: Callable | None = None) -> None:
+        """Register the fused ``backward`` (and build the eager ``autograd.Function``).
+
+        Args:
+            backward, setup_context: as for ``torch.library``; ``setup_context`` must save every
+                tensor input, in argument order, with ``ctx.save_for_backward`` (the composite
+                backward rebuilds the arguments from them).
+            composite: ``composite(*args) -> outputs``, the op's maths in differentiable torch ops;
+                used only for double backward (``create_graph=True``).
+            jvp: ``jvp(args, tangents) -> output tangents`` for forward-mode AD; ``tangents`` has
+                one entry per argument (None for non-tensors and inputs without a tangent).
+        """
+        op_name = self.public_name
+
+        def setup(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+            ctx.fastflow_args = tuple(_TENSOR if isinstance(a, torch.Tensor) else a for a in inputs)
+
+        def backward_any_order(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            # create_graph=True: the gradient itself must be differentiable
+            if composite is None:
+                raise HigherOrderError(
+                    f"{op_name}: double backward (create_graph=True) is not supported: its backward is a fused "
+                    "first-order kernel; compute this map with torch ops for higher-order derivatives")
+            return _composite_backward(ctx, grads, composite)
+
+        self.op.register_autograd(backward_any_order, setup_context=setup)
         name = self.name.split("::")[-1].title().replace("_", "") + "Function"
         impl = self.impl
 
         def forward(ctx, *args):
             out = impl(*args)
-            setup_context(ctx, args, out)
+            setup(ctx, args, out)
             return out
 
         # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
         # binding the arguments to forward's signature (inspect, ~30 us a call).
         self._function = type(name, (torch.autograd.Function,), {
             "forward": staticmethod(forward),
-            "backward": staticmethod(backward),
+            "backward": staticmethod(backward_any_order),
         })
+        if jvp is None:
+            def jvp(args, tangents, _name=op_name):
+                raise HigherOrderError(
+                    f"{_name}: forward-mode AD (torch.func.jvp/jacfwd, torch.autograd.forward_ad) is not "
+                    "supported; use reverse mode (torch.func.jacrev/vjp, .backward())")
+        self._jvp_function = _jvp_function(name + "Transformable", self.op, setup, backward_any_order, jvp)
 
     def __call__(self, *args):
+        if not torch.compiler.is_compiling() and self._jvp_function is not None and _transformed(args):
+            # functorch transforms and forward-mode AD take the Function with a setup_context,
+            # a vmap rule and a jvp (torch.library's own autograd wrapper has neither)
+            return self._jvp_function.apply(*args)
         if not _eager(args):
             return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             # without registered autograd, the op itself says that it has none
             return self.op(*args) if self._function is None else self._function.apply(*args)
         return self.impl(*args)
+
+
+class _TensorSlot:
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+_TENSOR = _TensorSlot()
+
+
+def _saved_args(ctx) -> list:
+    saved = iter(ctx.saved_tensors)
+    return [next(saved) if a is _TENSOR else a for a in ctx.fastflow_args]
+
+
+def _composite_backward(ctx, grads, composite):
+    """Gradients by autograd through ``composite`` on the saved inputs, with ``create_graph``."""
+    args = _saved_args(ctx)
+    needs = list(ctx.needs_input_grad)
+    with torch.enable_grad():
+        local = list(args)
+        wrt = []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and needs[i]:
+                if not a.requires_grad:
+                    local[i] = a.detach().requires_grad_()
+                wrt.append(i)
+        outs = composite(*local)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        result = [None] * len(args)
+        if wrt and pairs:
+            got = torch.autograd.grad([o for o, _ in pairs], [local[i] for i in wrt], [g for _, g in pairs],
+                                      create_graph=True, allow_unused=True)
+            for i, g in zip(wrt, got):
+                result[i] = g if g is not None else torch.zeros_like(args[i])
+    return tuple(result)
+
+
+def _jvp_function(name: str, op, setup: Callable, backward: Callable, jvp: Callable):
+    """An ``autograd.Function`` over the registered op with a forward-mode rule (vmappable, so
+    ``jacfwd`` works) and the op's own backward."""
+
+    def forward(*args):
+        return op(*args)
+
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.save_for_forward(*(a for a in inputs if isinstance(a, torch.Tensor)))
+
+    def fwd_rule(ctx, *tangents):
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if a is _TENSOR else a for a in ctx.fastflow_args]
+        return jvp(args, list(tangents))
+
+    return type(name, (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "jvp": staticmethod(fwd_rule),
+    })
 
 
 def custom_op(name: str) -> Callable[[Callable], FusedOp]:

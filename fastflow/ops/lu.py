@@ -401,10 +401,29 @@ def _make_autograd(op: str, has_an: bool):
     return backward, setup_context
 
 
+def _make_composite(has_an: bool):
+    """The map in differentiable torch ops (the reference, factor by factor), for double backward."""
+
+    def composite(*args):
+        if has_an:
+            x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backend = args
+        else:
+            (x, perm, lower, upper, log_s, sign, inverse, backend), an_b, an_ls = args, None, None
+        cd = _compute_dtype(x.dtype)
+        c = lambda t: None if t is None else t.to(cd)  # noqa: E731
+        n = math.prod(x.shape[2:])
+        y3 = ref.apply_factored(_as3(x).to(cd), perm, c(lower), c(upper), c(log_s), c(sign), c(an_b), c(an_ls),
+                                inverse)
+        lad = ref.logabsdet(c(log_s), c(an_ls), n, inverse).to(x.dtype).expand(x.shape[0])
+        return y3.to(x.dtype).reshape(x.shape), lad
+
+    return composite
+
+
 for _o, _name, _has_an in ((_lu_linear_op, "lu_linear", False), (_lu_conv1x1_op, "lu_conv1x1", False),
                            (_actnorm_conv1x1_op, "actnorm_conv1x1", True)):
     _bwd, _setup = _make_autograd(_name, _has_an)
-    _o.register_autograd(_bwd, setup_context=_setup)
+    _o.register_autograd(_bwd, setup_context=_setup, composite=_make_composite(_has_an))
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,8 +443,11 @@ def _check_values(op, perm, sign) -> None:
     """
     if torch.compiler.is_compiling():
         return
-    key = tuple((t.data_ptr(), _version(t), t.stride(), t.shape, t.dtype) for t in (perm, sign)) + (perm.device,)
-    hit = _VALIDATED.get(key)
+    try:
+        key = tuple((t.data_ptr(), _version(t), t.stride(), t.shape, t.dtype) for t in (perm, sign)) + (perm.device,)
+    except RuntimeError:  # functorch-wrapped tensors have no data pointer: check without the cache
+        key = None
+    hit = _VALIDATED.get(key) if key is not None else None
     if hit is not None and (perm.device.type != "cpu" or (torch.equal(hit[2], perm) and torch.equal(hit[3], sign))):
         return
     c = perm.numel()
@@ -433,6 +455,8 @@ def _check_values(op, perm, sign) -> None:
         raise ValueError(f"{op}: perm must be a permutation of 0..{c - 1} (each index exactly once), got {perm.tolist() if c <= 32 else describe(perm)}")
     if not bool(((sign == 1) | (sign == -1)).all()):
         raise ValueError(f"{op}: sign must hold only +1 and -1 (the fixed signs of W's diagonal), got {describe(sign)}")
+    if key is None:
+        return
     snap = (perm.clone(), sign.clone()) if perm.device.type == "cpu" else (None, None)
     _VALIDATED[key] = (perm, sign, *snap)
     while len(_VALIDATED) > 256:

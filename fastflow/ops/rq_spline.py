@@ -177,7 +177,35 @@ def _backward(ctx, grad_out, grad_lad):
     return (*g, None, None, None, None, None, None)
 
 
-_rq_spline_op.register_autograd(_backward, setup_context=_setup_context)
+def _composite(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend):
+    """The spline in differentiable torch ops (the reference), for double backward."""
+    from fastflow.kernels.reference.spline import rq_spline_reference
+
+    out, lad = rq_spline_reference(*_Reference._upcast([x, uw, uh, ud]), inverse, tail_bound, mbw, mbh, md)
+    return out.to(x.dtype), lad.to(x.dtype)
+
+
+def _jvp(args, tangents):
+    """Forward mode: each output element depends on its own input and K-sized parameters only,
+    so the JVP is the local derivative times the tangent plus the parameter terms; those
+    derivatives are two calls of the fused backward (output and log-det rows of the Jacobian)."""
+    x, uw, uh, ud, *rest = args
+    ones, zeros = torch.ones_like(x), torch.zeros_like(x)
+    bwd = _rq_spline_backward_op.op  # the registered op itself: inside a jvp rule, no re-dispatch
+    rows = (bwd(ones, zeros, x, uw, uh, ud, *rest), bwd(zeros, ones, x, uw, uh, ud, *rest))
+    out = []
+    for g in rows:
+        acc = zeros
+        if tangents[0] is not None:
+            acc = acc + g[0] * tangents[0]
+        for gi, ti in zip(g[1:], tangents[1:4]):
+            if ti is not None:
+                acc = acc + (gi * ti).sum(-1)
+        out.append(acc)
+    return tuple(out)
+
+
+_rq_spline_op.register_autograd(_backward, setup_context=_setup_context, composite=_composite, jvp=_jvp)
 
 
 # --------------------------------------------------------------------------------------------
