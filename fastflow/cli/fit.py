@@ -257,6 +257,19 @@ def _prepare_out(out: Path, cfg: dict, factory: str, spec: dict, fingerprint: di
     return "fresh", ""
 
 
+def _probe(flow, data, device, model: str) -> None:
+    """Evaluate the model once on two training rows before anything is written: a backend that
+    cannot run here, or a model that does not fit the data, fails now with one line. Eval mode,
+    no gradients and a forked RNG: no state changes (data-dependent inits wait for training)."""
+    flow.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            flow.log_prob(data.train.rows(np.arange(min(2, len(data.train)))).to(device))
+    except (BackendUnavailableError, UnknownBackendError, TypeError, ValueError) as e:
+        raise CLIError(f"model {model!r} cannot run on {device} for data of shape {tuple(data.shape)}: "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def _metric_step(line: str) -> float:
     """The step of a metrics line; a line torn by a kill mid-write counts as after any checkpoint."""
     try:
@@ -368,6 +381,7 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
     device = env.device
     if device.type != "cpu":  # a no-op on the CPU; skipping it also keeps Module.to out of the way
         flow.to(device)
+    _probe(flow, data, device, cfg["model"])
     flow.train()
     opt = _make_optimizer(cfg, flow.parameters())
     sched = _make_scheduler(cfg, opt)

@@ -127,7 +127,10 @@ def test_model_file_version_and_format_checks(model_file, tmp_path, main_cli):
     # parameters of another model under this spec
     other = build("realnvp", (2,), hidden_features=4, num_layers=2, num_blocks=1)
     bad = tmp_path / "other.pt"
-    torch.save({**obj, "state_dict": other.state_dict()}, bad)
+    torch.save({**obj, "state_dict": other.state_dict()}, bad)  # edited after writing: the digest says so
+    code, err = main_cli("score", bad, tmp_path / "none.npy", "--out", tmp_path / "s.npy")
+    assert code == 2 and "is corrupt" in err
+    torch.save(ckpt.seal({**obj, "state_dict": other.state_dict()}), bad)  # written so, with its own digest
     code, err = main_cli("score", bad, tmp_path / "none.npy", "--out", tmp_path / "s.npy")
     assert code == 2 and "different model" in err
     assert obj["fastflow_version"] == fastflow.__version__
