@@ -207,7 +207,8 @@ def _load(path: Path, fmt: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CorruptFileError(f"cannot read {path}: not a fastflow file or corrupt ({type(e).__name__})") from None
+        raise CorruptFileError(f"{path} is corrupt or not a fastflow file: it cannot be read ({type(e).__name__})"
+                               ) from None
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CLIError(f"{path} is not a {fmt} file (found {found!r})")

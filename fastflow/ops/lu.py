@@ -406,9 +406,9 @@ def _make_composite(has_an: bool):
 
     def composite(*args):
         if has_an:
-            x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backend = args
+            x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, _backend = args
         else:
-            (x, perm, lower, upper, log_s, sign, inverse, backend), an_b, an_ls = args, None, None
+            (x, perm, lower, upper, log_s, sign, inverse, _backend), an_b, an_ls = args, None, None
         cd = _compute_dtype(x.dtype)
         c = lambda t: None if t is None else t.to(cd)  # noqa: E731
         n = math.prod(x.shape[2:])
