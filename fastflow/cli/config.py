@@ -55,6 +55,9 @@ FIELDS: list[Field] = [
           "--model-arg K=V, repeatable), over the defaults: for nsf hidden_features=64, num_layers=4, num_blocks=1; "
           "the builder's own for other models",
           section="model"),
+    Field("objective", str, "nll", "training objective: maximum likelihood (nll), or conditional flow matching of "
+          "a continuous flow's vector field (flow-matching; model cnf), evaluated by the exact ODE likelihood",
+          choices=("nll", "flow-matching")),
     Field("steps", int, 600, "optimisation steps (the training budget)", minimum=1),
     Field("batch_size", int, 256, "global batch size (split evenly across ranks)", minimum=1),
     Field("optimizer", str, "adam", "optimiser", choices=("adam", "adamw", "sgd")),

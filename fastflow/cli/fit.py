@@ -1,4 +1,5 @@
-"""``fastflow fit [CONFIG.toml] [--flags]``: train a flow by maximum likelihood, resumably.
+"""``fastflow fit [CONFIG.toml] [--flags]``: train a flow by maximum likelihood (or, for a CNF, by flow
+matching: ``--objective flow-matching``), resumably.
 
 ``fastflow fit`` alone trains the default model (an NSF on the embedded ``digits`` set) into
 ``runs/nsf-digits``. Output folder (``--out``)::
@@ -94,15 +95,21 @@ def run(args) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-class _LogProb(torch.nn.Module):
-    """DDP needs the computation in ``forward``; a Flow's forward may be something else."""
+class _Loss(torch.nn.Module):
+    """The batch loss as a module's ``forward`` (DDP needs the computation there; a Flow's
+    forward may be something else): ``-mean log p(x)``, or another objective of the flow's."""
 
-    def __init__(self, flow):
+    def __init__(self, flow, objective: str = "nll"):
         super().__init__()
         self.flow = flow
+        self.objective = objective
 
     def forward(self, x):
-        return self.flow.log_prob(x)
+        if self.objective == "nll":
+            return -self.flow.log_prob(x).mean()
+        from fastflow.flows import training_loss
+
+        return training_loss(self.flow, x, self.objective)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -382,6 +389,9 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
     if device.type != "cpu":  # a no-op on the CPU; skipping it also keeps Module.to out of the way
         flow.to(device)
     _probe(flow, data, device, cfg["model"])
+    if cfg["objective"] != "nll" and not hasattr(flow, "flow_matching_loss"):
+        raise CLIError(f"config key 'objective': {cfg['objective']!r} trains a continuous flow's vector field; model "
+                       f"{cfg['model']!r} has none (use --model cnf, or --objective nll)")
     flow.train()
     opt = _make_optimizer(cfg, flow.parameters())
     sched = _make_scheduler(cfg, opt)
@@ -438,7 +448,7 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
             f"({n_train} train rows, {K} rank(s), {cfg['steps']} steps) -> {out}")
     dist.barrier(env)
 
-    module = _LogProb(flow)
+    module = _Loss(flow, cfg["objective"])
     if env.enabled:
         module = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -487,7 +497,7 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
                     order_epoch, order = epoch, epoch_order(seed, epoch, n_train)
                 batch = order[pos * B:(pos + 1) * B][env.rank * local:(env.rank + 1) * local]
                 x = data.train.rows(batch).to(device, non_blocking=True)
-                loss = -module(x).mean()
+                loss = module(x)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg["grad_clip"] > 0:
