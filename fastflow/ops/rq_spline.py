@@ -13,22 +13,34 @@ op ``fastflow::rq_spline_backward``, a fused kernel that recomputes the forward 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from fastflow.backends import get_kernel, register_kernel, resolve_backend
+from fastflow.backends import BackendUnavailableError, env_backend, get_kernel, register_kernel, resolve_backend
 from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
 
-__all__ = ["rq_spline"]
+__all__ = ["rq_spline", "rq_spline_bounded", "rq_spline_zuko", "PARAMETERIZATIONS"]
 
 OP = "rq_spline"
 _MAX_BINS = 1024
+# The spline's parameterisations (prologues raw -> knots and slopes, evaluated inside each
+# kernel): "nflows" (unconstrained, linear tails: rq_spline), "nflows_bounded"
+# (rq_spline_bounded), "zuko" (rq_spline_zuko). See kernels/reference/spline.py.
+PARAMETERIZATIONS = ("nflows", "nflows_bounded", "zuko")
+_NO_BOX = (-1.0, 1.0, -1.0, 1.0)  # the box argument of the "nflows" parameterisation (unused: tail_bound)
 
 
 # --------------------------------------------------------------------------------------------
 # Per-backend adapters: flat contiguous tensors in, flat tensors out.
 #   fwd(x (N,), uw (N,K), uh (N,K), ud (N,K-1), inverse, tb, mbw, mbh, md) -> (out, lad)
 #   bwd(g_out, g_lad, x, uw, uh, ud, inverse, tb, mbw, mbh, md) -> (g_x, g_uw, g_uh, g_ud)
+# and, on backends that list them in PARAMETERIZATIONS, the other parameterisations:
+#   fwd_param(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md) -> (out, lad)
+#   bwd_param(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md) -> grads
+# with box = (left, right, bottom, top); for "zuko" md is zuko's slope, ud has K-1 entries; for
+# "nflows_bounded" ud has K+1.
 # --------------------------------------------------------------------------------------------
 
 
@@ -54,6 +66,24 @@ class _Reference:
         grads = rq_spline_reference_backward(*cls._upcast([g_out, g_lad, x, uw, uh, ud]), inverse, tb, mbw, mbh, md)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (x, uw, uh, ud)))
 
+    PARAMETERIZATIONS = PARAMETERIZATIONS
+
+    @classmethod
+    def fwd_param(cls, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+        from fastflow.kernels.reference.spline import rq_spline_param_reference
+
+        out, lad = rq_spline_param_reference(*cls._upcast([x, uw, uh, ud]), inverse, parameterization, box, mbw, mbh,
+                                             md)
+        return out.to(x.dtype), lad.to(x.dtype)
+
+    @classmethod
+    def bwd_param(cls, g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+        from fastflow.kernels.reference.spline import rq_spline_param_reference_backward
+
+        grads = rq_spline_param_reference_backward(*cls._upcast([g_out, g_lad, x, uw, uh, ud]), inverse,
+                                                   parameterization, box, mbw, mbh, md)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (x, uw, uh, ud)))
+
 
 class _Numba:
     @staticmethod
@@ -69,6 +99,24 @@ class _Numba:
 
         arrays = (t.numpy() for t in (g_out, g_lad, x, uw, uh, ud))
         return tuple(torch.from_numpy(g) for g in rq_spline_bwd(*arrays, inverse, tb, mbw, mbh, md))
+
+    PARAMETERIZATIONS = PARAMETERIZATIONS
+
+    @staticmethod
+    def fwd_param(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+        from fastflow.kernels.numba.spline import rq_spline_param_fwd
+
+        out, lad = rq_spline_param_fwd(*(t.numpy() for t in (x, uw, uh, ud)), inverse, parameterization, box, mbw, mbh,
+                                       md)
+        return torch.from_numpy(out), torch.from_numpy(lad)
+
+    @staticmethod
+    def bwd_param(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+        from fastflow.kernels.numba.spline import rq_spline_param_bwd
+
+        arrays = (t.numpy() for t in (g_out, g_lad, x, uw, uh, ud))
+        return tuple(torch.from_numpy(g) for g in rq_spline_param_bwd(*arrays, inverse, parameterization, box, mbw,
+                                                                       mbh, md))
 
 
 def _load_triton():
@@ -95,7 +143,7 @@ def _flat(x, uw, uh, ud):
         x.reshape(-1).contiguous(),
         uw.reshape(-1, k).contiguous(),
         uh.reshape(-1, k).contiguous(),
-        ud.reshape(-1, k - 1).contiguous(),
+        ud.reshape(-1, ud.shape[-1]).contiguous(),
     )
 
 
@@ -116,17 +164,27 @@ def _rq_spline_op(
     min_bin_height: float,
     min_derivative: float,
     backend: str,
+    parameterization: str = "nflows",
+    left: float = -1.0,
+    right: float = 1.0,
+    bottom: float = -1.0,
+    top: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if inputs.numel() == 0:
         return torch.empty_like(inputs), torch.empty_like(inputs)
     flat = _flat(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
     kern = get_kernel(OP, backend)
-    out, lad = kern.fwd(*flat, inverse, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    if parameterization == "nflows":
+        out, lad = kern.fwd(*flat, inverse, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    else:
+        out, lad = kern.fwd_param(*flat, inverse, parameterization, (left, right, bottom, top), min_bin_width,
+                                  min_bin_height, min_derivative)
     return out.view(inputs.shape), lad.view(inputs.shape)
 
 
 @_rq_spline_op.register_fake
-def _(inputs, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend):
+def _(inputs, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parameterization="nflows", left=-1.0,
+      right=1.0, bottom=-1.0, top=1.0):
     return torch.empty_like(inputs, memory_format=torch.contiguous_format), torch.empty_like(
         inputs, memory_format=torch.contiguous_format
     )
@@ -146,6 +204,11 @@ def _rq_spline_backward_op(
     min_bin_height: float,
     min_derivative: float,
     backend: str,
+    parameterization: str = "nflows",
+    left: float = -1.0,
+    right: float = 1.0,
+    bottom: float = -1.0,
+    top: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     params = (unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
     if inputs.numel() == 0:
@@ -154,19 +217,24 @@ def _rq_spline_backward_op(
     g_out = grad_outputs.reshape(-1).contiguous()
     g_lad = grad_logabsdet.reshape(-1).contiguous()
     kern = get_kernel(OP, backend)
-    g = kern.bwd(g_out, g_lad, *flat, inverse, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    if parameterization == "nflows":
+        g = kern.bwd(g_out, g_lad, *flat, inverse, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    else:
+        g = kern.bwd_param(g_out, g_lad, *flat, inverse, parameterization, (left, right, bottom, top), min_bin_width,
+                           min_bin_height, min_derivative)
     return g[0].view(inputs.shape), *(gi.view(p.shape) for gi, p in zip(g[1:], params))
 
 
 @_rq_spline_backward_op.register_fake
-def _(g_out, g_lad, inputs, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend):
+def _(g_out, g_lad, inputs, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parameterization="nflows",
+      left=-1.0, right=1.0, bottom=-1.0, top=1.0):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (inputs, uw, uh, ud))
 
 
 def _setup_context(ctx, inputs, output):
-    x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend = inputs
+    x, uw, uh, ud, *args = inputs
     ctx.save_for_backward(x, uw, uh, ud)
-    ctx.args = (inverse, tail_bound, mbw, mbh, md, backend)
+    ctx.args = tuple(args)  # inverse, tail_bound, mbw, mbh, md, backend[, parameterization, box...]
 
 
 def _backward(ctx, grad_out, grad_lad):
@@ -174,14 +242,19 @@ def _backward(ctx, grad_out, grad_lad):
     grad_out = torch.zeros_like(x) if grad_out is None else grad_out
     grad_lad = torch.zeros_like(x) if grad_lad is None else grad_lad
     g = _rq_spline_backward_op(grad_out, grad_lad, x, uw, uh, ud, *ctx.args)
-    return (*g, None, None, None, None, None, None)
+    return (*g, *(None,) * len(ctx.args))
 
 
-def _composite(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend):
+def _composite(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parameterization="nflows", left=-1.0,
+               right=1.0, bottom=-1.0, top=1.0):
     """The spline in differentiable torch ops (the reference), for double backward."""
-    from fastflow.kernels.reference.spline import rq_spline_reference
+    from fastflow.kernels.reference.spline import rq_spline_param_reference, rq_spline_reference
 
-    out, lad = rq_spline_reference(*_Reference._upcast([x, uw, uh, ud]), inverse, tail_bound, mbw, mbh, md)
+    if parameterization == "nflows":
+        out, lad = rq_spline_reference(*_Reference._upcast([x, uw, uh, ud]), inverse, tail_bound, mbw, mbh, md)
+    else:
+        out, lad = rq_spline_param_reference(*_Reference._upcast([x, uw, uh, ud]), inverse, parameterization,
+                                             (left, right, bottom, top), mbw, mbh, md)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
@@ -213,14 +286,9 @@ _rq_spline_op.register_autograd(_backward, setup_context=_setup_context, composi
 # --------------------------------------------------------------------------------------------
 
 
-def _check(inputs, uw, uh, ud, tail_bound, mbw, mbh, md):
-    op = "rq_spline"
-    named = {
-        "inputs": inputs,
-        "unnormalized_widths": uw,
-        "unnormalized_heights": uh,
-        "unnormalized_derivatives": ud,
-    }
+def _check(inputs, uw, uh, ud, tail_bound, mbw, mbh, md, op="rq_spline", n_derivs=-1,
+           names=("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives")):
+    named = {"inputs": inputs, names[0]: uw, names[1]: uh, names[2]: ud}
     for name, t in named.items():
         check_tensor(name, t, op=op)
     check_same(op, named)
@@ -230,15 +298,16 @@ def _check(inputs, uw, uh, ud, tail_bound, mbw, mbh, md):
     k = uw.shape[-1]
     if not 2 <= k <= _MAX_BINS:
         # K=1 is the identity (one bin, unit end slopes): almost surely a shape mistake.
-        raise ValueError(f"{op}: unnormalized_widths must have 2..{_MAX_BINS} bins in its last dim, got {describe(uw)}")
+        raise ValueError(f"{op}: {names[0]} must have 2..{_MAX_BINS} bins in its last dim, got {describe(uw)}")
     if uh.shape[-1] != k:
         raise ValueError(
-            f"{op}: unnormalized_heights must have K={k} bins in its last dim like unnormalized_widths, got {describe(uh)}"
+            f"{op}: {names[1]} must have K={k} bins in its last dim like {names[0]}, got {describe(uh)}"
         )
-    if ud.shape[-1] != k - 1:
+    if ud.shape[-1] != k + n_derivs:
+        what = "interior knots; boundary slopes are 1" if n_derivs < 0 else "every knot, boundaries included"
         raise ValueError(
-            f"{op}: unnormalized_derivatives must have K-1={k - 1} entries in its last dim "
-            f"(interior knots; boundary slopes are 1), got {describe(ud)}"
+            f"{op}: {names[2]} must have K{n_derivs:+d}={k + n_derivs} entries in its last dim "
+            f"({what}), got {describe(ud)}"
         )
     for name, t in list(named.items())[1:]:
         try:
@@ -306,3 +375,115 @@ def rq_spline(
             p = p.expand(*inputs.shape, p.shape[-1])  # autograd sums the gradient back
         params.append(p)
     return _rq_spline_op(inputs, *params, bool(inverse), tail_bound, mbw, mbh, md, name)
+
+
+def _expand(inputs, params):
+    out = []
+    for p in params:
+        if p.shape[:-1] != inputs.shape:
+            p = p.expand(*inputs.shape, p.shape[-1])  # autograd sums the gradient back
+        out.append(p)
+    return out
+
+
+def _param_backend(op, inputs, backend, parameterization) -> str:
+    """The backend for a parameterisation other than "nflows": the one ``backend=None`` picks when
+    its kernels have that prologue, else the reference (on any device); a forced backend (argument
+    or FASTFLOW_BACKEND) without it raises."""
+    name = resolve_backend(OP, inputs, backend)
+    if parameterization in getattr(get_kernel(OP, name), "PARAMETERIZATIONS", ("nflows",)):
+        return name
+    if backend is not None or env_backend() is not None:
+        raise BackendUnavailableError(
+            f"{op}: backend {name!r} has no kernels for the {parameterization!r} spline parameterization; "
+            "use backend=None, 'reference' or 'numba'")
+    return "reference"
+
+
+def rq_spline_bounded(
+    inputs: torch.Tensor,
+    unnormalized_widths: torch.Tensor,
+    unnormalized_heights: torch.Tensor,
+    unnormalized_derivatives: torch.Tensor,
+    *,
+    inverse: bool = False,
+    left: float = 0.0,
+    right: float = 1.0,
+    bottom: float = 0.0,
+    top: float = 1.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rational-quadratic spline on the box ``[left, right] x [bottom, top]`` (Durkan et al., 2019).
+
+    Element for element nflows' ``rational_quadratic_spline`` (what its transforms use with
+    ``tails=None``): ``K`` bins, widths and heights ``min + (1 - min*K) * softmax(raw)``, and ``K+1``
+    learned knot slopes ``min_derivative + softplus(raw)`` including both boundaries. The same
+    fused op as :func:`rq_spline` with another prologue.
+
+    Args:
+        inputs: ``(...)``; in ``[left, right]`` (forward) or ``[bottom, top]`` (inverse). nflows
+            raises for values outside; here they pass through unchanged with log-det 0.
+        unnormalized_widths, unnormalized_heights: ``(..., K)`` raw bin sizes.
+        unnormalized_derivatives: ``(..., K+1)`` raw slopes at every knot.
+        inverse, min_bin_width, min_bin_height, min_derivative, backend: as for :func:`rq_spline`.
+        left, right, bottom, top: the box (``left < right``, ``bottom < top``).
+
+    Returns:
+        ``(outputs, logabsdet)``, both of ``inputs.shape``.
+    """
+    op = "rq_spline_bounded"
+    _, mbw, mbh, md = _check(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, 1.0,
+                             min_bin_width, min_bin_height, min_derivative, op=op, n_derivs=1)
+    box = tuple(float(v) for v in (left, right, bottom, top))
+    if not all(map(math.isfinite, box)) or not (box[0] < box[1] and box[2] < box[3]):
+        raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={left}, right={right}, "
+                         f"bottom={bottom}, top={top}")
+    name = _param_backend(op, inputs, backend, "nflows_bounded")
+    params = _expand(inputs, (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
+    return _rq_spline_op(inputs, *params, bool(inverse), 1.0, mbw, mbh, md, name, "nflows_bounded", *box)
+
+
+def rq_spline_zuko(
+    inputs: torch.Tensor,
+    widths: torch.Tensor,
+    heights: torch.Tensor,
+    derivatives: torch.Tensor,
+    *,
+    inverse: bool = False,
+    bound: float = 5.0,
+    slope: float = 1e-3,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """zuko's monotonic rational-quadratic spline, elementwise (Durkan et al., 2019).
+
+    Element for element ``zuko.transforms.MonotonicRQSTransform(widths, heights, derivatives,
+    bound, slope)``: raw widths and heights soft-bounded as ``w / (1 + |2w / log slope|)`` and
+    softmax-normalised (no minimum bin size), interior slopes ``exp(d / (1 + |d / log slope|))``,
+    boundary slopes 1, the identity with log-det 0 outside ``[-bound, bound]``. The same fused op
+    as :func:`rq_spline` with another prologue.
+
+    Args:
+        inputs: ``(...)``.
+        widths, heights: ``(..., K)``; derivatives: ``(..., K-1)``; leading dims equal to
+            ``inputs.shape`` or broadcastable to it.
+        inverse: evaluate the inverse spline.
+        bound: the spline's (co)domain bound ``B``.
+        slope: the minimum slope, in ``(0, 1)``.
+        backend: as for :func:`rq_spline`.
+
+    Returns:
+        ``(outputs, logabsdet)``, both of ``inputs.shape``.
+    """
+    op = "rq_spline_zuko"
+    bound, _, _, _ = _check(inputs, widths, heights, derivatives, bound, 0.0, 0.0, 0.0, op=op,
+                            names=("widths", "heights", "derivatives"))
+    slope = float(slope)
+    if not 0.0 < slope < 1.0:
+        raise ValueError(f"{op}: slope must be in (0, 1), got {slope}")
+    name = _param_backend(op, inputs, backend, "zuko")
+    params = _expand(inputs, (widths, heights, derivatives))
+    return _rq_spline_op(inputs, *params, bool(inverse), bound, 0.0, 0.0, slope, name, "zuko", -bound, bound, -bound,
+                         bound)

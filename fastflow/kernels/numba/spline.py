@@ -341,3 +341,265 @@ def rq_spline_bwd(g_out, g_lad, x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md
             g_x, g_uw, g_uh, g_ud,
         )
     return g_x, g_uw, g_uh, g_ud
+
+
+# --------------------------------------------------------------------------------------------
+# Other parameterisations (prologues of the same spline; see kernels/reference/spline.py):
+#   kind 1 "nflows_bounded": K+1 slopes md + softplus(raw) on the box [left, right] x [bottom, top]
+#   kind 2 "zuko": raw values soft-bounded by log(slope) (slope = md), softmax without minimum,
+#                  slopes exp(clip(raw)) with unit boundary slopes, bound = the box.
+# The nflows kernels above are left exactly as they are (bitwise-stable results).
+# --------------------------------------------------------------------------------------------
+
+KINDS = {"nflows_bounded": 1, "zuko": 2}
+
+
+@nb.njit(**_NJIT, cache=True)
+def _normalise_tile_box(u, i0, nt, lo, hi, min_size, clip, ut, m, tot, prob, knots):
+    """As :func:`_normalise_tile` on the interval [lo, hi], after zuko's soft bound
+    ``u / (1 + |u * clip|)`` (``clip = 0``: the raw values themselves, exactly)."""
+    k = u.shape[1]
+    for t in range(nt):
+        for j in range(k):
+            v = np.float64(u[i0 + t, j])
+            ut[j, t] = v / (1.0 + abs(v * clip))
+    for t in range(_TILE):
+        m[t] = ut[0, t]
+    for j in range(1, k):
+        for t in range(_TILE):
+            m[t] = max(m[t], ut[j, t])
+    for t in range(_TILE):
+        tot[t] = 0.0
+    for j in range(k):
+        for t in range(_TILE):
+            e = _exp(ut[j, t] - m[t])
+            prob[j, t] = e
+            tot[t] += e
+    scale = 1.0 - min_size * k
+    width = hi - lo
+    for t in range(_TILE):
+        tot[t] = 1.0 / tot[t]
+        m[t] = 0.0
+        knots[0, t] = lo
+    for j in range(k):
+        for t in range(_TILE):
+            p = prob[j, t] * tot[t]
+            prob[j, t] = p
+            m[t] += min_size + scale * p
+            knots[j + 1, t] = width * m[t] + lo
+    for t in range(_TILE):
+        knots[k, t] = hi
+
+
+@nb.njit(inline="always", **_NJIT)
+def _slope(kind, r, md, clip_d):
+    """Knot slope from its raw value: md + softplus(r) (nflows) or exp(r / (1 + |r clip_d|)) (zuko)."""
+    if kind == 1:
+        return md + _softplus(r)
+    return _exp(r / (1.0 + abs(r * clip_d)))
+
+
+@nb.njit(inline="always", **_NJIT)
+def _raw_slopes(ud, i, idx, k, kind):
+    """Raw values of the bin's two knot slopes; zuko's boundary slopes are exp(0) = 1."""
+    if kind == 1:
+        return np.float64(ud[i, idx]), np.float64(ud[i, idx + 1])
+    rlo = 0.0 if idx == 0 else np.float64(ud[i, max(idx - 1, 0)])
+    rhi = 0.0 if idx == k - 1 else np.float64(ud[i, min(idx, k - 2)])
+    return rlo, rhi
+
+
+@nb.njit(**_NJIT, cache=True)
+def _evaluate_tile_param(st, inverse, kind, lo, hi, md, clip_d):
+    """:func:`_evaluate_tile` with the parameterisation's slopes (raw values in rows _DLO/_DHI)
+    and its domain [lo, hi] (the identity outside)."""
+    for t in range(_TILE):
+        v = st[_V * _TILE + t]
+        xk = st[_XK * _TILE + t]
+        wk = st[_WK * _TILE + t]
+        yk = st[_YK * _TILE + t]
+        hk = st[_HK * _TILE + t]
+        s = hk / wk
+        dk = _slope(kind, st[_DLO * _TILE + t], md, clip_d)
+        dk1 = _slope(kind, st[_DHI * _TILE + t], md, clip_d)
+        if inverse:
+            theta = _invert_theta(v - yk, hk, s, dk, dk1)
+        else:
+            theta = (v - xk) / wk
+        tt = theta * (1.0 - theta)
+        den = s + (dk + dk1 - 2.0 * s) * tt
+        num = s * s * (dk1 * theta * theta + 2.0 * s * tt + dk * (1.0 - theta) * (1.0 - theta))
+        ld = _log(num / (den * den))
+        if inverse:
+            o = xk + theta * wk
+            ld = -ld
+        else:
+            o = yk + hk * (s * theta * theta + dk * tt) / den
+        inside = v >= lo and v <= hi
+        st[_OUT * _TILE + t] = o if inside else v
+        st[_LAD * _TILE + t] = ld if inside else (v if v != v else 0.0)
+
+
+@nb.njit(inline="always", **_NJIT)
+def _prologue_constants(kind, mbw, mbh, md):
+    """(min bin width, min bin height, clip of widths/heights, clip of slopes) of a kind."""
+    if kind == 2:
+        log_slope = math.log(md)
+        return 0.0, 0.0, 2.0 / log_slope, 1.0 / log_slope
+    return mbw, mbh, 0.0, 0.0
+
+
+@nb.njit(parallel=True, **_NJIT, cache=True)
+def _rq_spline_param_fwd_kernel(x, uw, uh, ud, inverse, kind, left, right, bottom, top, mbw, mbh, md, out, lad):
+    n = x.shape[0]
+    k = uw.shape[1]
+    mw, mh, clip, clip_d = _prologue_constants(kind, mbw, mbh, md)
+    lo = bottom if inverse else left
+    hi = top if inverse else right
+    nchunks = (n + _CHUNK - 1) // _CHUNK
+    for c in nb.prange(nchunks):
+        ut, m, tot, pw, ph, cw, ch = _tile_scratch(k)
+        st = np.zeros(_ROWS * _TILE, np.float64)
+        for i0 in range(c * _CHUNK, min(n, (c + 1) * _CHUNK), _TILE):
+            nt = min(_TILE, n - i0)
+            _normalise_tile_box(uw, i0, nt, left, right, mw, clip, ut, m, tot, pw, cw)
+            _normalise_tile_box(uh, i0, nt, bottom, top, mh, clip, ut, m, tot, ph, ch)
+            for t in range(nt):
+                i = i0 + t
+                v = np.float64(x[i])
+                idx = _search(ch, t, k, v) if inverse else _search(cw, t, k, v)
+                st[_V * _TILE + t] = v
+                st[_XK * _TILE + t] = cw[idx, t]
+                st[_WK * _TILE + t] = cw[idx + 1, t] - cw[idx, t]
+                st[_YK * _TILE + t] = ch[idx, t]
+                st[_HK * _TILE + t] = ch[idx + 1, t] - ch[idx, t]
+                rlo, rhi = _raw_slopes(ud, i, idx, k, kind)
+                st[_DLO * _TILE + t] = rlo
+                st[_DHI * _TILE + t] = rhi
+            _evaluate_tile_param(st, inverse, kind, lo, hi, md, clip_d)
+            for t in range(nt):
+                out[i0 + t] = st[_OUT * _TILE + t]
+                lad[i0 + t] = st[_LAD * _TILE + t]
+
+
+@nb.njit(parallel=True, **_NJIT, cache=True)
+def _rq_spline_param_bwd_kernel(
+    g_out, g_lad, x, uw, uh, ud, inverse, kind, left, right, bottom, top, mbw, mbh, md, g_x, g_uw, g_uh, g_ud
+):
+    n = x.shape[0]
+    k = uw.shape[1]
+    nd = ud.shape[1]
+    mw, mh, clip, clip_d = _prologue_constants(kind, mbw, mbh, md)
+    lo = bottom if inverse else left
+    hi = top if inverse else right
+    nchunks = (n + _CHUNK - 1) // _CHUNK
+    for c in nb.prange(nchunks):
+        ut, m, tot, pw, ph, cw, ch = _tile_scratch(k)
+        gw = np.empty(k, np.float64)
+        gh = np.empty(k, np.float64)
+        for i0 in range(c * _CHUNK, min(n, (c + 1) * _CHUNK), _TILE):
+            nt = min(_TILE, n - i0)
+            _normalise_tile_box(uw, i0, nt, left, right, mw, clip, ut, m, tot, pw, cw)
+            _normalise_tile_box(uh, i0, nt, bottom, top, mh, clip, ut, m, tot, ph, ch)
+            for t in range(nt):
+                i = i0 + t
+                for j in range(nd):
+                    g_ud[i, j] = 0.0
+                v = np.float64(x[i])
+                go = np.float64(g_out[i])
+                gl = np.float64(g_lad[i])
+                if not (v >= lo and v <= hi):
+                    g_x[i] = go
+                    for j in range(k):
+                        g_uw[i, j] = 0.0
+                        g_uh[i, j] = 0.0
+                    continue
+                idx = _search(ch, t, k, v) if inverse else _search(cw, t, k, v)
+                xk = cw[idx, t]
+                wk = cw[idx + 1, t] - xk
+                yk = ch[idx, t]
+                hk = ch[idx + 1, t] - yk
+                s = hk / wk
+                rlo, rhi = _raw_slopes(ud, i, idx, k, kind)
+                dk = _slope(kind, rlo, md, clip_d)
+                dk1 = _slope(kind, rhi, md, clip_d)
+                theta = _invert_theta(v - yk, hk, s, dk, dk1) if inverse else (v - xk) / wk
+                tt = theta * (1.0 - theta)
+                omt = 1.0 - theta
+                one_m_2th = 1.0 - 2.0 * theta
+                sd = dk + dk1 - 2.0 * s
+                den = s + sd * tt
+                nn = s * theta * theta + dk * tt
+                mm = dk1 * theta * theta + 2.0 * s * tt + dk * omt * omt
+                inv_den = 1.0 / den
+                inv_den2 = inv_den * inv_den
+                inv_m = 1.0 / mm
+                dy_dth = hk * ((2.0 * s * theta + dk * one_m_2th) * den - nn * sd * one_m_2th) * inv_den2
+                dy_ds = hk * (theta * theta * den - nn * (1.0 - 2.0 * tt)) * inv_den2
+                dy_dhk = nn * inv_den
+                dy_ddk = hk * tt * (den - nn) * inv_den2
+                dy_ddk1 = -hk * nn * tt * inv_den2
+                dl_dth = (2.0 * dk1 * theta + 2.0 * s * one_m_2th - 2.0 * dk * omt) * inv_m - 2.0 * sd * one_m_2th * inv_den
+                dl_ds = 2.0 / s + 2.0 * tt * inv_m - 2.0 * (1.0 - 2.0 * tt) * inv_den
+                dl_ddk = omt * omt * inv_m - 2.0 * tt * inv_den
+                dl_ddk1 = theta * theta * inv_m - 2.0 * tt * inv_den
+                if inverse:
+                    gy_in = (go - gl * dl_dth / wk) * wk / dy_dth
+                    g_x[i] = gy_in
+                    a = -gy_in
+                    b = -gl
+                else:
+                    a = go
+                    b = gl
+                    g_x[i] = (a * dy_dth + b * dl_dth) / wk
+                g_th = a * dy_dth + b * dl_dth
+                g_s = a * dy_ds + b * dl_ds
+                g_wk = -(g_th * theta + g_s * s) / wk
+                g_hk = a * dy_dhk + g_s / wk
+                # _scatter_knot_grads scales by 2*bound: half the interval's length (exact)
+                _scatter_knot_grads(gw, pw, t, k, 0.5 * (right - left), mw, idx, -g_th / wk - g_wk, g_wk)
+                _scatter_knot_grads(gh, ph, t, k, 0.5 * (top - bottom), mh, idx, a - g_hk, g_hk)
+                for j in range(k):
+                    rw = np.float64(uw[i, j])
+                    rh = np.float64(uh[i, j])
+                    cw_ = 1.0 + abs(rw * clip)  # the soft bound's derivative is 1/(1+|u c|)^2 (1 without it)
+                    ch_ = 1.0 + abs(rh * clip)
+                    g_uw[i, j] = gw[j] / (cw_ * cw_)
+                    g_uh[i, j] = gh[j] / (ch_ * ch_)
+                g_lo = a * dy_ddk + b * dl_ddk
+                g_hi = a * dy_ddk1 + b * dl_ddk1
+                if kind == 1:
+                    g_ud[i, idx] = g_lo * _sigmoid(rlo)
+                    g_ud[i, idx + 1] = g_hi * _sigmoid(rhi)
+                else:
+                    if idx >= 1:
+                        q = 1.0 + abs(rlo * clip_d)
+                        g_ud[i, idx - 1] = g_lo * dk / (q * q)
+                    if idx + 1 <= k - 1:
+                        q = 1.0 + abs(rhi * clip_d)
+                        g_ud[i, idx] = g_hi * dk1 / (q * q)
+
+
+def rq_spline_param_fwd(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    """Launcher of the non-default parameterisations; ``box = (left, right, bottom, top)``."""
+    out = np.empty_like(x)
+    lad = np.empty_like(x)
+    if x.shape[0]:
+        left, right, bottom, top = (float(b) for b in box)
+        launch(_rq_spline_param_fwd_kernel, _tasks(x), x, uw, uh, ud, bool(inverse), KINDS[parameterization],
+               left, right, bottom, top, float(mbw), float(mbh), float(md), out, lad)
+    return out, lad
+
+
+def rq_spline_param_bwd(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    """Fused backward of :func:`rq_spline_param_fwd`; gradients for ``x, uw, uh, ud``."""
+    g_x = np.empty_like(x)
+    g_uw = np.empty_like(uw)
+    g_uh = np.empty_like(uh)
+    g_ud = np.empty_like(ud)
+    if x.shape[0]:
+        left, right, bottom, top = (float(b) for b in box)
+        launch(_rq_spline_param_bwd_kernel, _tasks(x), g_out, g_lad, x, uw, uh, ud, bool(inverse),
+               KINDS[parameterization], left, right, bottom, top, float(mbw), float(mbh), float(md),
+               g_x, g_uw, g_uh, g_ud)
+    return g_x, g_uw, g_uh, g_ud

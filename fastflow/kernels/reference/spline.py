@@ -208,3 +208,209 @@ def rq_spline_reference_backward(
     zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
     g_in = torch.where(inside, g_in, grad_outputs)
     return g_in, torch.where(mask, g_uw, zero), torch.where(mask, g_uh, zero), torch.where(mask, g_ud, zero)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameterisations other than nflows' unconstrained one (prologues of the same spline)
+# --------------------------------------------------------------------------------------------
+#
+# "nflows_bounded": nflows' ``rational_quadratic_spline`` on [left, right] x [bottom, top]: widths
+#     and heights ``min + (1 - min*K) softmax(raw)``, K+1 knot slopes ``min_derivative +
+#     softplus(raw)`` including both boundaries; no tails (the identity outside the box here).
+# "zuko": zuko's ``MonotonicRQSTransform(widths, heights, derivatives, bound, slope)``: raw values
+#     soft-bounded, ``w / (1 + |2w / log slope|)`` for widths and heights and ``d / (1 + |d /
+#     log slope|)`` for the K-1 interior slopes, softmax without a minimum bin size, slopes
+#     ``exp(d)`` with unit boundary slopes, the identity with log-det 0 outside [-bound, bound].
+#     ``min_derivative`` carries zuko's ``slope``.
+
+PARAMETERIZATIONS = ("nflows", "nflows_bounded", "zuko")
+
+
+def soft_clip(raw: torch.Tensor, scale: float) -> torch.Tensor:
+    """zuko's soft bound ``raw / (1 + |raw * scale|)`` (``scale = 2 / log slope`` for widths and
+    heights, ``1 / log slope`` for slopes); its values lie in ``(-1/|scale|, 1/|scale|)``."""
+    return raw / (1 + torch.abs(raw * scale))
+
+
+def spline_prologue(
+    parameterization: str,
+    unnormalized_widths: torch.Tensor,
+    unnormalized_heights: torch.Tensor,
+    unnormalized_derivatives: torch.Tensor,
+    box: tuple[float, float, float, float],
+    min_bin_width: float,
+    min_bin_height: float,
+    min_derivative: float,
+):
+    """Raw parameters -> knots ``cw, ch (..., K+1)``, bin sizes ``(..., K)`` and the K+1 knot
+    slopes ``(..., K+1)`` of ``parameterization`` ("nflows_bounded" or "zuko")."""
+    left, right, bottom, top = box
+    if parameterization == "zuko":
+        log_slope = math.log(min_derivative)
+        cw, widths = _knots(soft_clip(unnormalized_widths, 2.0 / log_slope), left, right, 0.0)
+        ch, heights = _knots(soft_clip(unnormalized_heights, 2.0 / log_slope), bottom, top, 0.0)
+        derivs = torch.exp(F.pad(soft_clip(unnormalized_derivatives, 1.0 / log_slope), (1, 1), value=0.0))
+    elif parameterization == "nflows_bounded":
+        cw, widths = _knots(unnormalized_widths, left, right, min_bin_width)
+        ch, heights = _knots(unnormalized_heights, bottom, top, min_bin_height)
+        derivs = min_derivative + F.softplus(unnormalized_derivatives)
+    else:
+        raise ValueError(f"unknown spline parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
+    return cw, widths, ch, heights, derivs
+
+
+def rq_spline_param_reference(
+    inputs: torch.Tensor,
+    unnormalized_widths: torch.Tensor,
+    unnormalized_heights: torch.Tensor,
+    unnormalized_derivatives: torch.Tensor,
+    inverse: bool,
+    parameterization: str,
+    box: tuple[float, float, float, float],
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spline of ``parameterization`` (see :func:`spline_prologue`) or its inverse,
+    elementwise and differentiable by autograd; the identity with log-det 0 outside
+    ``[left, right]`` (forward) or ``[bottom, top]`` (inverse), ``box = (left, right, bottom, top)``."""
+    cw, widths, ch, heights, derivs = spline_prologue(
+        parameterization, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, box,
+        min_bin_width, min_bin_height, min_derivative)
+    lo, hi = (box[2], box[3]) if inverse else (box[0], box[1])
+    inside = (inputs >= lo) & (inputs <= hi)
+    # Outside elements are evaluated at an inside point and discarded (no NaN through torch.where).
+    x = torch.where(inside, inputs, torch.full_like(inputs, 0.5 * (lo + hi)))
+    idx = _bin_index(ch if inverse else cw, x)
+    xk, wk = _gather(cw, idx), _gather(widths, idx)
+    yk, hk = _gather(ch, idx), _gather(heights, idx)
+    dk, dk1 = _gather(derivs[..., :-1], idx), _gather(derivs[..., 1:], idx)
+    s = hk / wk
+    sum_d = dk + dk1 - 2 * s
+    if not inverse:
+        theta = (x - xk) / wk
+        t = theta * (1 - theta)
+        den = s + sum_d * t
+        out = yk + hk * (s * theta**2 + dk * t) / den
+    else:
+        dy = x - yk
+        qa = hk * (s - dk) + dy * sum_d
+        qb = hk * dk - dy * sum_d
+        qc = -s * dy
+        disc = torch.clamp(qb**2 - 4 * qa * qc, min=0.0)
+        theta = (2 * qc) / (-qb - torch.sqrt(disc))
+        t = theta * (1 - theta)
+        den = s + sum_d * t
+        out = xk + theta * wk
+    num = s**2 * (dk1 * theta**2 + 2 * s * t + dk * (1 - theta) ** 2)
+    lad = torch.log(num) - 2 * torch.log(den)
+    if inverse:
+        lad = -lad
+    out = torch.where(inside, out, inputs)
+    lad = torch.where(inside, lad, torch.where(torch.isnan(inputs), inputs, torch.zeros_like(lad)))
+    return out, lad
+
+
+def rq_spline_param_reference_backward(
+    grad_outputs: torch.Tensor,
+    grad_logabsdet: torch.Tensor,
+    inputs: torch.Tensor,
+    unnormalized_widths: torch.Tensor,
+    unnormalized_heights: torch.Tensor,
+    unnormalized_derivatives: torch.Tensor,
+    inverse: bool,
+    parameterization: str,
+    box: tuple[float, float, float, float],
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Analytic vector-Jacobian product of :func:`rq_spline_param_reference` (the derivation of
+    :func:`rq_spline_reference_backward`, chained through the parameterisation's prologue)."""
+    left, right, bottom, top = box
+    lo, hi = (bottom, top) if inverse else (left, right)
+    x0 = inputs
+    inside = (x0 >= lo) & (x0 <= hi)
+    x = torch.where(inside, x0, torch.full_like(x0, 0.5 * (lo + hi)))
+    go = torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs))
+    gl = torch.where(inside, grad_logabsdet, torch.zeros_like(grad_logabsdet))
+    k = unnormalized_widths.shape[-1]
+    zuko = parameterization == "zuko"
+    if zuko:
+        log_slope = math.log(min_derivative)
+        vw = soft_clip(unnormalized_widths, 2.0 / log_slope)
+        vh = soft_clip(unnormalized_heights, 2.0 / log_slope)
+        mbw = mbh = 0.0
+    else:
+        vw, vh, mbw, mbh = unnormalized_widths, unnormalized_heights, min_bin_width, min_bin_height
+    pw, ph = torch.softmax(vw, dim=-1), torch.softmax(vh, dim=-1)
+    cw, widths, ch, heights, derivs = spline_prologue(
+        parameterization, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, box,
+        min_bin_width, min_bin_height, min_derivative)
+    idx = _bin_index(ch if inverse else cw, x)
+    xk, wk = _gather(cw, idx), _gather(widths, idx)
+    yk, hk = _gather(ch, idx), _gather(heights, idx)
+    dk, dk1 = _gather(derivs[..., :-1], idx), _gather(derivs[..., 1:], idx)
+    s = hk / wk
+    if inverse:
+        out, _ = rq_spline_param_reference(x, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
+                                           True, parameterization, box, min_bin_width, min_bin_height, min_derivative)
+        theta = (out - xk) / wk
+    else:
+        theta = (x - xk) / wk
+
+    t = theta * (1 - theta)
+    omt = 1 - theta
+    om2 = 1 - 2 * theta
+    sd = dk + dk1 - 2 * s
+    den = s + sd * t
+    nn = s * theta**2 + dk * t
+    mm = dk1 * theta**2 + 2 * s * t + dk * omt**2
+    dy_dth = hk * ((2 * s * theta + dk * om2) * den - nn * sd * om2) / den**2
+    dy_ds = hk * (theta**2 * den - nn * (1 - 2 * t)) / den**2
+    dy_dhk = nn / den
+    dy_ddk = hk * t * (den - nn) / den**2
+    dy_ddk1 = -hk * nn * t / den**2
+    dl_dth = (2 * dk1 * theta + 2 * s * om2 - 2 * dk * omt) / mm - 2 * sd * om2 / den
+    dl_ds = 2 / s + 2 * t / mm - 2 * (1 - 2 * t) / den
+    dl_ddk = omt**2 / mm - 2 * t / den
+    dl_ddk1 = theta**2 / mm - 2 * t / den
+    if inverse:
+        g_in = (go - gl * dl_dth / wk) * wk / dy_dth
+        a, c = -g_in, -gl
+    else:
+        a, c = go, gl
+        g_in = (a * dy_dth + c * dl_dth) / wk
+    g_th = a * dy_dth + c * dl_dth
+    g_s = a * dy_ds + c * dl_ds
+    g_wk = -(g_th * theta + g_s * s) / wk
+    g_hk = a * dy_dhk + g_s / wk
+
+    cols = torch.arange(k, device=x.device)
+
+    def knot_grads(p, scale, g_lo, g_hi):
+        # knot j = lo + (hi - lo) * sum_{i<j} size_i for 0 < j < k; the end knots are constants.
+        glo = torch.where(idx >= 1, g_lo, torch.zeros_like(g_lo)) * scale
+        ghi = torch.where(idx + 1 <= k - 1, g_hi, torch.zeros_like(g_hi)) * scale
+        gp = (cols < idx[..., None]) * glo[..., None] + (cols <= idx[..., None]) * ghi[..., None]
+        return p * (gp - (p * gp).sum(-1, keepdim=True))
+
+    g_uw = knot_grads(pw, (right - left) * (1 - mbw * k), -g_th / wk - g_wk, g_wk)
+    g_uh = knot_grads(ph, (top - bottom) * (1 - mbh * k), a - g_hk, g_hk)
+    g_dk = a * dy_ddk + c * dl_ddk
+    g_dk1 = a * dy_ddk1 + c * dl_ddk1
+    g_d = torch.zeros_like(derivs)
+    g_d = g_d.scatter_add(-1, idx[..., None], g_dk[..., None]).scatter_add(-1, idx[..., None] + 1, g_dk1[..., None])
+    if zuko:
+        # d/dw of w / (1 + |w c|) is 1 / (1 + |w c|)^2; slope = exp(clip(d)) at the interior knots
+        g_uw = g_uw / (1 + torch.abs(unnormalized_widths * (2.0 / log_slope))) ** 2
+        g_uh = g_uh / (1 + torch.abs(unnormalized_heights * (2.0 / log_slope))) ** 2
+        ud = unnormalized_derivatives
+        g_ud = g_d[..., 1:-1] * derivs[..., 1:-1] / (1 + torch.abs(ud * (1.0 / log_slope))) ** 2
+    else:
+        g_ud = g_d * torch.sigmoid(unnormalized_derivatives)
+
+    mask = inside[..., None]
+    zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
+    g_in = torch.where(inside, g_in, grad_outputs)
+    return g_in, torch.where(mask, g_uw, zero), torch.where(mask, g_uh, zero), torch.where(mask, g_ud, zero)
