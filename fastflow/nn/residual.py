@@ -362,7 +362,7 @@ class ResidualBlock(Transform):
             with torch.enable_grad():
                 g0 = self.net(x0, context)
             x = y - g0  # equals x_star; its graph gives dy and -dg/dtheta, the hook applies (I + J)^{-1}
-            net, max_iter, atol = self.net, self.max_iter, self.atol
+            max_iter, atol = self.max_iter, self.atol
 
             def implicit(grad):
                 # u (I + J) = grad, by the fixed point u = grad - u J (contractive as ||J|| < 1)
@@ -374,7 +374,9 @@ class ResidualBlock(Transform):
                     done = bool(((u_new - u).abs() <= atol * (1 + grad.abs())).all())
                     u = u_new
                     if done:
-                        break
+                        return u
+                warnings.warn(f"ResidualBlock.inverse backward: the implicit-gradient fixed point did not "
+                              f"converge in max_iter={max_iter} iterations (atol={atol})", RuntimeWarning)
                 return u
 
             if x.requires_grad:
