@@ -80,7 +80,8 @@ def main():
     path = Path(__file__).parent / "results" / "resflow_profile_cpu.json"
     path.write_text(json.dumps(out, indent=2))
     for c in out["cases"]:
-        print(c["model"], f"{c['step_s'] * 1e3:.1f} ms/step", {k: round(v, 3) for k, v in c["share_of_self_cpu"].items()})
+        shares = {k: round(v, 3) for k, v in c["share_of_self_cpu"].items()}
+        print(c["model"], f"{c['step_s'] * 1e3:.1f} ms/step", shares)
     print(f"wrote {path}")
 
 

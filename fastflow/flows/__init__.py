@@ -1,5 +1,6 @@
 """Composed flow models, base distributions, ``Flow`` and the model registry ``build``."""
 
+from fastflow.flows.continuous import OBJECTIVES, ContinuousFlow, training_loss
 from fastflow.flows.distributions import (
     ConditionalDiagonalNormal,
     DiagonalNormal,
@@ -7,11 +8,10 @@ from fastflow.flows.distributions import (
     StandardLogistic,
     StandardNormal,
 )
+from fastflow.flows.families import cnf, planar, radial, resflow  # registers the four builders
 from fastflow.flows.flow import Flow
 from fastflow.flows.models import build, glow, iaf, maf, names, nice, nsf, nsf_ar, realnvp, realnvp_image, register
 from fastflow.flows.training import ml_loss, ml_step, reverse_kl_loss, reverse_kl_step
-from fastflow.flows.continuous import OBJECTIVES, ContinuousFlow, training_loss
-from fastflow.flows.families import cnf, planar, radial, resflow  # registers the four builders
 from fastflow.nn.base import CompositeTransform
 
 __all__ = [

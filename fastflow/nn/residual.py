@@ -264,7 +264,8 @@ class ResidualBlock(Transform):
         if estimator not in ESTIMATORS:
             raise ValueError(f"ResidualBlock: estimator={estimator!r}, expected one of {ESTIMATORS}")
         if eval_estimator not in ESTIMATORS + ("auto",):
-            raise ValueError(f"ResidualBlock: eval_estimator={eval_estimator!r}, expected 'auto' or one of {ESTIMATORS}")
+            raise ValueError(f"ResidualBlock: eval_estimator={eval_estimator!r}, "
+                             f"expected 'auto' or one of {ESTIMATORS}")
         if probe not in PROBES:
             raise ValueError(f"ResidualBlock: probe={probe!r}, expected one of {PROBES}")
         if not 0.0 < geom_p < 1.0:

@@ -56,7 +56,7 @@ def test_exact_trace_logdet_matches_jacobian(context):
     _, lad = cnf(x, c)
     for i in range(2):
         ci = None if c is None else c[i:i + 1]
-        ref = jacobian_logabsdet(lambda v: cnf(v, ci)[0], x[i:i + 1])
+        ref = jacobian_logabsdet(lambda v, ci=ci: cnf(v, ci)[0], x[i:i + 1])
         torch.testing.assert_close(lad[i:i + 1].detach(), ref, rtol=0, atol=1e-6)
     assert float(lad.detach().abs().min()) > 0.05
     if context:

@@ -92,7 +92,7 @@ def test_exact_logdet_and_fixed_point_round_trip(context):
     y, lad = blk(x, c)
     for i in range(4):
         ci = None if c is None else c[i:i + 1]
-        ref = jacobian_logabsdet(lambda v: blk(v, ci)[0], x[i:i + 1])
+        ref = jacobian_logabsdet(lambda v, ci=ci: blk(v, ci)[0], x[i:i + 1])
         torch.testing.assert_close(lad[i:i + 1], ref, rtol=1e-10, atol=1e-10)
     assert float(lad.detach().abs().min()) > 0.3  # not a near-identity block
     xr, ilad = blk.inverse(y, c)
