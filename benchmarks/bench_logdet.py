@@ -21,3 +21,11 @@ def test_logdet(benchmark, impl, d):
     fn = suite.callables(suite.make_case(d))[impl]
     with torch.enable_grad() if impl == "naive_jacobian" else torch.no_grad():
         benchmark(fn)
+
+
+@pytest.mark.parametrize("d", [16, 128, 512])
+@pytest.mark.parametrize("impl", list(suite.RESIDUAL_IMPLS))
+def test_residual_logdet(benchmark, impl, d):
+    """Residual-flow / CNF log-det routes of one residual block (each call includes g's forward)."""
+    fn = suite.residual_callables(suite.make_residual_case(d))[impl]
+    benchmark(fn)
