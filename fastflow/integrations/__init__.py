@@ -1,0 +1,20 @@
+"""Accelerate the models people already have: ``fastflow.integrations.nflows``, ``.zuko`` and
+``.normflows``.
+
+Each submodule has ``accelerate(backend=None)``, which routes that library's rational-quadratic
+spline evaluation to fastflow's fused spline op (``fastflow::rq_spline`` with the library's own
+parameterisation as its prologue), for models built before or after the call::
+
+    import fastflow.integrations.zuko as ffz
+    ffz.accelerate()            # global switch; returns a handle
+    with ffz.accelerate():      # or scoped: restored on exit
+        ...
+
+``accelerate()`` is idempotent and reference-counted (each handle's ``close()`` releases its
+share; the originals come back when the last one is released, or at once with ``restore()``),
+guarded by a lock, and restores the patched attributes exactly (the same objects). On a peer
+version that was not tested it warns and patches nothing (``force=True`` patches anyway).
+Importing a submodule does not import the peer.
+"""
+
+__all__ = ["nflows", "zuko", "normflows"]

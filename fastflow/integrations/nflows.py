@@ -1,0 +1,72 @@
+"""``fastflow.integrations.nflows``: nflows' rational-quadratic splines on fastflow's fused op.
+
+``accelerate()`` replaces ``unconstrained_rational_quadratic_spline`` (linear tails: every NSF
+transform with ``tails="linear"``) by :func:`fastflow.ops.rq_spline` and
+``rational_quadratic_spline`` (``tails=None``: K+1 slopes on ``[left, right] x [bottom, top]``) by
+:func:`fastflow.ops.rq_spline.rq_spline_bounded`, in every nflows module that holds them
+(``nflows.transforms.splines``, ``.splines.rational_quadratic``, ``.autoregressive``), so
+``PiecewiseRationalQuadraticCouplingTransform``, ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform``
+and ``PiecewiseRationalQuadraticCDF`` use it, in models built before or after the call. Other
+arguments (other tails, tensor bounds, half precision) run nflows' own code; the bounded spline
+still raises nflows' ``InputOutsideDomain`` where nflows does. Unlike nflows, sampling never
+raises the negative-discriminant ``AssertionError`` (a rounding-negative discriminant is 0).
+
+Tested with nflows 0.14.
+"""
+
+from __future__ import annotations
+
+from fastflow.integrations._patch import Integration
+from fastflow.integrations._splines import make_bounded, make_unconstrained
+
+__all__ = ["accelerate", "restore", "is_accelerated", "TESTED"]
+
+TESTED = "nflows 0.14"
+_MODULES = ("nflows.transforms.splines.rational_quadratic", "nflows.transforms.splines", "nflows.transforms.autoregressive")
+
+
+def _tested(version: str) -> bool:
+    return version == "0.14" or version.startswith("0.14.")
+
+
+def _targets():
+    import importlib
+
+    from nflows.transforms.base import InputOutsideDomain
+    from nflows.transforms.splines import rational_quadratic as rq
+
+    unconstrained = make_unconstrained(rq.unconstrained_rational_quadratic_spline, INTEGRATION)
+    bounded = make_bounded(rq.rational_quadratic_spline, INTEGRATION, InputOutsideDomain)
+    out = []
+    for name in _MODULES:
+        mod = importlib.import_module(name)
+        for attr, new in (("unconstrained_rational_quadratic_spline", unconstrained),
+                          ("rational_quadratic_spline", bounded)):
+            if getattr(mod, attr, None) is new.__wrapped__:
+                out.append((mod, attr, new))
+    return out
+
+
+INTEGRATION = Integration("nflows", "nflows", _tested, TESTED, _targets)
+
+
+def accelerate(*, backend: str | None = None, force: bool = False):
+    """Route nflows' rational-quadratic splines to fastflow's fused spline op.
+
+    Args:
+        backend: fastflow backend (None: the fastest available).
+        force: patch even on an nflows version other than 0.14 (with a warning).
+
+    Returns:
+        A handle: ``handle.close()`` (or the end of a ``with accelerate():`` block) turns it off.
+    """
+    return INTEGRATION.accelerate(backend=backend, force=force)
+
+
+def restore() -> None:
+    """Turn the acceleration off now (nflows' original functions back, the same objects)."""
+    INTEGRATION.restore()
+
+
+def is_accelerated() -> bool:
+    return INTEGRATION.is_active()

@@ -1,0 +1,61 @@
+"""``fastflow.integrations.normflows``: normflows' rational-quadratic splines on fastflow.
+
+``accelerate()`` replaces ``normflows.utils.splines.unconstrained_rational_quadratic_spline``
+(``tails="linear"`` with a scalar ``tail_bound``) by :func:`fastflow.ops.rq_spline` and
+``rational_quadratic_spline`` (``tails=None``, scalar box) by
+:func:`fastflow.ops.rq_spline.rq_spline_bounded`; normflows' NSF layers
+(``CoupledRationalQuadraticSpline``, ``AutoregressiveRationalQuadraticSpline`` and their
+wrappers) look them up there at call time, so models built before or after the call use them.
+Circular tails, per-feature tail lists and tensor bounds (normflows' circular splines) run
+normflows' own code.
+
+Tested with normflows 1.7.x.
+"""
+
+from __future__ import annotations
+
+from fastflow.integrations._patch import Integration
+from fastflow.integrations._splines import make_bounded, make_unconstrained
+
+__all__ = ["accelerate", "restore", "is_accelerated", "TESTED"]
+
+TESTED = "normflows 1.7.x"
+
+
+def _tested(version: str) -> bool:
+    return version.split(".")[:2] == ["1", "7"]
+
+
+def _targets():
+    from normflows.utils import splines
+
+    return [
+        (splines, "unconstrained_rational_quadratic_spline",
+         make_unconstrained(splines.unconstrained_rational_quadratic_spline, INTEGRATION)),
+        (splines, "rational_quadratic_spline", make_bounded(splines.rational_quadratic_spline, INTEGRATION)),
+    ]
+
+
+INTEGRATION = Integration("normflows", "normflows", _tested, TESTED, _targets)
+
+
+def accelerate(*, backend: str | None = None, force: bool = False):
+    """Route normflows' rational-quadratic splines to fastflow's fused spline op.
+
+    Args:
+        backend: fastflow backend (None: the fastest available).
+        force: patch even on a normflows version other than 1.7.x (with a warning).
+
+    Returns:
+        A handle: ``handle.close()`` (or the end of a ``with accelerate():`` block) turns it off.
+    """
+    return INTEGRATION.accelerate(backend=backend, force=force)
+
+
+def restore() -> None:
+    """Turn the acceleration off now (normflows' original functions back, the same objects)."""
+    INTEGRATION.restore()
+
+
+def is_accelerated() -> bool:
+    return INTEGRATION.is_active()

@@ -1,0 +1,171 @@
+"""Helpers of the integration tests: run a peer's model with and without acceleration and
+compare outputs, log-dets and gradients (float64 tightly; float32 against a float64 evaluation)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+BACKEND = os.environ.get("FASTFLOW_TEST_BACKEND", "numba")
+F64_RTOL = 1e-10
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (the whole tensor's scale: entries near 0 are not singled out)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)) if b.numel() else 0.0
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Move the parameters away from the peers' identity initialisations (non-trivial splines)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+    return model
+
+
+def evaluate(fn, model, inputs, seed: int = 0):
+    """``fn(model, *inputs)`` -> tensors; returns them and the gradients of a fixed random
+    combination of them with respect to the model's parameters and the float inputs."""
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+              for t in inputs]
+    outs = fn(model, *inputs)
+    g = torch.Generator().manual_seed(seed + 1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum() for o in outs)
+    wrt = [p for p in model.parameters() if p.requires_grad] + [t for t in inputs if isinstance(t, torch.Tensor)
+                                                                and t.requires_grad]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, wrt)]
+    return [o.detach() for o in outs], list(grads)
+
+
+def check_equal(fn, model, inputs, accelerate, dtype, seed: int = 0):
+    """Accelerated == the peer's own: float64 to 1e-10 relative; in float32 the accelerated
+    error against the peer's float64 evaluation is at most the peer's own float32 error."""
+    model = model.to(dtype)
+    inputs = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    torch.manual_seed(seed)
+    plain = evaluate(fn, model, inputs, seed)
+    with accelerate(backend=BACKEND) as handle:
+        assert handle.active
+        torch.manual_seed(seed)
+        fast = evaluate(fn, model, inputs, seed)
+    pairs = list(zip(plain[0] + plain[1], fast[0] + fast[1]))
+    assert len(pairs) > 2
+    for i, (p, f) in enumerate(pairs):
+        assert f.shape == p.shape and f.dtype == p.dtype, (i, f.shape, p.shape)
+        assert torch.isfinite(f).all(), i
+    if dtype == torch.float64:
+        worst = max(rel(f, p) for p, f in pairs)
+        assert worst <= F64_RTOL, worst
+        return
+    model64 = copy.deepcopy(model).double()
+    inputs64 = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    torch.manual_seed(seed)
+    truth = evaluate(fn, model64, inputs64, seed)
+    for i, (t, (p, f)) in enumerate(zip(truth[0] + truth[1], pairs)):
+        err_peer = (p.double() - t).pow(2).mean().sqrt().item()
+        err_fast = (f.double() - t).pow(2).mean().sqrt().item()
+        # Through a whole model most of the float32 error is the conditioners' and the sums'
+        # (the same operations on and off), and a value that rounding moves across a knot
+        # changes the bin (the log-det's x-derivative jumps there), so which of two runs lands
+        # closer is a coin flip: here the accelerated model is held to the peer's own error
+        # class (root-mean-square, factor 2); the spline itself, the only thing that differs,
+        # is held to "no worse" (max and RMS) by check_spline_f32.
+        # Parameter gradients sum over the batch, so one sample whose value rounding moved
+        # across a knot dominates them (measured: one sample of 64 carrying 5x the peer's own
+        # error there, on the peer's side as much as on ours): a factor 10 for them, still far
+        # below what any wrong derivative gives (an O(1) relative error).
+        factor = 2.0 if i < len(truth[0]) else 10.0
+        slack = 2.0**-24 * t.abs().max().item()
+        assert err_fast <= factor * err_peer + slack, (i, err_fast, err_peer)
+
+
+def check_spline_f32(peer_fn, fast_fn, inputs32):
+    """The spline alone in float32 (the peer's own function or class vs accelerated), each
+    against the peer's float64 evaluation of the same float32 values: the accelerated error
+    (max and root-mean-square, outputs, log-dets and gradients) is no larger than the peer's."""
+    def run(fn, ts):
+        ts = [t.detach().clone().requires_grad_() for t in ts]
+        outs = fn(*ts)
+        g = torch.Generator().manual_seed(7)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum() for o in outs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, ts))
+
+    truth = run(peer_fn, [t.double() for t in inputs32])
+    peer = run(peer_fn, inputs32)
+    fast = run(fast_fn, inputs32)
+    for i, (t, p, f) in enumerate(zip(truth, peer, fast)):
+        assert torch.isfinite(f).all(), i
+        ok = torch.isfinite(p)  # the peer's own NaN (if any) is not a yardstick
+        ep, ef = (p.double() - t)[ok], (f.double() - t)[ok]
+        assert ef.abs().max() <= ep.abs().max(), (i, ef.abs().max().item(), ep.abs().max().item())
+        assert ef.pow(2).mean() <= ep.pow(2).mean(), (i, ef.pow(2).mean().item(), ep.pow(2).mean().item())
+
+
+def train_losses(model, batch_fn, steps: int = 50, lr: float = 1e-3):
+    """Adam on ``batch_fn(model, step)`` (a scalar loss): the loss of every step."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    out = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = batch_fn(model, step)
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def check_training(make_model, batch_fn, accelerate, steps: int = 50):
+    """The same loss trajectory on and off (relative deviation <= 1e-4 over ``steps`` steps)."""
+    torch.manual_seed(0)
+    a = train_losses(make_model(), batch_fn, steps)
+    with accelerate(backend=BACKEND):
+        torch.manual_seed(0)
+        b = train_losses(make_model(), batch_fn, steps)
+    dev = ((a - b).abs() / a.abs()).max().item()
+    assert torch.isfinite(b).all()
+    assert dev <= 1e-4, dev
+    return dev
+
+
+def check_restore(module_mod, targets):
+    """accelerate() patches every target, is idempotent and reference-counted, and off restores
+    the very same objects."""
+    before = [(o, n, o.__dict__.get(n, "<missing>")) for o, n in targets]
+    h1 = module_mod.accelerate(backend=BACKEND)
+    h2 = module_mod.accelerate(backend=BACKEND)  # idempotent: one patch, two shares
+    assert module_mod.is_accelerated()
+    patched = [o.__dict__.get(n, "<missing>") for o, n in targets]
+    assert all(p is not b for p, (_, _, b) in zip(patched, before))
+    h1.close()
+    h1.close()  # a handle releases its share once
+    assert module_mod.is_accelerated()
+    assert all(o.__dict__.get(n, "<missing>") is p for (o, n), p in zip(targets, patched))
+    h2.close()
+    assert not module_mod.is_accelerated()
+    assert all(o.__dict__.get(n, "<missing>") is b for o, n, b in before)
+    with module_mod.accelerate():
+        pass
+    assert all(o.__dict__.get(n, "<missing>") is b for o, n, b in before)
+    module_mod.accelerate()
+    module_mod.accelerate()
+    module_mod.restore()  # the global switch off, whatever handles are open
+    assert not module_mod.is_accelerated()
+    assert all(o.__dict__.get(n, "<missing>") is b for o, n, b in before)
+
+
+def check_untested_version(module_mod, targets, monkeypatch):
+    import pytest
+
+    from fastflow.integrations._patch import UntestedVersionWarning
+
+    before = [o.__dict__.get(n, "<missing>") for o, n in targets]
+    monkeypatch.setattr(module_mod.INTEGRATION, "version", lambda: "99.0")
+    with pytest.warns(UntestedVersionWarning, match="99.0"):
+        h = module_mod.accelerate()
+    assert not h.active and not module_mod.is_accelerated()
+    assert all(o.__dict__.get(n, "<missing>") is b for (o, n), b in zip(targets, before))
