@@ -4,21 +4,23 @@ from fastflow.nn.autoregressive import (
     MADE,
     InverseAutoregressive,
     MaskedAffineAutoregressive,
+    MaskedAutoregressive,
     MaskedLinear,
     MaskedRQAutoregressive,
 )
 from fastflow.nn.base import CompositeTransform, InverseTransform, Reshape, Transform
 from fastflow.nn.conditioners import MLP, ConvNet, ConvResNet, ResidualMLP
+from fastflow.nn.continuous import CNF, ODEVectorField
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling, Coupling, Rescale, RQSplineCoupling
 from fastflow.nn.glow import ActNorm, ActNormInvConv1x1, InvConv1x1, LULinear, MultiScale, Squeeze
+from fastflow.nn.laws import AdditiveLaw, AffineLaw, Law, SplineLaw, make_law
 from fastflow.nn.linear import CholeskyAffine
 from fastflow.nn.masks import alternating_mask, channel_mask, checkerboard_mask, half_mask, random_mask
 from fastflow.nn.mixture import MixtureLogisticCDF
 from fastflow.nn.normalization import BatchNormFlow
-from fastflow.nn.continuous import CNF, ODEVectorField
+from fastflow.nn.permutations import Permutation, RandomPermutation, ReversePermutation
 from fastflow.nn.planar import PlanarFlow, RadialFlow
 from fastflow.nn.residual import ConvergenceError, LipschitzMLP, LipSwish, ResidualBlock, SpectralNormLinear
-from fastflow.nn.permutations import Permutation, RandomPermutation, ReversePermutation
 
 __all__ = [
     "MADE", "MLP", "ActNorm", "ActNormInvConv1x1", "AdditiveCoupling", "AffineCoupling", "BatchNormFlow",
@@ -29,4 +31,5 @@ __all__ = [
     "half_mask", "random_mask",
     "CNF", "ConvergenceError", "LipSwish", "LipschitzMLP", "ODEVectorField", "PlanarFlow", "RadialFlow",
     "ResidualBlock", "SpectralNormLinear",
+    "Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "make_law", "MaskedAutoregressive",
 ]

@@ -4,21 +4,22 @@ rational-quadratic autoregressive flow (NSF-AR, Durkan et al., 2019).
 
 The density direction (data -> noise) is one pass of the MADE; the inverse needs ``D`` passes,
 one per feature, because feature ``d`` depends on the already inverted features ``< d``.
+:class:`MaskedAutoregressive` takes any elementwise :mod:`law <fastflow.nn.laws>`;
+:class:`MaskedAffineAutoregressive` and :class:`MaskedRQAutoregressive` are it with the affine
+and spline laws.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastflow.nn import _ops
 from fastflow.nn.base import InverseTransform, Transform
 from fastflow.nn.conditioners import _act
+from fastflow.nn.laws import AffineLaw, SplineLaw, make_law
 
-__all__ = ["MaskedLinear", "MADE", "MaskedAffineAutoregressive", "InverseAutoregressive",
+__all__ = ["MaskedLinear", "MADE", "MaskedAutoregressive", "MaskedAffineAutoregressive", "InverseAutoregressive",
            "MaskedRQAutoregressive"]
 
 
@@ -85,15 +86,29 @@ class MADE(nn.Module):
         return self.out(self.act(h)).reshape(x.shape[0], self.features, self.params_per_feature)
 
 
-class _Autoregressive(Transform):
-    params_per_feature = 1
+class MaskedAutoregressive(Transform):
+    """An autoregressive layer: ``y_d = f(x_d; theta_d(x_<d))`` for any elementwise law ``f``,
+    the parameters from a :class:`MADE` (fast density, ``D``-pass inverse).
 
-    def __init__(self, features, hidden_features=128, num_layers=2, context_features=None, order=None,
+    Args:
+        features: ``D``.
+        law: a :class:`~fastflow.nn.laws.Law` or a law name (``"affine"``, ``"additive"``,
+            ``"spline"``).
+        hidden_features, num_layers, context_features, order, activation: the MADE's.
+    """
+
+    def __init__(self, features, law, hidden_features=128, num_layers=2, context_features=None, order=None,
                  activation="relu"):
         super().__init__()
         self.features = features
-        self.made = MADE(features, self.params_per_feature, hidden_features, num_layers, context_features, order,
+        self.law = make_law(law)
+        self.law.bind(hidden_features)
+        self.made = MADE(features, self.law.params_per_element, hidden_features, num_layers, context_features, order,
                          activation)
+
+    @property
+    def params_per_feature(self) -> int:
+        return self.law.params_per_element
 
     def _check(self, x):
         if x.dim() != 2 or x.shape[1] != self.features:
@@ -112,27 +127,32 @@ class _Autoregressive(Transform):
             x, lad = self._elementwise(y, self.made(x, context), inverse=True)
         return x, lad
 
-    def _elementwise(self, x, params, inverse):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _elementwise(self, x, params, inverse):
+        return self.law(x, params, inverse)
 
 
-class MaskedAffineAutoregressive(_Autoregressive):
-    """MAF layer: ``y_d = x_d * s_d(x_<d) + t_d(x_<d)`` (fast density, ``D``-pass inverse).
+class MaskedAffineAutoregressive(MaskedAutoregressive):
+    """MAF layer: ``y_d = x_d * s_d(x_<d) + t_d(x_<d)`` (fast density, ``D``-pass inverse):
+    :class:`MaskedAutoregressive` with :class:`~fastflow.nn.laws.AffineLaw`.
 
     Args:
         features: ``D``.
         scale: ``"softclamp"`` (default), ``"exp"`` or ``"sigmoid"``, as in :class:`AffineCoupling`.
+        backend: forces an op backend (None: the fastest available).
     """
 
-    params_per_feature = 2
-
     def __init__(self, features, hidden_features=128, num_layers=2, context_features=None, order=None,
-                 activation="relu", scale="softclamp", clamp=2.0):
-        super().__init__(features, hidden_features, num_layers, context_features, order, activation)
-        self.scale, self.clamp = scale, float(clamp)
+                 activation="relu", scale="softclamp", clamp=2.0, backend=None):
+        super().__init__(features, AffineLaw(scale, clamp, backend), hidden_features, num_layers, context_features,
+                         order, activation)
 
-    def _elementwise(self, x, params, inverse):
-        return _ops.affine(x, params[..., 0], params[..., 1], scale=self.scale, clamp=self.clamp, inverse=inverse)
+    @property
+    def scale(self) -> str:
+        return self.law.scale
+
+    @property
+    def clamp(self) -> float:
+        return self.law.clamp
 
 
 def InverseAutoregressive(features, **kwargs) -> Transform:  # noqa: N802 - a layer constructor
@@ -140,24 +160,20 @@ def InverseAutoregressive(features, **kwargs) -> Transform:  # noqa: N802 - a la
     return InverseTransform(MaskedAffineAutoregressive(features, **kwargs))
 
 
-class MaskedRQAutoregressive(_Autoregressive):
-    """NSF-AR layer: an elementwise RQ spline whose parameters for ``x_d`` come from ``x_<d``."""
+class MaskedRQAutoregressive(MaskedAutoregressive):
+    """NSF-AR layer: an elementwise RQ spline whose parameters for ``x_d`` come from ``x_<d``:
+    :class:`MaskedAutoregressive` with :class:`~fastflow.nn.laws.SplineLaw`."""
 
     def __init__(self, features, hidden_features=128, num_layers=2, context_features=None, order=None,
                  activation="relu", num_bins=8, tail_bound=3.0, min_bin_width=1e-3, min_bin_height=1e-3,
                  min_derivative=1e-3, backend=None):
-        self.num_bins = int(num_bins)
-        self.params_per_feature = 3 * self.num_bins - 1
-        super().__init__(features, hidden_features, num_layers, context_features, order, activation)
-        self.spline_kwargs = dict(tail_bound=float(tail_bound), min_bin_width=min_bin_width,
-                                  min_bin_height=min_bin_height, min_derivative=min_derivative, backend=backend)
-        self._wh_scale = 1.0 / math.sqrt(hidden_features)
-        self._d_offset = math.log(math.expm1(1.0 - min_derivative))
+        law = SplineLaw(num_bins, tail_bound, min_bin_width, min_bin_height, min_derivative, backend)
+        super().__init__(features, law, hidden_features, num_layers, context_features, order, activation)
 
-    def _elementwise(self, x, params, inverse):
-        k = self.num_bins
-        uw = params[..., :k] * self._wh_scale
-        uh = params[..., k : 2 * k] * self._wh_scale
-        ud = params[..., 2 * k :] + self._d_offset
-        y, lad = _ops.rq_spline(x, uw, uh, ud, inverse=inverse, **self.spline_kwargs)
-        return y, lad.sum(dim=1)
+    @property
+    def num_bins(self) -> int:
+        return self.law.num_bins
+
+    @property
+    def spline_kwargs(self) -> dict:
+        return self.law.spline_kwargs

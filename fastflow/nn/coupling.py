@@ -4,19 +4,21 @@ scaling (Dinh et al., 2015) and the rational-quadratic spline coupling of Neural
 
 The part of the input where ``mask`` is False passes through unchanged and, with the optional
 context, is the conditioner's input; the conditioner's output parameterises an elementwise
-bijection of the part where ``mask`` is True, which runs in a fused op of :mod:`fastflow.ops`.
+bijection (a :mod:`law <fastflow.nn.laws>`) of the part where ``mask`` is True, which runs in a
+fused op of :mod:`fastflow.ops`. ``Coupling(mask, law, conditioner)`` takes any law;
+:class:`AffineCoupling`, :class:`AdditiveCoupling` and :class:`RQSplineCoupling` are it with the
+affine, additive and spline laws.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from fastflow.nn import _ops
 from fastflow.nn.base import Transform
 from fastflow.nn.conditioners import MLP, ConvNet, ConvResNet, ResidualMLP, call_conditioner
+from fastflow.nn.laws import AdditiveLaw, AffineLaw, SplineLaw, make_law
+from fastflow.ops.coupling import rescale
 
 __all__ = ["Coupling", "AffineCoupling", "AdditiveCoupling", "RQSplineCoupling", "Rescale"]
 
@@ -29,7 +31,7 @@ def _is_range(idx: torch.Tensor) -> bool:
 
 
 class Coupling(Transform):
-    """Base class: splits by ``mask``, runs the conditioner, applies :meth:`_elementwise`.
+    """A coupling layer: splits by ``mask``, runs the conditioner, applies ``law`` elementwise.
 
     Args:
         mask: boolean ``(D,)`` or ``(C, H, W)``; True marks the features to transform
@@ -41,6 +43,10 @@ class Coupling(Transform):
             ``f(in_size, out_size) -> nn.Module`` or a ready module. Sizes are features for
             vectors and channels for images. The module is called as ``net(h)`` or
             ``net(h, context)``; its output has ``out_size`` features/channels.
+        law: the elementwise bijection: a :class:`~fastflow.nn.laws.Law` (``AffineLaw``,
+            ``AdditiveLaw``, ``SplineLaw`` or your own) or a name (``"affine"``, ``"additive"``,
+            ``"spline"``, with its defaults). A subclass may instead define
+            ``params_per_element`` and ``_elementwise``.
         context_features: width of the context vector (None: unconditional).
         **net_kwargs: passed to a built-in conditioner (``hidden_features``, ``num_layers``,
             ``num_blocks``, ``hidden_channels``, ``activation``, ...).
@@ -48,8 +54,11 @@ class Coupling(Transform):
 
     params_per_element: int = 1
 
-    def __init__(self, mask, conditioner=None, *, context_features=None, **net_kwargs):
+    def __init__(self, mask, conditioner=None, *, law=None, context_features=None, **net_kwargs):
         super().__init__()
+        self.law = make_law(law) if law is not None else None
+        if self.law is not None:
+            self.params_per_element = self.law.params_per_element
         mask = torch.as_tensor(mask).bool()
         if mask.dim() not in (1, 3):
             raise ValueError(f"{type(self).__name__}: mask must be (D,) or (C, H, W), got shape {tuple(mask.shape)}")
@@ -86,6 +95,8 @@ class Coupling(Transform):
             kind = "cnn"
         self.net = self._make_net(conditioner if conditioner is not None else kind, in_size, out_size,
                                   context_features, net_kwargs)
+        if self.law is not None:
+            self.law.bind(getattr(self.net, "hidden_features", None))
 
     def _make_net(self, conditioner, in_size, out_size, context_features, kw):
         if isinstance(conditioner, nn.Module):
@@ -152,44 +163,50 @@ class Coupling(Transform):
     def inverse(self, y, context=None):
         return self._run(y, context, True)
 
-    def _elementwise(self, x_tr, params, inverse):  # pragma: no cover - abstract
+    def _elementwise(self, x_tr, params, inverse):
         """``x_tr (B, ...)``, ``params (B, ..., P)`` -> ``(y_tr (B, ...), logabsdet (B,))``
         (``(B, N)`` for vector and spatial masks, ``(B, n_tr, H, W)`` for channel masks)."""
-        raise NotImplementedError
+        if self.law is None:
+            raise NotImplementedError(f"{type(self).__name__}: give a law, or define _elementwise")
+        return self.law(x_tr, params, inverse)
 
 
 class AffineCoupling(Coupling):
-    """RealNVP affine coupling ``y = x * s(x_id) + t(x_id)`` (fused op ``affine_coupling``).
+    """RealNVP affine coupling ``y = x * s(x_id) + t(x_id)``: :class:`Coupling` with
+    :class:`~fastflow.nn.laws.AffineLaw` (fused op ``affine_coupling``).
 
     Args:
         scale: how the raw conditioner output becomes the scale: ``"exp"`` (RealNVP),
             ``"softclamp"`` (``exp(clamp * tanh(raw / clamp))``, stable) or ``"sigmoid"`` (Glow).
         clamp: bound of the log-scale for ``"softclamp"``.
+        backend: forces an op backend (None: the fastest available).
     """
 
-    params_per_element = 2
+    def __init__(self, mask, conditioner=None, *, context_features=None, scale="softclamp", clamp=2.0, backend=None,
+                 **net_kwargs):
+        super().__init__(mask, conditioner, law=AffineLaw(scale, clamp, backend), context_features=context_features,
+                         **net_kwargs)
 
-    def __init__(self, mask, conditioner=None, *, context_features=None, scale="softclamp", clamp=2.0, **net_kwargs):
-        if scale not in ("exp", "softclamp", "sigmoid"):
-            raise ValueError(f"AffineCoupling: scale={scale!r}, expected 'exp', 'softclamp' or 'sigmoid'")
-        self.scale, self.clamp = scale, float(clamp)
-        super().__init__(mask, conditioner, context_features=context_features, **net_kwargs)
+    @property
+    def scale(self) -> str:
+        return self.law.scale
 
-    def _elementwise(self, x_tr, params, inverse):
-        return _ops.affine(x_tr, params[..., 0], params[..., 1], scale=self.scale, clamp=self.clamp, inverse=inverse)
+    @property
+    def clamp(self) -> float:
+        return self.law.clamp
 
 
 class AdditiveCoupling(Coupling):
-    """NICE additive coupling ``y = x + t(x_id)``, volume preserving (fused op ``additive_coupling``)."""
+    """NICE additive coupling ``y = x + t(x_id)``, volume preserving: :class:`Coupling` with
+    :class:`~fastflow.nn.laws.AdditiveLaw` (fused op ``additive_coupling``)."""
 
-    params_per_element = 1
-
-    def _elementwise(self, x_tr, params, inverse):
-        return _ops.additive(x_tr, params[..., 0], inverse=inverse)
+    def __init__(self, mask, conditioner=None, *, context_features=None, backend=None, **net_kwargs):
+        super().__init__(mask, conditioner, law=AdditiveLaw(backend), context_features=context_features, **net_kwargs)
 
 
 class RQSplineCoupling(Coupling):
-    """Rational-quadratic spline coupling of Neural Spline Flows (fused op ``rq_spline``).
+    """Rational-quadratic spline coupling of Neural Spline Flows: :class:`Coupling` with
+    :class:`~fastflow.nn.laws.SplineLaw` (fused op ``rq_spline``).
 
     Args:
         num_bins: ``K`` bins of the spline on ``[-tail_bound, tail_bound]`` (identity outside).
@@ -204,33 +221,28 @@ class RQSplineCoupling(Coupling):
 
     def __init__(self, mask, conditioner=None, *, context_features=None, num_bins=8, tail_bound=3.0,
                  min_bin_width=1e-3, min_bin_height=1e-3, min_derivative=1e-3, backend=None, **net_kwargs):
-        self.num_bins = int(num_bins)
-        self.params_per_element = 3 * self.num_bins - 1
-        self.spline_kwargs = dict(tail_bound=float(tail_bound), min_bin_width=min_bin_width,
-                                  min_bin_height=min_bin_height, min_derivative=min_derivative, backend=backend)
-        super().__init__(mask, conditioner, context_features=context_features, **net_kwargs)
-        hidden = getattr(self.net, "hidden_features", None)
-        self._wh_scale = 1.0 / math.sqrt(hidden) if hidden else 1.0
-        self._d_offset = math.log(math.expm1(1.0 - min_derivative))
+        law = SplineLaw(num_bins, tail_bound, min_bin_width, min_bin_height, min_derivative, backend)
+        super().__init__(mask, conditioner, law=law, context_features=context_features, **net_kwargs)
 
-    def _elementwise(self, x_tr, params, inverse):
-        k = self.num_bins
-        uw = params[..., :k] * self._wh_scale
-        uh = params[..., k : 2 * k] * self._wh_scale
-        ud = params[..., 2 * k :] + self._d_offset
-        y, lad = _ops.rq_spline(x_tr, uw, uh, ud, inverse=inverse, **self.spline_kwargs)
-        return y, lad.flatten(1).sum(dim=1)
+    @property
+    def num_bins(self) -> int:
+        return self.law.num_bins
+
+    @property
+    def spline_kwargs(self) -> dict:
+        return self.law.spline_kwargs
 
 
 class Rescale(Transform):
     """NICE's final diagonal scaling ``y = x * exp(log_scale)`` (fused op ``rescale``), learnable."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, backend=None):
         super().__init__()
         self.log_scale = nn.Parameter(torch.zeros(tuple(shape) if not isinstance(shape, int) else (shape,)))
+        self.backend = backend
 
     def forward(self, x, context=None):
-        return _ops.rescale(x, self.log_scale, inverse=False)
+        return rescale(x, self.log_scale, inverse=False, backend=self.backend)
 
     def inverse(self, y, context=None):
-        return _ops.rescale(y, self.log_scale, inverse=True)
+        return rescale(y, self.log_scale, inverse=True, backend=self.backend)

@@ -1,0 +1,130 @@
+"""Elementwise laws: the bijection a coupling or autoregressive layer applies to each element.
+
+A law maps ``x`` and ``P`` raw parameters per element (from the conditioner) to ``y`` and the
+per-sample log-determinant, through one fused op of :mod:`fastflow.ops`. The layer structure
+(which elements, which conditioner) is separate: :class:`~fastflow.nn.coupling.Coupling` and
+:class:`~fastflow.nn.autoregressive.MaskedAutoregressive` take any law, so a new law works in
+both without a new layer class.
+
+The protocol (duck-typed; subclass :class:`Law` for the defaults):
+
+- ``params_per_element``: ``P``;
+- ``law(x, params, inverse) -> (y, logabsdet)`` with ``x (B, ...)``, ``params (B, ..., P)`` (any
+  strides: the layers pass views of the conditioner output), ``y`` of ``x.shape`` and
+  ``logabsdet (B,)`` summed over the non-batch dims;
+- ``bind(hidden_features)``: called once by the layer after its conditioner is built, with the
+  conditioner's width (or None), for laws that scale their raw parameters by it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastflow.ops.coupling import SCALES, additive_coupling, affine_coupling
+from fastflow.ops.rq_spline import rq_spline
+
+__all__ = ["Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "make_law"]
+
+
+class Law:
+    """Base of the elementwise laws (see the module docstring for the protocol)."""
+
+    params_per_element: int = 1
+
+    def bind(self, hidden_features: int | None) -> None:
+        """The conditioner's width, for laws that normalise their raw parameters by it."""
+
+    def __call__(self, x, params, inverse: bool):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class AffineLaw(Law):
+    """``y = s(h) * x + t`` (RealNVP, Dinh et al. 2017; Glow, Kingma & Dhariwal 2018); parameters
+    ``(t, h)`` per element; op :func:`fastflow.ops.affine_coupling`.
+
+    Args:
+        scale: ``"exp"``, ``"softclamp"`` (``exp(clamp * tanh(h / clamp))``) or ``"sigmoid"``
+            (``sigmoid(h + 2)``).
+        clamp: the soft clamp's bound.
+        backend: forces the op's backend (None: the fastest available).
+    """
+
+    params_per_element = 2
+
+    def __init__(self, scale: str = "softclamp", clamp: float = 2.0, backend: str | None = None):
+        if scale not in SCALES:
+            raise ValueError(f"AffineLaw: scale={scale!r}, expected one of {', '.join(map(repr, SCALES))}")
+        self.scale, self.clamp, self.backend = scale, float(clamp), backend
+
+    def __call__(self, x, params, inverse):
+        return affine_coupling(x, params[..., 0], params[..., 1], scale=self.scale, clamp=self.clamp,
+                               inverse=inverse, backend=self.backend)
+
+
+class AdditiveLaw(Law):
+    """``y = x + t``, volume preserving (NICE, Dinh et al. 2015); op :func:`fastflow.ops.additive_coupling`."""
+
+    params_per_element = 1
+
+    def __init__(self, backend: str | None = None):
+        self.backend = backend
+
+    def __call__(self, x, params, inverse):
+        return additive_coupling(x, params[..., 0], inverse=inverse, backend=self.backend)
+
+
+class SplineLaw(Law):
+    """Rational-quadratic spline with linear tails (Neural Spline Flows, Durkan et al. 2019);
+    ``3K - 1`` parameters per element (``K`` widths, ``K`` heights, ``K - 1`` interior slopes);
+    op :func:`fastflow.ops.rq_spline`.
+
+    The raw widths and heights are divided by ``sqrt(hidden_features)`` of the conditioner (as
+    nflows does), and the slopes offset so that a zero conditioner output gives slope 1
+    everywhere: a fresh layer is the identity.
+    """
+
+    def __init__(self, num_bins: int = 8, tail_bound: float = 3.0, min_bin_width: float = 1e-3,
+                 min_bin_height: float = 1e-3, min_derivative: float = 1e-3, backend: str | None = None):
+        self.num_bins = int(num_bins)
+        if self.num_bins < 2:
+            raise ValueError(f"SplineLaw: num_bins must be >= 2, got {num_bins!r}")
+        self.params_per_element = 3 * self.num_bins - 1
+        self.spline_kwargs = dict(tail_bound=float(tail_bound), min_bin_width=min_bin_width,
+                                  min_bin_height=min_bin_height, min_derivative=min_derivative, backend=backend)
+        self._wh_scale = 1.0
+        self._d_offset = math.log(math.expm1(1.0 - min_derivative))
+
+    def bind(self, hidden_features):
+        self._wh_scale = 1.0 / math.sqrt(hidden_features) if hidden_features else 1.0
+
+    def split(self, params):
+        """``(B, ..., 3K-1)`` raw outputs -> the op's unnormalised widths, heights, derivatives."""
+        k = self.num_bins
+        uw = params[..., :k] * self._wh_scale
+        uh = params[..., k : 2 * k] * self._wh_scale
+        ud = params[..., 2 * k :] + self._d_offset
+        return uw, uh, ud
+
+    def __call__(self, x, params, inverse):
+        y, lad = rq_spline(x, *self.split(params), inverse=inverse, **self.spline_kwargs)
+        return y, lad.flatten(1).sum(dim=1)
+
+
+_LAWS = {"affine": AffineLaw, "additive": AdditiveLaw, "spline": SplineLaw}
+
+
+def make_law(law, **kwargs) -> Law:
+    """A law object from a law, or a name (``"affine"``, ``"additive"``, ``"spline"``) and its arguments."""
+    if isinstance(law, str):
+        if law not in _LAWS:
+            raise ValueError(f"unknown law {law!r}; expected one of {sorted(_LAWS)} or a Law object")
+        return _LAWS[law](**kwargs)
+    if kwargs:
+        raise TypeError(f"law arguments {sorted(kwargs)} given with a ready law object {law!r}")
+    if not callable(law) or not isinstance(getattr(law, "params_per_element", None), int):
+        raise TypeError(f"law must be a name or an object with params_per_element and __call__, got {law!r}")
+    return law
