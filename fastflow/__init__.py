@@ -2,9 +2,32 @@
 
 __version__ = "0.1.0"
 
-from fastflow.backends import BackendUnavailableError, backend_status  # noqa: E402
-from fastflow.ops import rq_spline  # noqa: E402
+from fastflow.backends import BackendUnavailableError, UnknownBackendError, backend_status  # noqa: E402
+from fastflow.ops import (  # noqa: E402
+    HigherOrderError,
+    actnorm_conv1x1,
+    additive_coupling,
+    affine_coupling,
+    lu_conv1x1,
+    lu_linear,
+    rescale,
+    rq_spline,
+)
 from fastflow.flows import Flow, build  # noqa: E402
 
-__all__ = ["BackendUnavailableError", "backend_status", "rq_spline", "__version__"]
-__all__ += ["Flow", "build"]
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "UnknownBackendError",
+    "HigherOrderError",
+    "backend_status",
+    "rq_spline",
+    "affine_coupling",
+    "additive_coupling",
+    "rescale",
+    "lu_linear",
+    "lu_conv1x1",
+    "actnorm_conv1x1",
+    "Flow",
+    "build",
+]

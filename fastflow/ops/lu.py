@@ -498,6 +498,17 @@ def _check(op, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, x_dims)
 # Public API
 # --------------------------------------------------------------------------------------------
 
+def _with_doc(head: str, tail: str):
+    """Give a public op its docstring: ``head`` + the shared argument list + ``tail`` (an
+    expression after a ``def`` is not a docstring, so it is set here)."""
+
+    def deco(fn):
+        fn.__doc__ = head.rstrip() + _ARGS_DOC + tail
+        return fn
+
+    return deco
+
+
 _ARGS_DOC = """
         perm: ``(C,)`` int64 permutation; ``W = P L M`` with ``P = I[perm]``, i.e.
             ``(W x)[i] = (L M x)[perm[i]]``.
@@ -506,43 +517,42 @@ _ARGS_DOC = """
         log_s: ``(C,)``; ``M = U + diag(sign * exp(log_s))``.
         sign: ``(C,)`` of +-1, fixed (no gradient).
         inverse: evaluate the inverse map instead (its log-det is the negative).
-        backend: ``None`` (fastest available), ``"reference"`` or ``"triton"``;
+        backend: ``None`` (fastest available), ``"reference"``, ``"numba"`` or ``"triton"``;
             ``FASTFLOW_BACKEND`` sets the default.
 """
 
 
-def lu_linear(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
-    """Glow's LU-parameterised invertible linear map ``y = x W^T`` (Kingma & Dhariwal, 2018).
+@_with_doc("""Glow's LU-parameterised invertible linear map ``y = x W^T`` (Kingma & Dhariwal, 2018).
 
     Args:
         x: ``(B, C)``.
-    """ + _ARGS_DOC + """
+    """, """
     Returns:
         ``(y, logabsdet)``: ``y (B, C)`` and ``logabsdet (B,)`` = ``sum(log_s)`` (``-sum(log_s)``
         for the inverse), O(C). Gradients flow to ``x, lower, upper, log_s``.
-    """
+    """)
+def lu_linear(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
     _check("lu_linear", x, None, None, perm, lower, upper, log_s, sign, (2,))
     name = resolve_backend("lu_linear", x, backend)
     return _lu_linear_op(x, perm, lower, upper, log_s, sign, bool(inverse), name)
 
 
-def lu_conv1x1(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
-    """Glow's LU-parameterised invertible 1x1 convolution (Kingma & Dhariwal, 2018, sec. 3.2).
+@_with_doc("""Glow's LU-parameterised invertible 1x1 convolution (Kingma & Dhariwal, 2018, sec. 3.2).
 
     Args:
         x: ``(B, C, H, W)``; ``W`` mixes the channels at every pixel.
-    """ + _ARGS_DOC + """
+    """, """
     Returns:
         ``(y, logabsdet)``: ``y (B, C, H, W)`` and ``logabsdet (B,)`` = ``H*W*sum(log_s)``
         (negated for the inverse). Gradients flow to ``x, lower, upper, log_s``.
-    """
+    """)
+def lu_conv1x1(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
     _check("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, (4,))
     name = resolve_backend("lu_conv1x1", x, backend)
     return _lu_conv1x1_op(x, perm, lower, upper, log_s, sign, bool(inverse), name)
 
 
-def actnorm_conv1x1(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
-    """One Glow step's ActNorm followed by its LU 1x1 convolution, fused into one affine map.
+@_with_doc("""One Glow step's ActNorm followed by its LU 1x1 convolution, fused into one affine map.
 
     ActNorm is ``exp(an_logscale) * (x + an_bias)`` per channel (Glow's ``s * (x + b)``); with
     ``a = exp(an_logscale)`` the step is ``y = W diag(a) x + W diag(a) an_bias`` at every pixel,
@@ -552,12 +562,13 @@ def actnorm_conv1x1(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, *,
         x: ``(B, C, H, W)`` (or ``(B, C)``, one pixel per sample).
         an_bias: ``(C,)`` ActNorm bias ``b``.
         an_logscale: ``(C,)`` ActNorm log-scale ``log s``.
-    """ + _ARGS_DOC + """
+    """, """
     Returns:
         ``(y, logabsdet)``: ``y`` shaped like ``x`` and ``logabsdet (B,)`` =
         ``H*W*(sum(an_logscale) + sum(log_s))`` (negated for the inverse). Gradients flow to
         ``x, an_bias, an_logscale, lower, upper, log_s``.
-    """
+    """)
+def actnorm_conv1x1(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
     _check("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, (2, 4))
     name = resolve_backend("actnorm_conv1x1", x, backend)
     return _actnorm_conv1x1_op(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, bool(inverse), name)
