@@ -21,7 +21,8 @@ def run(args) -> int:
         print(json.dumps(status, indent=2))
         return 0
     print("fastflow", fastflow.__version__)
-    print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in status["versions"].items() if k != "fastflow"))
+    versions = status["versions"].items()
+    print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions if k != "fastflow"))
     print("devices:  " + ", ".join(status["devices"]))
     if status["triton_interpret"]:
         print("TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter")

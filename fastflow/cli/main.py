@@ -14,7 +14,8 @@ SUBCOMMANDS = ["info", "bench", "fit", "score", "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastflow", description="Compiled-kernel normalizing flows: batch jobs and tools.")
+    parser = argparse.ArgumentParser(prog="fastflow",
+                                     description="Compiled-kernel normalizing flows: batch jobs and tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"fastflow.cli.{name}").add_parser(sub)

@@ -2,7 +2,8 @@
 
 MODEL is a ``model.pt`` or a ``fastflow fit`` run folder. DATA is streamed in chunks of
 ``--chunk-size`` rows: ``.npy`` through a memory map, ``.csv`` line by line (a first line with
-no numeric field is a header, and said so; ``--csv-header yes|no`` forces it), ``.npz`` (read whole: zip members cannot be memory-mapped). So a file larger
+no numeric field is a header, and said so; ``--csv-header yes|no`` forces it), ``.npz`` (read
+whole: zip members cannot be memory-mapped). So a file larger
 than memory is fine; the output is written through a memory map to a temporary file and renamed
 into place when complete, so ``logp.npy`` is either absent or whole.
 

@@ -28,7 +28,8 @@ class Distribution(nn.Module):
 
     def _check(self, z):
         if tuple(z.shape[1:]) != self.shape:
-            raise ValueError(f"{type(self).__name__}: expected samples of shape (B, {self.shape}), got {tuple(z.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected samples of shape (B, {self.shape}), "
+                             f"got {tuple(z.shape)}")
 
     def log_prob(self, z, context=None):  # pragma: no cover - abstract
         raise NotImplementedError

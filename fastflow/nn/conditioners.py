@@ -14,7 +14,8 @@ __all__ = ["MLP", "ResidualMLP", "ConvNet", "ConvResNet", "call_conditioner"]
 def _act(name_or_module):
     if isinstance(name_or_module, nn.Module):
         return name_or_module
-    table = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
+    table = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU,
+             "leaky_relu": nn.LeakyReLU}
     if name_or_module not in table:
         raise ValueError(f"activation={name_or_module!r}: expected one of {sorted(table)} or an nn.Module")
     return table[name_or_module]()
@@ -119,7 +120,8 @@ class ResidualMLP(nn.Module):
     def forward(self, x, context=None):
         if self.context_features:
             if context is None:
-                raise ValueError(f"ResidualMLP was built with context_features={self.context_features} but got no context")
+                raise ValueError(f"ResidualMLP was built with context_features={self.context_features} but got "
+                                 "no context")
             context = context.to(x.dtype)
             x = torch.cat([x, context], dim=-1)
         h = self.inp(x)
@@ -191,7 +193,8 @@ class ConvResNet(nn.Module):
         self.context_features = context_features
         self.hidden_features = hidden_channels
         self.inp = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
-        self.blocks = nn.ModuleList([_ConvBlock(hidden_channels, context_features, activation) for _ in range(num_blocks)])
+        self.blocks = nn.ModuleList([_ConvBlock(hidden_channels, context_features, activation)
+                                     for _ in range(num_blocks)])
         self.act = _act(activation)
         self.out = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
         if zero_init:

@@ -105,7 +105,8 @@ class Coupling(Transform):
             table = _VECTOR_NETS if self.mode == "vector" else _IMAGE_NETS
             if conditioner not in table:
                 raise ValueError(
-                    f"{type(self).__name__}: conditioner={conditioner!r} for a {self.mode} mask; expected one of {sorted(table)}"
+                    f"{type(self).__name__}: conditioner={conditioner!r} for a {self.mode} mask; expected one of "
+                    f"{sorted(table)}"
                 )
             return table[conditioner](in_size, out_size, context_features=context_features, **kw)
         if callable(conditioner):

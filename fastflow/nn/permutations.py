@@ -22,7 +22,8 @@ class Permutation(Transform):
 
     def _check(self, x):
         if x.dim() < 2 or x.shape[1] != len(self.perm):
-            raise ValueError(f"{type(self).__name__}: expected dim 1 of size {len(self.perm)}, got shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected dim 1 of size {len(self.perm)}, "
+                             f"got shape {tuple(x.shape)}")
 
     def forward(self, x, context=None):
         self._check(x)

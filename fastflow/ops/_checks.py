@@ -15,7 +15,8 @@ def check_tensor(name: str, t, *, op: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{op}: {name} must have a floating dtype (float16/bfloat16/float32/float64), got {describe(t)}")
+        raise TypeError(f"{op}: {name} must have a floating dtype (float16/bfloat16/float32/float64), "
+                        f"got {describe(t)}")
     return t
 
 
@@ -24,7 +25,8 @@ def check_same(op: str, named: dict[str, torch.Tensor]) -> None:
     (n0, t0), *rest = named.items()
     for name, t in rest:
         if t.device != t0.device:
-            raise ValueError(f"{op}: {name} is on device {t.device} but {n0} is on {t0.device}; move them to one device")
+            raise ValueError(f"{op}: {name} is on device {t.device} but {n0} is on {t0.device}; "
+                             "move them to one device")
         if t.dtype != t0.dtype:
             raise TypeError(
                 f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')} but {n0} has "
@@ -44,5 +46,6 @@ def check_positive_float(op: str, name: str, value, *, allow_zero: bool = False)
             raise TypeError(f"{op}: {name} must be a number, got {value!r}") from None
     # comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat
     if v != v or v == math.inf or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{op}: {name} must be a finite {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{op}: {name} must be a finite {kind} number, got {value!r}")
     return v

@@ -372,7 +372,8 @@ def _rescale_views(x, log_scale, *more):
 
 
 @custom_op("fastflow::rescale")
-def _rescale_op(x: torch.Tensor, log_scale: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _rescale_op(x: torch.Tensor, log_scale: torch.Tensor, inverse: bool, backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         return _contig(x), _lad_empty(x)  # an empty event's log-det, or an empty batch
     xv, lsv, _ = _rescale_views(x, log_scale)

@@ -452,7 +452,8 @@ def _check_values(op, perm, sign) -> None:
         return
     c = perm.numel()
     if not torch.equal(torch.sort(perm).values, torch.arange(c, device=perm.device, dtype=perm.dtype)):
-        raise ValueError(f"{op}: perm must be a permutation of 0..{c - 1} (each index exactly once), got {perm.tolist() if c <= 32 else describe(perm)}")
+        got = perm.tolist() if c <= 32 else describe(perm)
+        raise ValueError(f"{op}: perm must be a permutation of 0..{c - 1} (each index exactly once), got {got}")
     if not bool(((sign == 1) | (sign == -1)).all()):
         raise ValueError(f"{op}: sign must hold only +1 and -1 (the fixed signs of W's diagonal), got {describe(sign)}")
     if key is None:
@@ -481,7 +482,8 @@ def _check(op, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, x_dims)
         raise ValueError(f"{op}: x needs at least one channel (dim 1), got {describe(x)}")
     for name in ("lower", "upper"):
         if tuple(named[name].shape) != (c, c):
-            raise ValueError(f"{op}: {name} must be (C, C) = ({c}, {c}) with C = x.shape[1], got {describe(named[name])}")
+            raise ValueError(f"{op}: {name} must be (C, C) = ({c}, {c}) with C = x.shape[1], "
+                             f"got {describe(named[name])}")
     for name in ("an_bias", "an_logscale", "log_s", "sign"):
         if name in named and tuple(named[name].shape) != (c,):
             raise ValueError(f"{op}: {name} must be (C,) = ({c},) with C = x.shape[1], got {describe(named[name])}")

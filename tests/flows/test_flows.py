@@ -127,7 +127,8 @@ def test_base_distributions(base):
     torch.testing.assert_close(lp, ref.log_prob(z).reshape(20000, -1).sum(1), rtol=1e-4, atol=1e-4)
     # Monte Carlo: E[-log p] is the entropy; compare with the reference's entropy where known
     if isinstance(base, (StandardNormal, DiagonalNormal)):
-        ent = float(ref.entropy().sum().detach()) if isinstance(base, DiagonalNormal) else 6 * 0.5 * math.log(2 * math.pi * math.e)
+        ent = (float(ref.entropy().sum().detach()) if isinstance(base, DiagonalNormal)
+               else 6 * 0.5 * math.log(2 * math.pi * math.e))
         assert abs(float(-lp.detach().mean()) - ent) < 0.1
 
 

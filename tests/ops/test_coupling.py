@@ -57,7 +57,8 @@ def test_affine_backend_matches_reference(backend, inverse, scale):
             g_out = torch.randn(args[0].shape, dtype=torch.float64, device=device)
             g_lad = torch.randn(b, dtype=torch.float64, device=device)
             kw = dict(scale=scale, clamp=1.5, inverse=inverse)
-            ref = outputs_and_grads(affine_coupling, [v.double() for v in args], g_out, g_lad, backend="reference", **kw)
+            ref = outputs_and_grads(affine_coupling, [v.double() for v in args], g_out, g_lad, backend="reference",
+                                    **kw)
             got = outputs_and_grads(affine_coupling, args, g_out, g_lad, backend=backend, **kw)
             assert got[0].dtype == dtype and got[1].dtype == dtype and got[1].shape == (b,)
             assert got[0].is_contiguous()
@@ -81,14 +82,16 @@ def test_additive_and_rescale_backend_match_reference(backend, inverse):
         x, t = x.to(dtype), t.to(dtype)
         g_out = torch.randn(x.shape, dtype=torch.float64, device=device)
         g_lad = torch.randn(b, dtype=torch.float64, device=device)
-        ref = outputs_and_grads(additive_coupling, [x.double(), t.double()], g_out, g_lad, inverse=inverse, backend="reference")
+        ref = outputs_and_grads(additive_coupling, [x.double(), t.double()], g_out, g_lad, inverse=inverse,
+                                backend="reference")
         got = outputs_and_grads(additive_coupling, [x, t], g_out, g_lad, inverse=inverse, backend=backend)
         for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
             assert a.dtype == dtype
             assert_close(a, r, **tol(backend, dtype))
         for ls_shape in [x.shape[1:], (x.shape[1], 1, 1)]:
             ls = (torch.randn(ls_shape, dtype=torch.float64) * 0.7).to(dtype=dtype, device=device)
-            ref = outputs_and_grads(rescale, [x.double(), ls.double()], g_out, g_lad, inverse=inverse, backend="reference")
+            ref = outputs_and_grads(rescale, [x.double(), ls.double()], g_out, g_lad, inverse=inverse,
+                                    backend="reference")
             got = outputs_and_grads(rescale, [x, ls], g_out, g_lad, inverse=inverse, backend=backend)
             f = x[0].numel()
             tl = tol(backend, dtype)
@@ -296,13 +299,15 @@ def test_non_contiguous_layouts(backend):
         gl = torch.randn(x.shape[0], dtype=torch.float64, device=device)
         for inverse in (False, True):
             got = outputs_and_grads(affine_coupling, (x, t, h), g, gl, inverse=inverse, backend=backend)
-            ref = outputs_and_grads(affine_coupling, [v.double().contiguous() for v in (x, t, h)], g, gl, inverse=inverse,
+            ref = outputs_and_grads(affine_coupling, [v.double().contiguous() for v in (x, t, h)], g, gl,
+                                    inverse=inverse,
                            backend="reference")
             for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
                 assert_close(a, r, **tol(backend, dtype))
         ls = h[0] * 0.5
         got = outputs_and_grads(rescale, (x, ls), g, gl, backend=backend)
-        ref = outputs_and_grads(rescale, (x.double().contiguous(), ls.double().contiguous()), g, gl, backend="reference")
+        ref = outputs_and_grads(rescale, (x.double().contiguous(), ls.double().contiguous()), g, gl,
+                                backend="reference")
         for a, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
             s_ = r.abs().max().clamp_min(1.0)
             assert_close(a / s_, r / s_, **tol(backend, dtype))
@@ -516,7 +521,8 @@ def test_numba_bitwise_reproducible_across_thread_counts():
         for threads in sorted({1, before}):
             numba.set_num_threads(threads)
             for scale in SCALES:
-                results.append((threads, outputs_and_grads(affine_coupling, (x, t, h), g, gl, scale=scale, backend="numba")))
+                got = outputs_and_grads(affine_coupling, (x, t, h), g, gl, scale=scale, backend="numba")
+                results.append((threads, got))
             results.append((threads, outputs_and_grads(rescale, (x, ls), g, gl, backend="numba")))
     finally:
         numba.set_num_threads(before)

@@ -35,10 +35,13 @@ def _cases(dtype):
     log_scale = torch.randn(3, 4, 5, dtype=dtype)
     k = 4
     xs = 2.5 * torch.rand(7, 5, dtype=dtype) - 1.25
-    uw, uh, ud = torch.randn(7, 5, k, dtype=dtype), torch.randn(7, 5, k, dtype=dtype), torch.randn(7, 5, k - 1, dtype=dtype)
+    uw, uh = torch.randn(7, 5, k, dtype=dtype), torch.randn(7, 5, k, dtype=dtype)
+    ud = torch.randn(7, 5, k - 1, dtype=dtype)
     return {
-        "affine": (cp._affine_coupling_op, lambda: (x, params[:, :3], params[:, 3:]), ("softclamp", 2.0, False, "numba")),
-        "affine-inverse": (cp._affine_coupling_op, lambda: (x, params[:, :3], params[:, 3:]), ("sigmoid", 2.0, True, "reference")),
+        "affine": (cp._affine_coupling_op, lambda: (x, params[:, :3], params[:, 3:]),
+                   ("softclamp", 2.0, False, "numba")),
+        "affine-inverse": (cp._affine_coupling_op, lambda: (x, params[:, :3], params[:, 3:]),
+                           ("sigmoid", 2.0, True, "reference")),
         "additive": (cp._additive_coupling_op, lambda: (x, params[:, :3]), (True, "numba")),
         "rescale": (cp._rescale_op, lambda: (x, log_scale), (False, "numba")),
         "rq_spline": (rq._rq_spline_op, lambda: (xs, uw, uh, ud), (False, 1.25, 1e-3, 1e-3, 1e-3, "numba")),

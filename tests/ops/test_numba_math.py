@@ -70,7 +70,8 @@ def test_log_matches_numpy_from_subnormals_to_the_largest_float():
 
 
 @pytest.mark.parametrize(
-    "x, expected", [(0.0, -np.inf), (-0.0, -np.inf), (-1.0, np.nan), (-np.inf, np.nan), (np.inf, np.inf), (np.nan, np.nan)]
+    "x, expected",
+    [(0.0, -np.inf), (-0.0, -np.inf), (-1.0, np.nan), (-np.inf, np.nan), (np.inf, np.inf), (np.nan, np.nan)],
 )
 def test_log_special_values(x, expected):
     got = _vectorised(_math.log)(np.array([x]))[0]

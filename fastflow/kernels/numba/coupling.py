@@ -383,19 +383,25 @@ def _affine_bwd_kernel(go, gos, gl, gls, x, xs, t, ts, h, hs, pair, ps, shape, r
             g = _CV(gl[(b0 + r) * gls[0]])
             if kind == 0:
                 if gconst:
-                    _bwd_run(gr, g0, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 0, _LAW, _CV, True)
+                    _bwd_run(gr, g0, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f,
+                             clamp, inverse, 0, _LAW, _CV, True)
                 else:
-                    _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 0, _LAW, _CV, False)
+                    _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f,
+                             clamp, inverse, 0, _LAW, _CV, False)
             elif kind == 1:
                 if gconst:
-                    _bwd_run(gr, g0, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 1, _LAW, _CV, True)
+                    _bwd_run(gr, g0, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f,
+                             clamp, inverse, 1, _LAW, _CV, True)
                 else:
-                    _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 1, _LAW, _CV, False)
+                    _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f,
+                             clamp, inverse, 1, _LAW, _CV, False)
             else:
                 if gconst:
-                    _bwd_run(gr, g0, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 2, _LAW, _CV, True)
+                    _bwd_run(gr, g0, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f,
+                             clamp, inverse, 2, _LAW, _CV, True)
                 else:
-                    _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f, clamp, inverse, 2, _LAW, _CV, False)
+                    _bwd_run(gr, g0 + e, xr, xo + e, tr, to + e, hr, ho + e, gx, gh, o, g, f,
+                             clamp, inverse, 2, _LAW, _CV, False)
 
 
 def _arithmetic_clone(kernel, suffix, **overrides):
