@@ -6,8 +6,8 @@
 :func:`fastflow.ops.rq_spline.rq_spline_bounded`; normflows' NSF layers
 (``CoupledRationalQuadraticSpline``, ``AutoregressiveRationalQuadraticSpline`` and their
 wrappers) look them up there at call time, so models built before or after the call use them.
-Circular tails, per-feature tail lists and tensor bounds (normflows' circular splines) run
-normflows' own code.
+Circular tails and per-feature tail lists keep normflows' own wrapper, whose inner bounded
+spline then runs on fastflow; tensor bounds run normflows' own code.
 
 Tested with normflows 1.7.x.
 """
