@@ -13,12 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["Transform", "CompositeTransform", "InverseTransform", "Reshape", "sum_except_batch"]
-
-
-def sum_except_batch(t: torch.Tensor) -> torch.Tensor:
-    """``(B, ...) -> (B,)``."""
-    return t.reshape(t.shape[0], -1).sum(dim=1)
+__all__ = ["Transform", "CompositeTransform", "InverseTransform", "Reshape"]
 
 
 class Transform(nn.Module):

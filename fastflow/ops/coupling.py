@@ -129,7 +129,9 @@ class _Reference:
 
     @classmethod
     def additive_fwd(cls, x, shift, inverse):
-        return ((x - shift) if inverse else (x + shift)).contiguous()
+        from fastflow.kernels.reference.coupling import additive_coupling_reference
+
+        return additive_coupling_reference(x, shift, inverse)[0].contiguous()  # exact in any dtype: no upcast
 
     @classmethod
     def rescale_fwd(cls, x, log_scale, inverse):
