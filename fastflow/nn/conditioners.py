@@ -31,10 +31,9 @@ def _zero(layer: nn.Module) -> nn.Module:
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
     """Images in channels-last layout on the CPU, where oneDNN's convolutions run faster on it.
 
-    Measured forward+backward on the CI machine (2 threads), NCHW vs NHWC: ConvNet 1.18x at
-    128x2x4x4, 1.21x at 128x3x16x16, 1.27x at 64x6x32x32; ConvResNet 1.13x, 1.11x, 1.27x; a
-    whole Glow training step on the 8x8 digits 1.09x (batch 128) and 1.24x (batch 512). The
-    maths is the same (outputs agree to float32 rounding). GPUs keep the caller's layout.
+    Faster forward and backward for ConvNet and ConvResNet at every image size we measured (and
+    a faster Glow step on the digits: `benchmarks/train_digits.py`). The maths is the same
+    (outputs agree to float32 rounding). GPUs keep the caller's layout.
     """
     return x.contiguous(memory_format=torch.channels_last) if x.is_cpu else x
 

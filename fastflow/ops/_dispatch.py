@@ -2,11 +2,10 @@
 
 Every fused op is a ``torch.library.custom_op`` (``fastflow::<name>``), which is what
 ``torch.compile``, ``torch.export``, fake tensors and ``opcheck`` need. In plain eager mode the
-dispatcher and the autograd wrapper ``torch.library`` builds around the op cost ~50-100 us per
-call, forward and backward each (measured on the CI machine: an affine coupling forward+backward
-on a 128 x 16 batch took 380 us through the custom op, 245 us through an ``autograd.Function``
-running the same implementation, and 120 us as plain PyTorch ops). In small-batch training,
-such as Glow on 8x8 images, that overhead is most of the op's time.
+dispatcher and the autograd wrapper ``torch.library`` builds around the op cost tens of
+microseconds per call, forward and backward each, more than an ``autograd.Function`` running the
+same implementation. In small-batch training, such as Glow on 8x8 images, that overhead is most
+of the op's time (`benchmarks/train_digits.py` measures such steps).
 
 :func:`custom_op` therefore returns a :class:`FusedOp`: the registered op (``.op``) plus a
 call that, on ordinary eager tensors, runs the same implementation directly (without autograd)

@@ -450,10 +450,9 @@ _rescale_op.register_autograd(_rescale_backward, setup_context=_rescale_setup, c
 
 
 # Small CPU batches: below this many elements, calling a fused kernel from Python (argument
-# checks, strided views, the numba dispatcher; ~150 us forward and backward) costs more than
-# PyTorch's own elementwise ops save by not being fused. Measured on the 2-core CI machine,
-# sigmoid law, forward+backward (fused vs these torch ops): 8k elements 391 vs 196 us, 33k
-# 600 vs 353, 131k 1106 vs 1005, 524k 3996 vs 5398. With ``backend=None`` (and no
+# checks, strided views, the numba dispatcher) costs more than PyTorch's own elementwise ops
+# save by not being fused; the crossover is measured by `fastflow bench coupling --sizes
+# 128,512,2048,8192` (rows numba against eager). With ``backend=None`` (and no
 # FASTFLOW_BACKEND) such inputs take the same law as plain differentiable torch ops.
 SMALL_CPU_ELEMS = 131072
 
@@ -472,12 +471,10 @@ def _small_eager(*tensors) -> bool:
 
 
 # The additive law and NICE's rescaling are one elementwise pass with nothing to fuse: on the
-# CPU, PyTorch's own kernel for it was faster than ours at every size measured, and it reads
-# strided inputs without a gather. Measured (interleaved, B x 64 float32, conditioner-sliced shift):
-# the numba kernel against torch ops, additive forward 0.40x at B=4096 and 0.43x at 65536,
-# rescale forward 0.25x and 0.67x, rescale forward+backward 0.45x and 0.93x. So with
-# ``backend=None`` they are torch ops on the CPU at any size; a forced backend still runs its
-# kernel.
+# CPU, PyTorch's own kernel for it was faster than ours at every size measured (`fastflow bench
+# coupling`, the additive and rescale rows), and it reads strided inputs without a gather. So
+# with ``backend=None`` they are torch ops on the CPU at any size; a forced backend still runs
+# its kernel.
 
 
 def _rescale_torch(x, log_scale, inverse):
