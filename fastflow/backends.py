@@ -25,6 +25,10 @@ import torch
 
 __all__ = [
     "BACKENDS",
+    "ROUTES",
+    "SMALL_CPU_ELEMS",
+    "routed_backend",
+    "register_note",
     "BackendUnavailableError",
     "UnknownBackendError",
     "backend_status",
@@ -121,12 +125,70 @@ BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", ("cuda",), (torch.float32,) + _LOW, _probe_cuda, "CUDA C++ kernels via CuPy"),
     "numba": Backend("numba", ("cpu",), _F, _probe_numba, "fused parallel Numba CPU kernels"),
     "reference": Backend("reference", ("any",), _F + _LOW, lambda: None, "pure PyTorch (oracle)"),
+    # Not tried in the default order: reached through a route below, or forced by name. Its
+    # kernels are plain differentiable torch ops, called outside the custom op.
+    "torch": Backend("torch", ("any",), _F + _LOW, lambda: None,
+                     "plain PyTorch ops, differentiated by autograd (the small-input routes)"),
 }
 # triton before cuda on a GPU: the resource/roofline model (``fastflow bench gpu-model``,
 # benchmarks/results/gpu-model_*.json, "model_gpu_backend_order") predicts the spline kernels of
 # both memory-bound at float32 K=8 (no spills, >= 50% occupancy), so neither is predicted >10%
 # faster and triton, which also takes float64, leads; a device run may overturn it.
 _ORDER = ("triton", "cuda", "numba", "reference")
+_ROUTED_ONLY = ("torch",)
+
+
+# --------------------------------------------------------------------------------------------
+# Routes: size rules that send a call elsewhere than the default order when backend=None (and
+# FASTFLOW_BACKEND is unset), for eager CPU float32/float64 inputs. Half precision keeps the
+# fused op's float32 compute; empty inputs keep the op's defined empty results.
+# --------------------------------------------------------------------------------------------
+
+# Below this many elements, calling a fused coupling kernel from Python (argument checks, strided
+# views, the numba dispatcher) costs more than PyTorch's own elementwise ops save by not being
+# fused; the crossover is measured by `fastflow bench coupling --sizes 128,512,2048,8192`.
+SMALL_CPU_ELEMS = 131072
+
+
+@dataclass(frozen=True)
+class Route:
+    """``backend=None`` sends ``op`` to ``backend`` for eager CPU float32/float64 inputs with at
+    most ``max_elements()`` elements (None: any size), for ``reason``."""
+
+    op: str
+    backend: str
+    max_elements: Callable[[], int | None]
+    reason: str
+
+    def describe(self) -> str:
+        n = self.max_elements()
+        size = "at any size" if n is None else f"of at most {n} elements"
+        return f"{self.op}: eager CPU float32/float64 inputs {size} run on {self.backend!r} ({self.reason})"
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("affine_coupling", "torch", lambda: SMALL_CPU_ELEMS,
+          "a kernel launch from Python costs more than fusing saves there"),
+    Route("additive_coupling", "torch", lambda: None,
+          "one elementwise pass with nothing to fuse: PyTorch's own kernel was faster at every size measured"),
+    Route("rescale", "torch", lambda: None,
+          "one elementwise pass with nothing to fuse: PyTorch's own kernel was faster at every size measured"),
+)
+
+
+def routed_backend(op: str, x: torch.Tensor, eager: Callable[[], bool]) -> str | None:
+    """The backend a route sends this call to (``backend=None``), or None for the default order.
+    ``eager()``: whether the caller's inputs are ordinary eager tensors (no compile, tracing or
+    transforms); asked last, as it is the costliest test."""
+    if os.environ.get(ENV_VAR) or not (x.is_cpu and x.numel() > 0 and x.dtype in _F):
+        return None
+    for r in ROUTES:
+        if r.op == op:
+            n = r.max_elements()
+            if (n is None or x.numel() <= n) and eager():
+                return r.backend
+            return None
+    return None
 
 
 def register_kernel(op: str, backend: str, loader: Callable[[], object]) -> None:
@@ -215,8 +277,10 @@ def backend_status() -> dict:
         "devices": devices,
         "triton_interpret": _interpreting(),
         "backends": {},
+        "order": list(_ORDER),
+        "routes": [r.describe() for r in ROUTES],
     }
-    for name in _ORDER:
+    for name in _ORDER + _ROUTED_ONLY:
         b = BACKENDS[name]
         probe = b.probe()
         status["backends"][name] = {
@@ -226,5 +290,15 @@ def backend_status() -> dict:
             "devices": list(b.devices),
             "dtypes": [str(d).replace("torch.", "") for d in b.dtypes],
             "ops": sorted(b.kernels),
+            "notes": dict(sorted(NOTES.get(name, {}).items())),
         }
     return status
+
+
+# Facts about how a backend runs an op that callers should know (e.g. a size above which it
+# falls back to other code); registered by the op modules, printed by `fastflow info`.
+NOTES: dict[str, dict[str, str]] = {}
+
+
+def register_note(op: str, backend: str, text: str) -> None:
+    NOTES.setdefault(backend, {})[op] = text

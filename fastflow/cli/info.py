@@ -34,7 +34,8 @@ def run(args) -> int:
             print(f"{ENV_VAR}={forced}: every op is forced onto the {forced!r} backend")
     except UnknownBackendError as e:
         print(f"warning: {e}; the batch commands refuse to run until it is fixed or unset")
-    print("backends (tried in this order when backend=None):")
+    print(f"backends (backend=None tries {', '.join(status['order'])} in this order; the others only through "
+          "the routes below or by name):")
     for name, b in status["backends"].items():
         mark = "available  " if b["available"] else "unavailable"
         dtypes = "/".join(b["dtypes"])
@@ -42,9 +43,9 @@ def run(args) -> int:
         print(f"  {name:<10} {mark} {b['description']}; devices {'/'.join(b['devices'])}; dtypes {dtypes}; ops: {ops}")
         if b["reason"]:
             print(f"  {'':<10} why not: {b['reason']}")
-    from fastflow.ops.coupling import SMALL_CPU_ELEMS
-
-    print(f"small CPU batches: with backend=None, affine couplings of at most {SMALL_CPU_ELEMS} "
-          "float32/float64 elements run as PyTorch ops (cheaper than a kernel launch there); additive couplings "
-          "and rescale, one elementwise pass with nothing to fuse, run as PyTorch ops on the CPU at any size")
+        for op, note in b["notes"].items():
+            print(f"  {'':<10} {op}: {note}")
+    print("routes (backend=None, no FASTFLOW_BACKEND):")
+    for route in status["routes"]:
+        print(f"  {route}")
     return 0

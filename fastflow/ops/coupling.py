@@ -30,17 +30,16 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
-from fastflow.backends import ENV_VAR, get_kernel, register_kernel, resolve_backend
+from fastflow.backends import SMALL_CPU_ELEMS, get_kernel, register_kernel, resolve_backend, routed_backend
 from fastflow.kernels.reference.coupling import SCALES
 from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import _eager as _dispatch_eager
 from fastflow.ops._dispatch import custom_op
 
-__all__ = ["affine_coupling", "additive_coupling", "rescale", "SCALES"]
+__all__ = ["affine_coupling", "additive_coupling", "rescale", "SCALES", "SMALL_CPU_ELEMS"]
 
 OPS = ("affine_coupling", "additive_coupling", "rescale")
 
@@ -279,7 +278,9 @@ def _up(*ts):
 
 
 def _affine_composite(x, shift, raw_scale, scale, clamp, inverse, backend):
-    out, lad = _affine_small(*_up(x, shift, raw_scale), scale, clamp, inverse)
+    from fastflow.kernels.torch.coupling import affine
+
+    out, lad = affine(*_up(x, shift, raw_scale), scale, clamp, inverse)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
@@ -421,7 +422,9 @@ def _rescale_backward(ctx, grad_out, grad_lad):
 
 
 def _rescale_composite(x, log_scale, inverse, backend):
-    out, lad = _rescale_torch(*_up(x, log_scale), inverse)
+    from fastflow.kernels.torch.coupling import rescale as rescale_torch
+
+    out, lad = rescale_torch(*_up(x, log_scale), inverse)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
@@ -449,56 +452,24 @@ _rescale_op.register_autograd(_rescale_backward, setup_context=_rescale_setup, c
 # --------------------------------------------------------------------------------------------
 
 
-# Small CPU batches: below this many elements, calling a fused kernel from Python (argument
-# checks, strided views, the numba dispatcher) costs more than PyTorch's own elementwise ops
-# save by not being fused; the crossover is measured by `fastflow bench coupling --sizes
-# 128,512,2048,8192` (rows numba against eager). With ``backend=None`` (and no
-# FASTFLOW_BACKEND) such inputs take the same law as plain differentiable torch ops.
-SMALL_CPU_ELEMS = 131072
+def _backend_for(op: str, backend, *tensors) -> str:
+    """The registry's choice: a route (``backend=None``, eager inputs) or the default order;
+    ``"torch"`` means plain torch ops, called outside the custom op."""
+    if backend is None:
+        routed = routed_backend(op, tensors[0], lambda: _dispatch_eager(tensors))
+        if routed is not None:
+            return routed
+    return resolve_backend(op, tensors[0], backend)
 
 
-def _torch_route(tensors, max_elems: int | None) -> bool:
-    """Whether ``backend=None`` evaluates the law as torch ops: eager CPU float32/float64 inputs
-    of at most ``max_elems`` elements (None: any size). Half precision keeps the op's float32
-    compute; empty inputs keep the op's defined empty results."""
-    x = tensors[0]
-    return (x.is_cpu and 0 < x.numel() and (max_elems is None or x.numel() <= max_elems)
-            and x.dtype in (torch.float32, torch.float64) and not os.environ.get(ENV_VAR) and _dispatch_eager(tensors))
+def _load_torch():
+    from fastflow.kernels.torch import coupling
+
+    return coupling
 
 
-def _small_eager(*tensors) -> bool:
-    return _torch_route(tensors, SMALL_CPU_ELEMS)
-
-
-# The additive law and NICE's rescaling are one elementwise pass with nothing to fuse: on the
-# CPU, PyTorch's own kernel for it was faster than ours at every size measured (`fastflow bench
-# coupling`, the additive and rescale rows), and it reads strided inputs without a gather. So
-# with ``backend=None`` they are torch ops on the CPU at any size; a forced backend still runs
-# its kernel.
-
-
-def _rescale_torch(x, log_scale, inverse):
-    """NICE's scaling in torch ops; ``log_scale`` already expanded to the event shape. The
-    log-det is summed in float64 (as the kernels do) and rounded once."""
-    lad = log_scale.sum(dtype=torch.float64).to(x.dtype)
-    if inverse:
-        return (x * torch.exp(-log_scale)).contiguous(), (-lad).expand(x.shape[0]).contiguous()
-    return (x * torch.exp(log_scale)).contiguous(), lad.expand(x.shape[0]).contiguous()
-
-
-def _affine_small(x, shift, raw_scale, scale, clamp, inverse):
-    """The affine law in torch ops (autograd differentiates them): ``log s`` by the same
-    formulas, ``s = exp(log s)``; the log-det summed in the tensors' dtype."""
-    if scale == "exp":
-        logs = raw_scale
-    elif scale == "softclamp":
-        logs = clamp * torch.tanh(raw_scale / clamp)
-    else:
-        logs = torch.nn.functional.logsigmoid(raw_scale + 2.0)
-    lad = logs.reshape(logs.shape[0], -1).sum(1)
-    if inverse:
-        return ((x - shift) * torch.exp(-logs)).contiguous(), -lad
-    return (x * torch.exp(logs) + shift).contiguous(), lad
+for _op in OPS:
+    register_kernel(_op, "torch", _load_torch)
 
 
 def _check_batch(op: str, named: dict) -> None:
@@ -556,9 +527,9 @@ def affine_coupling(
     if not isinstance(scale, str) or scale not in SCALES:
         raise ValueError(f"{op}: scale must be one of {list(SCALES)}, got {scale!r}")
     clamp = check_positive_float(op, "clamp", clamp)
-    if backend is None and _small_eager(x, shift, raw_scale):
-        return _affine_small(x, shift, raw_scale, scale, clamp, bool(inverse))
-    name = resolve_backend(op, x, backend)
+    name = _backend_for(op, backend, x, shift, raw_scale)
+    if name == "torch":
+        return get_kernel(op, "torch").affine(x, shift, raw_scale, scale, clamp, bool(inverse))
     return _affine_coupling_op(x, shift, raw_scale, scale, clamp, bool(inverse), name)
 
 
@@ -576,9 +547,9 @@ def additive_coupling(
     """
     op = "additive_coupling"
     _check_batch(op, {"x": x, "shift": shift})
-    if backend is None and _torch_route((x, shift), None):
-        return (x - shift if inverse else x + shift).contiguous(), _lad_empty(x)
-    name = resolve_backend(op, x, backend)
+    name = _backend_for(op, backend, x, shift)
+    if name == "torch":
+        return get_kernel(op, "torch").additive(x, shift, bool(inverse))
     return _additive_coupling_op(x, shift, bool(inverse), name)
 
 
@@ -611,7 +582,7 @@ def rescale(
     if not ok:
         raise ValueError(f"{op}: log_scale must have the event shape {tuple(event)} of x (or broadcast to it), "
                          f"got {describe(log_scale)}")
-    if backend is None and _torch_route((x, log_scale), None):
-        return _rescale_torch(x, log_scale.expand(event), bool(inverse))
-    name = resolve_backend(op, x, backend)
+    name = _backend_for(op, backend, x, log_scale)
+    if name == "torch":
+        return get_kernel(op, "torch").rescale(x, log_scale.expand(event), bool(inverse))
     return _rescale_op(x, log_scale.expand(event), bool(inverse), name)

@@ -52,7 +52,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fastflow.backends import get_kernel, register_kernel, resolve_backend
+from fastflow.backends import get_kernel, register_kernel, register_note, resolve_backend
 from fastflow.kernels.reference import lu as ref
 from fastflow.ops._checks import check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
@@ -266,6 +266,8 @@ def _load_triton():
 
 
 for _op in OPS:
+    register_note(_op, "numba", f"compiled factor algebra up to {_Numba.MAX_CHANNELS} channels, the reference's "
+                  "algebra above; the data pass is torch's GEMM either way")
     register_kernel(_op, "reference", lambda: _Reference)
     register_kernel(_op, "numba", _load_numba)
     register_kernel(_op, "triton", _load_triton)

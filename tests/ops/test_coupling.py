@@ -15,6 +15,7 @@ from fastflow.kernels.reference.coupling import (
     rescale_reference_backward,
 )
 from fastflow.ops import additive_coupling, affine_coupling, rescale
+from fastflow import backends as backends_mod
 from fastflow.ops import coupling as coupling_mod
 from fastflow.ops.coupling import _additive_coupling_op, _affine_coupling_op, _as_3d, _rescale_op
 from fastflow.testing import assert_close, jacobian_logabsdet, outputs_and_grads, tolerances
@@ -624,7 +625,7 @@ def test_small_cpu_batches_take_torch_ops(monkeypatch, scale, inverse):
     xi = x.clone().requires_grad_()
     assert "AffineCouplingFunction" in type(affine_coupling(xi, x, x, scale=scale)[0].grad_fn).__name__
     monkeypatch.delenv("FASTFLOW_BACKEND")
-    monkeypatch.setattr(coupling_mod, "SMALL_CPU_ELEMS", 10)  # above the threshold: the kernel
+    monkeypatch.setattr(backends_mod, "SMALL_CPU_ELEMS", 10)  # above the threshold: the kernel
     assert "AffineCouplingFunction" in type(affine_coupling(xi, x, x, scale=scale)[0].grad_fn).__name__
 
 
@@ -634,7 +635,7 @@ def test_cpu_additive_and_rescale_take_torch_ops_at_any_size(monkeypatch, invers
     to fuse) are torch ops at any size, beyond the small-batch bound too: values and gradients
     equal to the numba kernel's and the float64 oracle's; the log-det is a real (B,) tensor
     (it can be written in place); a forced backend or FASTFLOW_BACKEND reaches the kernel."""
-    monkeypatch.setattr(coupling_mod, "SMALL_CPU_ELEMS", 10)  # the inputs below are "large"
+    monkeypatch.setattr(backends_mod, "SMALL_CPU_ELEMS", 10)  # the inputs below are "large"
     g = torch.Generator().manual_seed(5)
     x = torch.randn(16, 6, 3, 2, generator=g)
     params = torch.randn(16, 6, 3, 2, 2, generator=g)
