@@ -58,7 +58,8 @@ def _run(out: Path, name: str, cmd: list[str], timeout: float, env: dict, log_fi
     else:
         with open(out / "suite.log", "a") as f:
             f.write(text[-20000:])
-    _log(out, f"{name}: rc={rc} in {time.time() - t0:.1f} s; last line: {text.strip().splitlines()[-1] if text.strip() else ''}")
+    last = text.strip().splitlines()[-1] if text.strip() else ""
+    _log(out, f"{name}: rc={rc} in {time.time() - t0:.1f} s; last line: {last}")
     return {"phase": name, "rc": rc, "seconds": time.time() - t0}
 
 

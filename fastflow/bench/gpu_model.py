@@ -216,8 +216,8 @@ def _cuda_rows(cc=90):
                         "-o", str(cubin), str(src)], check=True, capture_output=True, text=True)
         usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
         sass = subprocess.run([tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
-    res = dict(re.findall(r"Function (\w+):\s*\n\s*REG:(\d+) STACK:(\d+)", usage) and
-               [(f, (int(r), int(st))) for f, r, st in re.findall(r"Function (\w+):\s*\n\s*REG:(\d+) STACK:(\d+)", usage)])
+    found = re.findall(r"Function (\w+):\s*\n\s*REG:(\d+) STACK:(\d+)", usage)
+    res = {f: (int(r), int(st)) for f, r, st in found}
     funcs = re.split(r"\n\s*Function : ", sass)
     mixes = {f.split("\n", 1)[0].strip(): instruction_mix(f) for f in funcs[1:]}
     rows = []
