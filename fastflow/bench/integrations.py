@@ -109,7 +109,8 @@ def run(device="cpu", repeats=3, quick=False, peers=None, compile=True, **_):
                 stats = time_interleaved(calls, device, repeats=2 if quick else repeats, warmup=1)
                 base = stats.get("plain", {}).get("median_s")
                 for impl, st in stats.items():
-                    row = {"op": f"{peer} NSF {kind}", "mode": case, "n": BATCH, "peer": peer, "version": version, "model": f"NSF {kind}", "case": case, "impl": impl,
+                    row = {"op": f"{peer} NSF {kind}", "mode": case, "n": BATCH, "peer": peer, "version": version,
+                           "model": f"NSF {kind}", "case": case, "impl": impl,
                            "batch": BATCH, "features": FEATURES, "transforms": TRANSFORMS, "bins": BINS,
                            "dtype": "float32", **{k: v for k, v in st.items() if k != "times"}}
                     if base and "median_s" in st:

@@ -22,7 +22,8 @@ from fastflow.integrations._splines import make_bounded, make_unconstrained
 __all__ = ["accelerate", "restore", "is_accelerated", "TESTED"]
 
 TESTED = "nflows 0.14"
-_MODULES = ("nflows.transforms.splines.rational_quadratic", "nflows.transforms.splines", "nflows.transforms.autoregressive")
+_MODULES = ("nflows.transforms.splines.rational_quadratic", "nflows.transforms.splines",
+            "nflows.transforms.autoregressive")
 
 
 def _tested(version: str) -> bool:

@@ -58,7 +58,8 @@ def test_backend_matches_reference(backend, inverse, k):
         if inverse:
             x = rq_spline_reference(x, uw, uh, ud)[0]
         t = [v.to(dtype) for v in (x, uw, uh, ud)]
-        g_out, g_lad = torch.randn(n, dtype=torch.float64, device=device), torch.randn(n, dtype=torch.float64, device=device)
+        g_out = torch.randn(n, dtype=torch.float64, device=device)
+        g_lad = torch.randn(n, dtype=torch.float64, device=device)
         # Oracle: the reference evaluated in float64 on the same (rounded) inputs.
         ref = outputs_and_grads(rq_spline, [v.double() for v in t], g_out, g_lad, inverse=inverse, backend="reference")
         got = outputs_and_grads(rq_spline, t, g_out, g_lad, inverse=inverse, backend=backend)
@@ -116,7 +117,8 @@ def test_float32_never_worse_than_nflows(backend, inverse):
     theirs = outputs_and_grads(nflows_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse)
     ours = outputs_and_grads(rq_spline, (x, uw, uh, ud), g_out, g_lad, inverse=inverse, backend=backend)
     names = ["outputs", "logabsdet", "grad inputs", "grad widths", "grad heights", "grad derivatives"]
-    for name, o, t, r in zip(names, (ours[0], ours[1], *ours[2]), (theirs[0], theirs[1], *theirs[2]), (oracle[0], oracle[1], *oracle[2])):
+    for name, o, t, r in zip(names, (ours[0], ours[1], *ours[2]), (theirs[0], theirs[1], *theirs[2]),
+                             (oracle[0], oracle[1], *oracle[2])):
         e_ours, e_theirs = _max_err(o, r), _max_err(t, r)
         assert e_ours <= e_theirs, f"{name}: our float32 error {e_ours:.3g} > nflows' {e_theirs:.3g}"
 
@@ -363,11 +365,13 @@ def test_property_monotone_invertible(k, n, scale, bound, seed):
     gen = torch.Generator().manual_seed(seed)
     x, uw, uh, ud = make_params((n,), k, scale=scale, tail_bound=bound, gen=gen)
     x = torch.sort(x * 1.5).values
-    y, lad = rq_spline(x, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), tail_bound=bound, backend="numba")
+    y, lad = rq_spline(x, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), tail_bound=bound,
+                       backend="numba")
     assert torch.isfinite(y).all() and torch.isfinite(lad).all()
     assert torch.all(y[1:] >= y[:-1])  # one spline (shared parameters) is monotone
     assert torch.all(y.abs() <= torch.maximum(x.abs(), torch.tensor(bound, dtype=x.dtype)) + 1e-12)
-    x2, lad2 = rq_spline(y, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), inverse=True, tail_bound=bound, backend="numba")
+    x2, lad2 = rq_spline(y, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), inverse=True,
+                         tail_bound=bound, backend="numba")
     torch.testing.assert_close(x2, x, rtol=1e-9, atol=1e-9 * bound)
     torch.testing.assert_close(lad + lad2, torch.zeros_like(lad), rtol=0, atol=1e-7)
     ref = rq_spline_reference(x, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), tail_bound=bound)

@@ -147,7 +147,7 @@ def rq_spline_reference_backward(
     derivs = min_derivative + F.softplus(raw_d)
     idx = _bin_index(ch if inverse else cw, x)
     xk, wk = _gather(cw, idx), _gather(widths, idx)
-    yk, hk = _gather(ch, idx), _gather(heights, idx)
+    hk = _gather(heights, idx)
     dk, dk1 = _gather(derivs[..., :-1], idx), _gather(derivs[..., 1:], idx)
     s = hk / wk
     if inverse:
@@ -349,7 +349,7 @@ def rq_spline_param_reference_backward(
         min_bin_width, min_bin_height, min_derivative)
     idx = _bin_index(ch if inverse else cw, x)
     xk, wk = _gather(cw, idx), _gather(widths, idx)
-    yk, hk = _gather(ch, idx), _gather(heights, idx)
+    hk = _gather(heights, idx)
     dk, dk1 = _gather(derivs[..., :-1], idx), _gather(derivs[..., 1:], idx)
     s = hk / wk
     if inverse:
