@@ -13,6 +13,7 @@ op ``fastflow::rq_spline_backward``, a fused kernel that recomputes the forward 
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -29,112 +30,19 @@ _MAX_BINS = 1024
 # kernel): "nflows" (unconstrained, linear tails: rq_spline), "nflows_bounded"
 # (rq_spline_bounded), "zuko" (rq_spline_zuko). See kernels/reference/spline.py.
 PARAMETERIZATIONS = ("nflows", "nflows_bounded", "zuko")
-_NO_BOX = (-1.0, 1.0, -1.0, 1.0)  # the box argument of the "nflows" parameterisation (unused: tail_bound)
 
 
-# --------------------------------------------------------------------------------------------
-# Per-backend adapters: flat contiguous tensors in, flat tensors out.
-#   fwd(x (N,), uw (N,K), uh (N,K), ud (N,K-1), inverse, tb, mbw, mbh, md) -> (out, lad)
-#   bwd(g_out, g_lad, x, uw, uh, ud, inverse, tb, mbw, mbh, md) -> (g_x, g_uw, g_uh, g_ud)
-# and, on backends that list them in PARAMETERIZATIONS, the other parameterisations:
-#   fwd_param(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md) -> (out, lad)
-#   bwd_param(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md) -> grads
-# with box = (left, right, bottom, top); for "zuko" md is zuko's slope, ud has K-1 entries; for
-# "nflows_bounded" ud has K+1.
-# --------------------------------------------------------------------------------------------
+# Each backend's kernels (kernels/<backend>/spline.py) implement one launcher interface,
+# documented in kernels/reference/spline.py: forward/backward on flat contiguous tensors with
+# the parameterisation and its box, and the PARAMETERIZATIONS they have prologues for.
+for _backend in ("reference", "numba", "triton", "cuda"):
+    register_kernel(OP, _backend, lambda b=_backend: importlib.import_module(f"fastflow.kernels.{b}.spline"))
 
 
-class _Reference:
-    @staticmethod
-    def _upcast(ts):
-        # Evaluated in float64 on the CPU (so that the oracle is at least as accurate as any
-        # float32 kernel) and half precision in float32 elsewhere; rounded once at the end.
-        cpu = ts[0].device.type == "cpu"
-        return [t.double() if cpu else (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t) for t in ts]
-
-    @classmethod
-    def fwd(cls, x, uw, uh, ud, inverse, tb, mbw, mbh, md):
-        from fastflow.kernels.reference.spline import rq_spline_reference
-
-        out, lad = rq_spline_reference(*cls._upcast([x, uw, uh, ud]), inverse, tb, mbw, mbh, md)
-        return out.to(x.dtype), lad.to(x.dtype)
-
-    @classmethod
-    def bwd(cls, g_out, g_lad, x, uw, uh, ud, inverse, tb, mbw, mbh, md):
-        from fastflow.kernels.reference.spline import rq_spline_reference_backward
-
-        grads = rq_spline_reference_backward(*cls._upcast([g_out, g_lad, x, uw, uh, ud]), inverse, tb, mbw, mbh, md)
-        return tuple(g.to(t.dtype) for g, t in zip(grads, (x, uw, uh, ud)))
-
-    PARAMETERIZATIONS = PARAMETERIZATIONS
-
-    @classmethod
-    def fwd_param(cls, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-        from fastflow.kernels.reference.spline import rq_spline_param_reference
-
-        out, lad = rq_spline_param_reference(*cls._upcast([x, uw, uh, ud]), inverse, parameterization, box, mbw, mbh,
-                                             md)
-        return out.to(x.dtype), lad.to(x.dtype)
-
-    @classmethod
-    def bwd_param(cls, g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-        from fastflow.kernels.reference.spline import rq_spline_param_reference_backward
-
-        grads = rq_spline_param_reference_backward(*cls._upcast([g_out, g_lad, x, uw, uh, ud]), inverse,
-                                                   parameterization, box, mbw, mbh, md)
-        return tuple(g.to(t.dtype) for g, t in zip(grads, (x, uw, uh, ud)))
-
-
-class _Numba:
-    @staticmethod
-    def fwd(x, uw, uh, ud, inverse, tb, mbw, mbh, md):
-        from fastflow.kernels.numba.spline import rq_spline_fwd
-
-        out, lad = rq_spline_fwd(*(t.numpy() for t in (x, uw, uh, ud)), inverse, tb, mbw, mbh, md)
-        return torch.from_numpy(out), torch.from_numpy(lad)
-
-    @staticmethod
-    def bwd(g_out, g_lad, x, uw, uh, ud, inverse, tb, mbw, mbh, md):
-        from fastflow.kernels.numba.spline import rq_spline_bwd
-
-        arrays = (t.numpy() for t in (g_out, g_lad, x, uw, uh, ud))
-        return tuple(torch.from_numpy(g) for g in rq_spline_bwd(*arrays, inverse, tb, mbw, mbh, md))
-
-    PARAMETERIZATIONS = PARAMETERIZATIONS
-
-    @staticmethod
-    def fwd_param(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-        from fastflow.kernels.numba.spline import rq_spline_param_fwd
-
-        out, lad = rq_spline_param_fwd(*(t.numpy() for t in (x, uw, uh, ud)), inverse, parameterization, box, mbw, mbh,
-                                       md)
-        return torch.from_numpy(out), torch.from_numpy(lad)
-
-    @staticmethod
-    def bwd_param(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-        from fastflow.kernels.numba.spline import rq_spline_param_bwd
-
-        arrays = (t.numpy() for t in (g_out, g_lad, x, uw, uh, ud))
-        return tuple(torch.from_numpy(g) for g in rq_spline_param_bwd(*arrays, inverse, parameterization, box, mbw,
-                                                                       mbh, md))
-
-
-def _load_triton():
-    from fastflow.kernels.triton import spline
-
-    return spline
-
-
-def _load_cuda():
-    from fastflow.kernels.cuda import spline
-
-    return spline
-
-
-register_kernel(OP, "reference", lambda: _Reference)
-register_kernel(OP, "numba", lambda: _Numba)
-register_kernel(OP, "triton", _load_triton)
-register_kernel(OP, "cuda", _load_cuda)
+def _box(parameterization, tail_bound, left, right, bottom, top):
+    if parameterization == "nflows":
+        return (-tail_bound, tail_bound, -tail_bound, tail_bound)
+    return (left, right, bottom, top)
 
 
 def _flat(x, uw, uh, ud):
@@ -173,12 +81,9 @@ def _rq_spline_op(
     if inputs.numel() == 0:
         return torch.empty_like(inputs), torch.empty_like(inputs)
     flat = _flat(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
-    kern = get_kernel(OP, backend)
-    if parameterization == "nflows":
-        out, lad = kern.fwd(*flat, inverse, tail_bound, min_bin_width, min_bin_height, min_derivative)
-    else:
-        out, lad = kern.fwd_param(*flat, inverse, parameterization, (left, right, bottom, top), min_bin_width,
-                                  min_bin_height, min_derivative)
+    box = _box(parameterization, tail_bound, left, right, bottom, top)
+    out, lad = get_kernel(OP, backend).forward(*flat, inverse, parameterization, box, min_bin_width,
+                                               min_bin_height, min_derivative)
     return out.view(inputs.shape), lad.view(inputs.shape)
 
 
@@ -216,12 +121,9 @@ def _rq_spline_backward_op(
     flat = _flat(inputs, *params)
     g_out = grad_outputs.reshape(-1).contiguous()
     g_lad = grad_logabsdet.reshape(-1).contiguous()
-    kern = get_kernel(OP, backend)
-    if parameterization == "nflows":
-        g = kern.bwd(g_out, g_lad, *flat, inverse, tail_bound, min_bin_width, min_bin_height, min_derivative)
-    else:
-        g = kern.bwd_param(g_out, g_lad, *flat, inverse, parameterization, (left, right, bottom, top), min_bin_width,
-                           min_bin_height, min_derivative)
+    box = _box(parameterization, tail_bound, left, right, bottom, top)
+    g = get_kernel(OP, backend).backward(g_out, g_lad, *flat, inverse, parameterization, box, min_bin_width,
+                                         min_bin_height, min_derivative)
     return g[0].view(inputs.shape), *(gi.view(p.shape) for gi, p in zip(g[1:], params))
 
 
@@ -248,13 +150,10 @@ def _backward(ctx, grad_out, grad_lad):
 def _composite(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parameterization="nflows", left=-1.0,
                right=1.0, bottom=-1.0, top=1.0):
     """The spline in differentiable torch ops (the reference), for double backward."""
-    from fastflow.kernels.reference.spline import rq_spline_param_reference, rq_spline_reference
+    from fastflow.kernels.reference.spline import evaluate, upcast
 
-    if parameterization == "nflows":
-        out, lad = rq_spline_reference(*_Reference._upcast([x, uw, uh, ud]), inverse, tail_bound, mbw, mbh, md)
-    else:
-        out, lad = rq_spline_param_reference(*_Reference._upcast([x, uw, uh, ud]), inverse, parameterization,
-                                             (left, right, bottom, top), mbw, mbh, md)
+    box = _box(parameterization, tail_bound, left, right, bottom, top)
+    out, lad = evaluate(*upcast([x, uw, uh, ud]), inverse, parameterization, box, mbw, mbh, md)
     return out.to(x.dtype), lad.to(x.dtype)
 
 

@@ -19,8 +19,8 @@ import torch
 
 from fastflow import BackendUnavailableError
 from fastflow.kernels.cuda import loader
+from fastflow.kernels.reference import spline as ref_spline
 from fastflow.ops import rq_spline
-from fastflow.ops.rq_spline import _Reference
 from tests._backends import HAS_CUDA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,6 +102,7 @@ HOST_CONV(f16, fastflow::f16)
 HOST_CONV(bf16, fastflow::bf16)
 """
 
+_BOX = (-1.0, 1.0, -1.0, 1.0)  # tail_bound 1
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -164,13 +165,13 @@ def test_host_spline_matches_reference(host_lib, k, inverse):
     uw, uh = (torch.randn(n, k, dtype=torch.float64, generator=g) * 1.5 for _ in range(2))
     ud = torch.randn(n, k - 1, dtype=torch.float64, generator=g) * 1.5
     if inverse:
-        x = _Reference.fwd(x, uw, uh, ud, False, 1.0, 1e-3, 1e-3, 1e-3)[0]
+        x = ref_spline.forward(x, uw, uh, ud, False, "nflows", _BOX, 1e-3, 1e-3, 1e-3)[0]
     go, gl = torch.randn(n, dtype=torch.float64, generator=g), torch.randn(n, dtype=torch.float64, generator=g)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = [v.to(dtype).contiguous() for v in (x, uw, uh, ud, go, gl)]
         d64 = [v.double() for v in t]
-        ref = _Reference.fwd(*d64[:4], inverse, 1.0, 1e-3, 1e-3, 1e-3)
-        ref_g = _Reference.bwd(d64[4], d64[5], *d64[:4], inverse, 1.0, 1e-3, 1e-3, 1e-3)
+        ref = ref_spline.forward(*d64[:4], inverse, "nflows", _BOX, 1e-3, 1e-3, 1e-3)
+        ref_g = ref_spline.backward(d64[4], d64[5], *d64[:4], inverse, "nflows", _BOX, 1e-3, 1e-3, 1e-3)
         out, lad = torch.empty_like(t[0]), torch.empty_like(t[0])
         fn = getattr(host_lib, f"h_rq_spline_fwd_{_SUFFIX[dtype]}")
         fn(*map(_p, t[:4]), _p(out), _p(lad), *_scal(n, k, 1.0, 1e-3, 1e-3, 1e-3, inverse))

@@ -59,3 +59,22 @@ def bwd(g_out, g_lad, x, uw, uh, ud, inverse, tb, mbw, mbh, md):
                (ptr(g_out), ptr(g_lad), ptr(x), ptr(uw), ptr(uh), ptr(ud), ptr(g_x), ptr(g_uw), ptr(g_uh), ptr(g_ud),
                 *_scalars(n, k, tb, mbw, mbh, md, inverse)))
     return g_x, g_uw, g_uh, g_ud
+
+
+# The launcher interface of kernels/<backend>/spline.py (see kernels/reference/spline.py).
+PARAMETERIZATIONS = ("nflows",)
+
+
+def _nflows_only(parameterization):
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"cuda rq_spline: no kernels for the {parameterization!r} parameterization")
+
+
+def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    _nflows_only(parameterization)
+    return fwd(x, uw, uh, ud, inverse, box[1], mbw, mbh, md)
+
+
+def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    _nflows_only(parameterization)
+    return bwd(g_out, g_lad, x, uw, uh, ud, inverse, box[1], mbw, mbh, md)

@@ -17,6 +17,7 @@ import math
 
 import numba as nb
 import numpy as np
+import torch
 
 from fastflow.kernels.numba._math import exp as _exp
 from fastflow.kernels.numba._math import log as _log
@@ -606,3 +607,29 @@ def rq_spline_param_bwd(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, 
                KINDS[parameterization], left, right, bottom, top, float(mbw), float(mbh), float(md),
                g_x, g_uw, g_uh, g_ud)
     return g_x, g_uw, g_uh, g_ud
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher interface of kernels/<backend>/spline.py (see kernels/reference/spline.py):
+# torch tensors in and out, shared with numpy without copies.
+# --------------------------------------------------------------------------------------------
+
+PARAMETERIZATIONS = ("nflows", *KINDS)
+
+
+def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    arrays = (t.numpy() for t in (x, uw, uh, ud))
+    if parameterization == "nflows":
+        out, lad = rq_spline_fwd(*arrays, inverse, box[1], mbw, mbh, md)
+    else:
+        out, lad = rq_spline_param_fwd(*arrays, inverse, parameterization, box, mbw, mbh, md)
+    return torch.from_numpy(out), torch.from_numpy(lad)
+
+
+def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    arrays = (t.numpy() for t in (g_out, g_lad, x, uw, uh, ud))
+    if parameterization == "nflows":
+        grads = rq_spline_bwd(*arrays, inverse, box[1], mbw, mbh, md)
+    else:
+        grads = rq_spline_param_bwd(*arrays, inverse, parameterization, box, mbw, mbh, md)
+    return tuple(torch.from_numpy(g) for g in grads)

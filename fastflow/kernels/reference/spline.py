@@ -414,3 +414,43 @@ def rq_spline_param_reference_backward(
     zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
     g_in = torch.where(inside, g_in, grad_outputs)
     return g_in, torch.where(mask, g_uw, zero), torch.where(mask, g_uh, zero), torch.where(mask, g_ud, zero)
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher interface every kernels/<backend>/spline.py implements (flat contiguous tensors
+# of one dtype and device in, new tensors out; x (N,), uw, uh (N, K), ud (N, K-1) or (N, K+1)):
+#   PARAMETERIZATIONS: the prologues this backend has kernels for
+#   forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md) -> (out, lad)
+#   backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md)
+#       -> (g_x, g_uw, g_uh, g_ud)
+# box = (left, right, bottom, top); "nflows" uses (-tail_bound, tail_bound, -tail_bound,
+# tail_bound) and "zuko" (-bound, bound, -bound, bound) with md = zuko's slope.
+# --------------------------------------------------------------------------------------------
+
+
+def upcast(ts):
+    """The oracle's compute dtype: float64 on the CPU (at least as accurate as any float32
+    kernel), half precision in float32 elsewhere; callers round once at the end."""
+    cpu = ts[0].device.type == "cpu"
+    return [t.double() if cpu else (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t) for t in ts]
+
+
+def evaluate(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    """The spline in differentiable torch ops, in the dtype of the inputs (no upcast)."""
+    if parameterization == "nflows":
+        return rq_spline_reference(x, uw, uh, ud, inverse, box[1], mbw, mbh, md)
+    return rq_spline_param_reference(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md)
+
+
+def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    out, lad = evaluate(*upcast([x, uw, uh, ud]), inverse, parameterization, box, mbw, mbh, md)
+    return out.to(x.dtype), lad.to(x.dtype)
+
+
+def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    ts = upcast([g_out, g_lad, x, uw, uh, ud])
+    if parameterization == "nflows":
+        grads = rq_spline_reference_backward(*ts, inverse, box[1], mbw, mbh, md)
+    else:
+        grads = rq_spline_param_reference_backward(*ts, inverse, parameterization, box, mbw, mbh, md)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (x, uw, uh, ud)))

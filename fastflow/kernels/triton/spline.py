@@ -312,3 +312,22 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+# The launcher interface of kernels/<backend>/spline.py (see kernels/reference/spline.py).
+PARAMETERIZATIONS = ("nflows",)
+
+
+def _nflows_only(parameterization):
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"triton rq_spline: no kernels for the {parameterization!r} parameterization")
+
+
+def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    _nflows_only(parameterization)
+    return fwd(x, uw, uh, ud, inverse, box[1], mbw, mbh, md)
+
+
+def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
+    _nflows_only(parameterization)
+    return bwd(g_out, g_lad, x, uw, uh, ud, inverse, box[1], mbw, mbh, md)
