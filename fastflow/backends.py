@@ -1,12 +1,14 @@
 """Backend registry: which kernel family runs an op, and why the others decline.
 
-Four backends, tried in this order when ``backend=None``:
+Five backends, tried in this order when ``backend=None``:
 
 - ``triton``: fused GPU kernels for CUDA tensors (and CPU tensors when ``TRITON_INTERPRET=1``,
   which is how they are tested without a GPU); float32/float16/bfloat16, computed in float32, and
   float64 computed in float64 for the spline and coupling ops.
 - ``cuda``: hand-written CUDA C++ kernels from ``csrc/``, loaded through CuPy.
 - ``numba``: fused parallel CPU kernels; float32/float64, computed in float64.
+- ``torch``: tuned plain-PyTorch paths: a default only for the LU ops (any device and dtype); the
+  coupling ops' small-input routes (``ROUTES``) send calls to it too.
 - ``reference``: pure torch, any device and floating dtype; the oracle and the last resort.
 
 ``backend="name"`` (or the ``FASTFLOW_BACKEND`` environment variable) forces one and raises
@@ -27,6 +29,7 @@ __all__ = [
     "BACKENDS",
     "ROUTES",
     "SMALL_CPU_ELEMS",
+    "NUMBA_LU_MAX_CHANNELS",
     "routed_backend",
     "register_note",
     "BackendUnavailableError",
@@ -93,6 +96,9 @@ class Backend:
     kernels: dict = field(default_factory=dict, compare=False, hash=False)
     # op -> dtypes taken beyond ``dtypes`` for that op alone (computed in that dtype)
     op_dtypes: dict = field(default_factory=dict, compare=False, hash=False)
+    # the ops for which ``backend=None`` tries this backend in the default order (None: every op
+    # it has kernels for); its other ops are reached through ROUTES or by name only
+    default_ops: tuple[str, ...] | None = None
 
     def device_ok(self, device: torch.device) -> bool:
         if self.name == "triton" and device.type == "cpu":
@@ -125,17 +131,18 @@ BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", ("cuda",), (torch.float32,) + _LOW, _probe_cuda, "CUDA C++ kernels via CuPy"),
     "numba": Backend("numba", ("cpu",), _F, _probe_numba, "fused parallel Numba CPU kernels"),
     "reference": Backend("reference", ("any",), _F + _LOW, lambda: None, "pure PyTorch (oracle)"),
-    # Not tried in the default order: reached through a route below, or forced by name. Its
-    # kernels are plain differentiable torch ops, called outside the custom op.
+    # The tuned plain-PyTorch paths. The LU ops' kernels are launchers inside the custom op (and
+    # the default wherever the fused backends decline, before the oracle); the coupling ops'
+    # are plain differentiable torch ops called outside it, reached through the routes below.
     "torch": Backend("torch", ("any",), _F + _LOW, lambda: None,
-                     "plain PyTorch ops, differentiated by autograd (the small-input routes)"),
+                     "tuned plain PyTorch (LU GEMM layouts and W^-1 cache; the small-input coupling routes)",
+                     default_ops=("lu_linear", "lu_conv1x1", "actnorm_conv1x1")),
 }
 # triton before cuda on a GPU: the resource/roofline model (``fastflow bench gpu-model``,
 # benchmarks/results/gpu-model_*.json, "model_gpu_backend_order") predicts the spline kernels of
 # both memory-bound at float32 K=8 (no spills, >= 50% occupancy), so neither is predicted >10%
 # faster and triton, which also takes float64, leads; a device run may overturn it.
-_ORDER = ("triton", "cuda", "numba", "reference")
-_ROUTED_ONLY = ("torch",)
+_ORDER = ("triton", "cuda", "numba", "torch", "reference")
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +155,11 @@ _ROUTED_ONLY = ("torch",)
 # views, the numba dispatcher) costs more than PyTorch's own elementwise ops save by not being
 # fused; the crossover is measured by `fastflow bench coupling --sizes 128,512,2048,8192`.
 SMALL_CPU_ELEMS = 131072
+
+# The numba LU kernels compile the O(C^3) factor algebra as scalar loops, which lose to BLAS on
+# wide layers: above this many channels the numba backend runs the torch backend's algebra
+# (`fastflow bench lu` measures both sides).
+NUMBA_LU_MAX_CHANNELS = 32
 
 
 @dataclass(frozen=True)
@@ -236,7 +248,8 @@ def _resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | N
             raise BackendUnavailableError(f"{op}: forced backend {requested!r} cannot run: {reason}")
         return requested
     for name in _ORDER:
-        if BACKENDS[name].decline_reason(op, device, dtype) is None:
+        b = BACKENDS[name]
+        if (b.default_ops is None or op in b.default_ops) and b.decline_reason(op, device, dtype) is None:
             return name
     raise BackendUnavailableError(f"{op}: no backend can run on device {device} with dtype {dtype}")
 
@@ -280,7 +293,7 @@ def backend_status() -> dict:
         "order": list(_ORDER),
         "routes": [r.describe() for r in ROUTES],
     }
-    for name in _ORDER + _ROUTED_ONLY:
+    for name in _ORDER:
         b = BACKENDS[name]
         probe = b.probe()
         status["backends"][name] = {
@@ -291,6 +304,7 @@ def backend_status() -> dict:
             "dtypes": [str(d).replace("torch.", "") for d in b.dtypes],
             "ops": sorted(b.kernels),
             "notes": dict(sorted(NOTES.get(name, {}).items())),
+            "default_for": sorted(b.kernels) if b.default_ops is None else sorted(b.default_ops),
         }
     return status
 

@@ -34,8 +34,8 @@ def run(args) -> int:
             print(f"{ENV_VAR}={forced}: every op is forced onto the {forced!r} backend")
     except UnknownBackendError as e:
         print(f"warning: {e}; the batch commands refuse to run until it is fixed or unset")
-    print(f"backends (backend=None tries {', '.join(status['order'])} in this order; the others only through "
-          "the routes below or by name):")
+    print(f"backends (backend=None tries {', '.join(status['order'])} in this order, each for the ops it is a "
+          "default for; its other ops only through the routes below or by name):")
     for name, b in status["backends"].items():
         mark = "available  " if b["available"] else "unavailable"
         dtypes = "/".join(b["dtypes"])
@@ -43,6 +43,8 @@ def run(args) -> int:
         print(f"  {name:<10} {mark} {b['description']}; devices {'/'.join(b['devices'])}; dtypes {dtypes}; ops: {ops}")
         if b["reason"]:
             print(f"  {'':<10} why not: {b['reason']}")
+        if b["default_for"] != b["ops"]:
+            print(f"  {'':<10} default for: {', '.join(b['default_for']) or 'none'}")
         for op, note in b["notes"].items():
             print(f"  {'':<10} {op}: {note}")
     print("routes (backend=None, no FASTFLOW_BACKEND):")

@@ -12,28 +12,22 @@ laws is its own fused op that recomputes what it needs from the inputs. Inputs a
 through their strides: the channel halves ``x[:, :C//2]`` and the conditioner's
 ``h[:, ::2]``/``h[:, 1::2]`` or chunks are passed to the kernels as views, never copied.
 
-Per-backend adapters (``register_kernel(op, backend, loader)``; ``loader()`` returns an object
-with these functions). Every ``(B, M, N)`` tensor is a strided torch view (any non-negative
-strides, 0 included, e.g. an expanded gradient); every returned tensor is new and contiguous:
-
-    affine_fwd(x, shift, raw_scale, scale: str, clamp: float, inverse: bool) -> (out (B,M,N), lad (B,))
-    affine_bwd(g_out (B,M,N), g_lad (B,), x, shift, raw_scale, scale, clamp, inverse)
-        -> (grad_x (B,M,N), grad_raw_scale (B,M,N))       # grad shift: g_out, or -grad_x if inverse
-    additive_fwd(x, shift, inverse) -> out (B,M,N)
-    rescale_fwd(x (B,M,N), log_scale (M,N), inverse) -> (out (B,M,N), lad (B,))
-    rescale_bwd(g_out, g_lad, x, log_scale, inverse) -> (grad_x (B,M,N), grad_log_scale (M,N))
-
-``scale`` is one of ``"exp"``, ``"softclamp"``, ``"sigmoid"``; ``B, M, N >= 1``.
+The kernels' launcher interface (``affine_fwd``, ``affine_bwd``, ``additive_fwd``,
+``rescale_fwd``, ``rescale_bwd`` on strided ``(B, M, N)`` views) is documented in
+:mod:`fastflow.kernels.reference.coupling`; this module turns any ``(B, ...)`` layout into such
+views (copying only what no view can express).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import torch
 
 from fastflow.backends import SMALL_CPU_ELEMS, get_kernel, register_kernel, resolve_backend, routed_backend
+from fastflow.kernels.reference._precision import upcast
 from fastflow.kernels.reference.coupling import SCALES
 from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import _eager as _dispatch_eager
@@ -98,113 +92,13 @@ def _as_3d(tensors, split: int | None = "auto"):
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Adapters
-# --------------------------------------------------------------------------------------------
-
-
-class _Reference:
-    """Pure torch; float64 on the CPU (an oracle at least as accurate as any float32 kernel),
-    half precision computed in float32 elsewhere; rounded once at the end."""
-
-    @staticmethod
-    def _up(*ts):
-        cpu = ts[0].device.type == "cpu"
-        return [t.double() if cpu else (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t) for t in ts]
-
-    @classmethod
-    def affine_fwd(cls, x, shift, raw_scale, scale, clamp, inverse):
-        from fastflow.kernels.reference.coupling import affine_coupling_reference
-
-        out, lad = affine_coupling_reference(*cls._up(x, shift, raw_scale), scale, clamp, inverse)
-        return out.to(x.dtype).contiguous(), lad.to(x.dtype)
-
-    @classmethod
-    def affine_bwd(cls, g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
-        from fastflow.kernels.reference.coupling import affine_coupling_reference_backward
-
-        g = affine_coupling_reference_backward(*cls._up(g_out, g_lad, x, shift, raw_scale), scale, clamp, inverse)
-        return tuple(v.to(x.dtype).contiguous() for v in g)
-
-    @classmethod
-    def additive_fwd(cls, x, shift, inverse):
-        from fastflow.kernels.reference.coupling import additive_coupling_reference
-
-        return additive_coupling_reference(x, shift, inverse)[0].contiguous()  # exact in any dtype: no upcast
-
-    @classmethod
-    def rescale_fwd(cls, x, log_scale, inverse):
-        from fastflow.kernels.reference.coupling import rescale_reference
-
-        out, lad = rescale_reference(*cls._up(x, log_scale), inverse)
-        return out.to(x.dtype).contiguous(), lad.to(x.dtype)
-
-    @classmethod
-    def rescale_bwd(cls, g_out, g_lad, x, log_scale, inverse):
-        from fastflow.kernels.reference.coupling import rescale_reference_backward
-
-        gx, gls = rescale_reference_backward(*cls._up(g_out, g_lad, x, log_scale), inverse)
-        return gx.to(x.dtype).contiguous(), gls.to(x.dtype).contiguous()
-
-
-class _Numba:
-    """torch <-> numpy without copies (``Tensor.numpy()`` keeps the strides)."""
-
-    @staticmethod
-    def affine_fwd(x, shift, raw_scale, scale, clamp, inverse):
-        from fastflow.kernels.numba.coupling import affine_fwd
-
-        out, lad = affine_fwd(x.numpy(), shift.numpy(), raw_scale.numpy(), scale, clamp, inverse)
-        return torch.from_numpy(out), torch.from_numpy(lad)
-
-    @staticmethod
-    def affine_bwd(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
-        from fastflow.kernels.numba.coupling import affine_bwd
-
-        arrays = (t.numpy() for t in (g_out, g_lad, x, shift, raw_scale))
-        return tuple(torch.from_numpy(g) for g in affine_bwd(*arrays, scale, clamp, inverse))
-
-    @staticmethod
-    def additive_fwd(x, shift, inverse):
-        from fastflow.kernels.numba.coupling import additive_fwd
-
-        return torch.from_numpy(additive_fwd(x.numpy(), shift.numpy(), inverse))
-
-    @staticmethod
-    def rescale_fwd(x, log_scale, inverse):
-        from fastflow.kernels.numba.coupling import rescale_fwd
-
-        return tuple(torch.from_numpy(a) for a in rescale_fwd(x.numpy(), log_scale.numpy(), inverse))
-
-    @staticmethod
-    def rescale_bwd(g_out, g_lad, x, log_scale, inverse):
-        from fastflow.kernels.numba.coupling import rescale_bwd
-
-        arrays = (t.numpy() for t in (g_out, g_lad, x, log_scale))
-        return tuple(torch.from_numpy(a) for a in rescale_bwd(*arrays, inverse))
-
-
-def _load_triton():
-    from fastflow.kernels.triton import coupling
-
-    return coupling
-
-
+# Each backend's kernels (kernels/<backend>/coupling.py) implement one launcher interface,
+# documented in kernels/reference/coupling.py; csrc/coupling.cu has the affine and additive laws
+# (rescale has no CUDA kernel). The torch backend's (kernels/torch/coupling.py) are plain
+# differentiable torch ops, called outside the custom op (the routes in fastflow.backends).
 for _op in OPS:
-    register_kernel(_op, "reference", lambda: _Reference)
-    register_kernel(_op, "numba", lambda: _Numba)
-    register_kernel(_op, "triton", _load_triton)
-
-
-def _load_cuda():
-    from fastflow.kernels.cuda import coupling
-
-    return coupling
-
-
-# csrc/coupling.cu has the affine and additive laws (rescale has no CUDA kernel).
-for _op in ("affine_coupling", "additive_coupling"):
-    register_kernel(_op, "cuda", _load_cuda)
+    for _backend in ("reference", "numba", "triton", "torch") + (("cuda",) if _op != "rescale" else ()):
+        register_kernel(_op, _backend, lambda b=_backend: importlib.import_module(f"fastflow.kernels.{b}.coupling"))
 
 
 def _lad_empty(x):
@@ -272,15 +166,10 @@ def _affine_backward(ctx, grad_out, grad_lad):
     return g_x, g_shift, g_raw, None, None, None, None
 
 
-def _up(*ts):
-    """Composite precision: float64 on the CPU (as the reference), half precision in float32."""
-    return _Reference._up(*ts)
-
-
 def _affine_composite(x, shift, raw_scale, scale, clamp, inverse, backend):
     from fastflow.kernels.torch.coupling import affine
 
-    out, lad = affine(*_up(x, shift, raw_scale), scale, clamp, inverse)
+    out, lad = affine(*upcast(x, shift, raw_scale), scale, clamp, inverse)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
@@ -424,7 +313,7 @@ def _rescale_backward(ctx, grad_out, grad_lad):
 def _rescale_composite(x, log_scale, inverse, backend):
     from fastflow.kernels.torch.coupling import rescale as rescale_torch
 
-    out, lad = rescale_torch(*_up(x, log_scale), inverse)
+    out, lad = rescale_torch(*upcast(x, log_scale), inverse)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
@@ -460,16 +349,6 @@ def _backend_for(op: str, backend, *tensors) -> str:
         if routed is not None:
             return routed
     return resolve_backend(op, tensors[0], backend)
-
-
-def _load_torch():
-    from fastflow.kernels.torch import coupling
-
-    return coupling
-
-
-for _op in OPS:
-    register_kernel(_op, "torch", _load_torch)
 
 
 def _check_batch(op: str, named: dict) -> None:

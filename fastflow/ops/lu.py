@@ -25,18 +25,13 @@ Ops, each returning ``(y, logabsdet)`` with ``logabsdet`` of shape ``(B,)``:
 
 ``inverse=True`` evaluates the inverse map (and the log-det of the inverse, the negative). The
 inverse never inverts a general matrix: ``W^-1 = M^-1 L^-1 P^T`` comes from two triangular solves,
-or, with fewer pixels than channels, the data are solved directly (no ``W^-1`` at all). The
-numba path (up to 32 channels) substitutes in float64 on every call, which costs microseconds.
-The reference path on the CPU caches ``W^-1``, keyed on the factors' ``data_ptr``/``_version``
-and validated against a snapshot of them (so an optimizer step, ``.data`` writes included,
-invalidates it); on GPUs it is recomputed per call (two small asynchronous solves; a validation
-would need a device sync).
+or, with fewer pixels than channels, the data are solved directly (no ``W^-1`` at all).
 
-Backends: ``reference`` (torch on any device: BLAS GEMMs straight on NCHW data, float32 compute for
-half precision), ``numba`` (CPU, float32/float64: the data pass is the same BLAS GEMM, but the
-O(C^3) algebra on the factors, forward and backward, is one compiled call each instead of dozens
-of tiny torch ops, which dominate small Glow steps; the reference path above 32 channels) and
-``triton`` (fused kernels, see :mod:`fastflow.kernels.triton.lu`).
+Backends (kernels/<backend>/lu.py): ``triton`` (fused kernels, float32 storage), ``numba`` (CPU,
+float32/float64: the O(C^3) factor algebra compiled, forward and backward, the data pass torch's
+GEMM; up to ``NUMBA_LU_MAX_CHANNELS`` channels), ``torch`` (the tuned plain-PyTorch path on any
+device and dtype: GEMM layouts, a validated ``W^-1`` cache on the CPU; the default where the fused
+backends decline) and ``reference`` (the readable oracle: float64 on the CPU, no shortcuts).
 
 Custom ops ``fastflow::lu_linear``, ``fastflow::lu_conv1x1``, ``fastflow::actnorm_conv1x1`` with
 fake impls and autograd; their backward is ``fastflow::lu_backward`` (gradients for ``x``,
@@ -45,15 +40,16 @@ fake impls and autograd; their backward is ``fastflow::lu_backward`` (gradients 
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections import OrderedDict
 from typing import Optional
 
-import numpy as np
 import torch
 
-from fastflow.backends import get_kernel, register_kernel, register_note, resolve_backend
+from fastflow.backends import NUMBA_LU_MAX_CHANNELS, get_kernel, register_kernel, register_note, resolve_backend
 from fastflow.kernels.reference import lu as ref
+from fastflow.kernels.torch.lu import tensor_version as _version
 from fastflow.ops._checks import check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
 
@@ -66,211 +62,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-# --------------------------------------------------------------------------------------------
-# The cached inverse matrix
-# --------------------------------------------------------------------------------------------
-
-_INV_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_INV_CACHE_SIZE = 64
-INVERSE_CACHE_STATS = {"hits": 0, "misses": 0}
+# Each backend's kernels (kernels/<backend>/lu.py) implement one launcher interface, documented
+# in kernels/reference/lu.py: forward/backward on (B, C, N) views of the data.
+for _op in OPS:
+    for _backend in ("reference", "numba", "triton", "torch"):
+        register_kernel(_op, _backend, lambda b=_backend: importlib.import_module(f"fastflow.kernels.{b}.lu"))
+    register_note(_op, "numba", f"compiled factor algebra up to {NUMBA_LU_MAX_CHANNELS} channels, the torch backend's "
+                  "above; the data pass is torch's GEMM either way")
 
 
 def clear_inverse_cache() -> None:
     """Forget every cached ``W^-1`` (they also expire by themselves when the factors change)."""
-    _INV_CACHE.clear()
+    from fastflow.kernels.torch.lu import clear_inverse_cache as clear
 
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter; the snapshot check remains
-        return -1
-
-
-def _inverse_matrix(perm, lower, upper, log_s, sign, dtype: torch.dtype) -> torch.Tensor:
-    """``W^-1`` in ``dtype`` by two triangular solves; cached on the CPU.
-
-    The key holds each factor's ``data_ptr`` and ``_version`` (bumped by in-place updates such as
-    an optimizer step); a hit is confirmed against a snapshot of the factors, which also catches
-    writes through ``.data`` (no version bump) and a freed tensor's address being reused.
-    """
-    params = (perm, lower, upper, log_s, sign)
-    cast = [p if p is perm else p.to(dtype) for p in params]
-    if lower.device.type != "cpu":
-        return ref.inverse_weight(*cast)
-    key = (dtype, lower.shape[0]) + tuple((p.data_ptr(), _version(p), p.dtype, p.stride()) for p in params)
-    hit = _INV_CACHE.get(key)
-    if hit is not None and all(torch.equal(s, p) for s, p in zip(hit[0], params)):
-        _INV_CACHE.move_to_end(key)
-        INVERSE_CACHE_STATS["hits"] += 1
-        return hit[1]
-    INVERSE_CACHE_STATS["misses"] += 1
-    v = ref.inverse_weight(*cast)
-    _INV_CACHE[key] = (tuple(p.detach().clone() for p in params), v)
-    while len(_INV_CACHE) > _INV_CACHE_SIZE:
-        _INV_CACHE.popitem(last=False)
-    return v
-
-
-# --------------------------------------------------------------------------------------------
-# Per-backend adapters. x3/g3 are (B, C, N) views of the data (N pixels per sample).
-#   forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse) -> y3
-#   backward(g3, g_lad_sum, x3, ..., inverse, need_params)
-#       -> (g_x3, g_an_b, g_an_ls, g_lower, g_upper, g_log_s)   (parameter grads None if not needed)
-# --------------------------------------------------------------------------------------------
-
-
-class _Reference:
-    @staticmethod
-    def _cast(cd, *ts):
-        return [t if t is None or t.dtype == cd else t.to(cd) for t in ts]
-
-    @classmethod
-    def _coefficients(cls, cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
-        v = _inverse_matrix(perm, lower, upper, log_s, sign, cd) if inverse else None
-        an_b, an_ls, lower, upper, log_s, sign = cls._cast(cd, an_b, an_ls, lower, upper, log_s, sign)
-        return ref.coefficients(perm, lower, upper, log_s, sign, an_b, an_ls, inverse, inv_weight=v)
-
-    @classmethod
-    def forward(cls, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
-        cd = _compute_dtype(x3.dtype)
-        b, c, n = x3.shape
-        if b * n < c:
-            # Fewer pixels than channels: applying the factors (O(B N C^2)) beats forming W (O(C^3)).
-            args = cls._cast(cd, x3, lower, upper, log_s, sign, an_b, an_ls)
-            y3 = ref.apply_factored(args[0], perm, *args[1:], inverse=inverse)
-        else:
-            a_mat, bias = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-            y3 = ref.apply_affine(x3.to(cd), a_mat, bias)
-        return y3
-
-    @classmethod
-    def backward(cls, g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
-        cd = _compute_dtype(x3.dtype)
-        a_mat, _ = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        g3c, x3c = cls._cast(cd, g3, x3)
-        if not need_params:
-            return ref.apply_affine(g3c, a_mat.t(), None), None, None, None, None, None
-        g_x3, g_a, g_c = ref.data_grads(g3c, x3c, a_mat)
-        grads = cls._parameter_grads(cd, g_a, g_c, g_lad_sum, x3.shape[2], an_b, an_ls, perm, lower, upper, log_s,
-                                     sign, inverse, a_mat)
-        return (g_x3, *grads)
-
-    @classmethod
-    def _parameter_grads(cls, cd, g_a, g_c, g_lad_sum, n, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, a_mat):
-        """``(g_an_bias, g_an_logscale, g_lower, g_upper, g_log_s)`` from the map's ``(gA, gc)``."""
-        p = cls._cast(cd, lower, upper, log_s, sign, an_b, an_ls)
-        return ref.parameter_grads(g_a, g_c, g_lad_sum.to(cd), n, perm, *p, inverse=inverse, a_mat=a_mat)
-
-
-class _Triton:
-    @staticmethod
-    def _coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
-        from fastflow.kernels.triton import lu as tk
-
-        if not inverse:
-            return tk.assemble(perm, lower, upper, log_s, sign, an_b, an_ls)
-        # W^-1 by two float32 triangular solves on the host side, once per call (documented).
-        v = _inverse_matrix(perm, lower, upper, log_s, sign, torch.float32)
-        if an_ls is None:
-            return v, None
-        return v * torch.exp(-an_ls.float())[:, None], -an_b.float()
-
-    @classmethod
-    def forward(cls, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
-        from fastflow.kernels.triton import lu as tk
-
-        a_mat, bias = cls._coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        return tk.apply(x3.contiguous(), a_mat, bias)
-
-    @classmethod
-    def backward(cls, g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
-        from fastflow.kernels.triton import lu as tk
-
-        a_mat, _ = cls._coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        g3 = g3.contiguous()
-        g_x3 = tk.apply(g3, a_mat, None, transpose=True)
-        if not need_params:
-            return g_x3, None, None, None, None, None
-        x3 = x3.contiguous()
-        g_a = tk.wgrad(g3, x3)
-        g_c = g3.sum(dim=(0, 2), dtype=torch.float32)
-        p = [None if t is None else t.float() for t in (lower, upper, log_s, sign, an_b, an_ls)]
-        grads = ref.parameter_grads(g_a, g_c, g_lad_sum.float(), x3.shape[2], perm, *p, inverse=inverse, a_mat=a_mat)
-        return (g_x3, *grads)
-
-
-class _Numba(_Reference):
-    """CPU: the O(C^3) algebra on the factors (assembling ``A, c``; the chain rule back to the
-    factors) in one numba call each (:mod:`fastflow.kernels.numba.lu`) instead of ~15 and ~30
-    tiny torch ops; the data pass (and the backward's flow) is the reference's BLAS GEMM.
-    Scalar O(C^3) loops lose to BLAS on wide layers: above ``MAX_CHANNELS`` the algebra is the
-    reference's too."""
-
-    MAX_CHANNELS = 32
-
-    @staticmethod
-    def _arrays(an_b, an_ls, perm, lower, upper, log_s, sign):
-        f = [t.detach().contiguous().numpy() for t in (lower, upper, log_s, sign)]
-        has_an = an_ls is not None
-        an = [t.detach().contiguous().numpy() for t in (an_b, an_ls)] if has_an else [f[2], f[2]]
-        return (perm.contiguous().numpy(), *f, *an, has_an)
-
-    @classmethod
-    def _coefficients(cls, cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
-        if lower.shape[0] > cls.MAX_CHANNELS:
-            return super()._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        from fastflow.kernels.numba import lu as nk
-
-        c = lower.shape[0]
-        a_mat, bias = np.empty((c, c)), np.empty(c)
-        nk.assemble(*cls._arrays(an_b, an_ls, perm, lower, upper, log_s, sign), bool(inverse), a_mat, bias)
-        return torch.from_numpy(a_mat).to(cd), (torch.from_numpy(bias).to(cd) if an_ls is not None else None)
-
-    @classmethod
-    def _parameter_grads(cls, cd, g_a, g_c, g_lad_sum, n, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, a_mat):
-        c = lower.shape[0]
-        if c > cls.MAX_CHANNELS:
-            return super()._parameter_grads(cd, g_a, g_c, g_lad_sum, n, an_b, an_ls, perm, lower, upper, log_s, sign,
-                                            inverse, a_mat)
-        from fastflow.kernels.numba import lu as nk
-
-        out = [np.empty(c), np.empty(c), np.empty((c, c)), np.empty((c, c)), np.empty(c)]
-        nk.parameter_grads(g_a.double().numpy(), g_c.double().numpy(), float(g_lad_sum), float(n),
-                           *cls._arrays(an_b, an_ls, perm, lower, upper, log_s, sign), bool(inverse), *out)
-        grads = [torch.from_numpy(o) for o in out]
-        if an_ls is None:
-            grads[0] = grads[1] = None
-        return grads
-
-    @classmethod
-    def forward(cls, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
-        if lower.shape[0] > cls.MAX_CHANNELS:
-            return super().forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        # Always the assembled map: with few channels forming A is cheap, also when B*N < C.
-        cd = _compute_dtype(x3.dtype)
-        a_mat, bias = cls._coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
-        return ref.apply_affine(x3 if x3.dtype == cd else x3.to(cd), a_mat, bias)
-
-
-def _load_numba():
-    import fastflow.kernels.numba.lu  # noqa: F401
-
-    return _Numba
-
-
-def _load_triton():
-    import fastflow.kernels.triton.lu  # noqa: F401  (fail here, at dispatch, if triton is broken)
-
-    return _Triton
-
-
-for _op in OPS:
-    register_note(_op, "numba", f"compiled factor algebra up to {_Numba.MAX_CHANNELS} channels, the reference's "
-                  "algebra above; the data pass is torch's GEMM either way")
-    register_kernel(_op, "reference", lambda: _Reference)
-    register_kernel(_op, "numba", _load_numba)
-    register_kernel(_op, "triton", _load_triton)
+    clear()
 
 
 # --------------------------------------------------------------------------------------------

@@ -150,10 +150,11 @@ def _backward(ctx, grad_out, grad_lad):
 def _composite(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parameterization="nflows", left=-1.0,
                right=1.0, bottom=-1.0, top=1.0):
     """The spline in differentiable torch ops (the reference), for double backward."""
-    from fastflow.kernels.reference.spline import evaluate, upcast
+    from fastflow.kernels.reference._precision import upcast
+    from fastflow.kernels.reference.spline import evaluate
 
     box = _box(parameterization, tail_bound, left, right, bottom, top)
-    out, lad = evaluate(*upcast([x, uw, uh, ud]), inverse, parameterization, box, mbw, mbh, md)
+    out, lad = evaluate(*upcast(x, uw, uh, ud), inverse, parameterization, box, mbw, mbh, md)
     return out.to(x.dtype), lad.to(x.dtype)
 
 

@@ -392,15 +392,16 @@ def test_inverse_cache_invalidated_by_optimizer_step():
     y = torch.randn(16, c)
 
     def inv():
-        # the reference path caches W^-1 (the numba path, at this width, recomputes it: microseconds)
+        # the torch backend caches W^-1 (the numba path, at this width, recomputes it: microseconds)
         return lu_linear(y, p["perm"], p["lower"], p["upper"], p["log_s"], p["sign"], inverse=True,
-                         backend="reference")[0]
+                         backend="torch")[0]
 
     def oracle():
         pd = {k: v.detach().double() if v.is_floating_point() else v for k, v in p.items()}
         return dense("lu_linear", y.double(), pd, inverse=True)[0]
 
-    stats = lu_mod.INVERSE_CACHE_STATS
+    from fastflow.kernels.torch.lu import INVERSE_CACHE_STATS as stats
+
     x1 = inv()
     h0, m0 = stats["hits"], stats["misses"]
     x1b = inv()
@@ -504,7 +505,7 @@ def test_half_precision_on_cpu():
 @pytest.mark.parametrize("b,c,n", [(8, 4, 16), (3, 5, 7)])
 def test_small_channels_first_path_matches_batched(monkeypatch, b, c, n):
     """Small inputs go through one channels-first GEMM instead of a batched one: same maths."""
-    from fastflow.kernels.reference import lu as ref
+    from fastflow.kernels.torch import lu as ref
 
     g = torch.Generator().manual_seed(0)
     x3 = torch.randn(b, c, n, generator=g, dtype=torch.float64)
@@ -523,7 +524,7 @@ def test_small_channels_first_path_matches_batched(monkeypatch, b, c, n):
 
 
 @pytest.mark.parametrize("op", ["lu_conv1x1", "actnorm_conv1x1"])
-@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("backend", ["torch", "numba"])
 def test_large_input_expanded_and_strided_gradients(op, backend):
     """Above the small-input bound, an output gradient expanded from a scalar (y.sum()) and a
     batch-strided input give bitwise the gradients of the same values made dense, and the
@@ -531,7 +532,7 @@ def test_large_input_expanded_and_strided_gradients(op, backend):
     irregular operand, which doubled the forward+backward time at 4M elements)."""
     from torch.profiler import profile
 
-    from fastflow.kernels.reference import lu as ref
+    from fastflow.kernels.torch import lu as ref
 
     b, c = 24, 6
     p = make_params(c, dtype=torch.float32)

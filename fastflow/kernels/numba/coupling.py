@@ -12,11 +12,13 @@ per-sample log-det sums (eight fixed partial sums) are bitwise reproducible.
 
 from __future__ import annotations
 
+import functools
 import math
 import types as pytypes
 
 import numba as nb
 import numpy as np
+import torch
 
 from fastflow.kernels.numba._compile import slp
 from fastflow.kernels.numba._simd import sum8_runs4
@@ -548,6 +550,19 @@ def _base(a: np.ndarray):
     return buf, np.array(strides, dtype=np.int64)
 
 
+def _on_tensors(launcher):
+    """``launcher`` on torch tensors: numpy views of the inputs without copies (``Tensor.numpy()``
+    keeps the strides), new tensors out; the array launcher stays as ``.arrays``."""
+
+    @functools.wraps(launcher)
+    def on_tensors(*args):
+        out = launcher(*(a.numpy() if isinstance(a, torch.Tensor) else a for a in args))
+        return torch.from_numpy(out) if isinstance(out, np.ndarray) else tuple(torch.from_numpy(o) for o in out)
+
+    on_tensors.arrays = launcher
+    return on_tensors
+
+
 def _rows(shape) -> int:
     f = max(1, shape[1] * shape[2])
     return max(1, min(shape[0], _CHUNK_ELEMS // f))
@@ -589,6 +604,7 @@ def _arithmetic(kernel32, kernel64, dtype, scale, clamp):
     return kernel64
 
 
+@_on_tensors
 def affine_fwd(x, shift, raw_scale, scale, clamp, inverse):
     """``x, shift, raw_scale (B, M, N)`` strided arrays of one dtype -> ``(out (B, M, N), lad (B,))``."""
     shape = np.array(x.shape, dtype=np.int64)
@@ -604,6 +620,7 @@ def affine_fwd(x, shift, raw_scale, scale, clamp, inverse):
     return out, lad
 
 
+@_on_tensors
 def affine_bwd(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
     """Fused backward: ``(grad x, grad raw_scale)``, contiguous ``(B, M, N)``."""
     shape = np.array(x.shape, dtype=np.int64)
@@ -618,6 +635,7 @@ def affine_bwd(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
     return gx, gh
 
 
+@_on_tensors
 def additive_fwd(x, shift, inverse):
     shape = np.array(x.shape, dtype=np.int64)
     out = np.empty(x.shape, x.dtype)
@@ -636,6 +654,7 @@ def _rescale_prep(log_scale, inverse):
     return e, total
 
 
+@_on_tensors
 def rescale_fwd(x, log_scale, inverse):
     """``x (B, M, N)``, ``log_scale (M, N)`` strided -> ``(out (B, M, N), lad (B,))``."""
     e, total = _rescale_prep(log_scale, inverse)
@@ -648,6 +667,7 @@ def rescale_fwd(x, log_scale, inverse):
     return out, lad
 
 
+@_on_tensors
 def rescale_bwd(g_out, g_lad, x, log_scale, inverse):
     """``(grad x (B, M, N), grad log_scale (M, N))``."""
     e, _ = _rescale_prep(log_scale, inverse)

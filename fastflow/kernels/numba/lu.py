@@ -18,6 +18,10 @@ import math
 
 import numba as nb
 import numpy as np
+import torch
+
+from fastflow.backends import NUMBA_LU_MAX_CHANNELS
+from fastflow.kernels.torch import lu as tlu
 
 _NJIT = dict(cache=True, error_model="numpy")
 
@@ -184,3 +188,55 @@ def parameter_grads(g_a, g_c, g_lad_sum, n, perm, lower, upper, log_s, sign, an_
                     g_upper[i, j] = acc
             else:
                 g_upper[i, j] = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher interface of kernels/<backend>/lu.py (see kernels/reference/lu.py). The O(C^3)
+# algebra on the factors (assembling A, c; the chain rule back to the factors) is one compiled
+# call each instead of ~15 and ~30 tiny torch ops, which dominate small Glow steps; the data
+# pass is the torch backend's BLAS GEMM. Scalar O(C^3) loops lose to BLAS on wide layers: above
+# MAX_CHANNELS the algebra is the torch backend's too.
+# --------------------------------------------------------------------------------------------
+
+MAX_CHANNELS = NUMBA_LU_MAX_CHANNELS
+
+
+def _arrays(an_b, an_ls, perm, lower, upper, log_s, sign):
+    f = [t.detach().contiguous().numpy() for t in (lower, upper, log_s, sign)]
+    has_an = an_ls is not None
+    an = [t.detach().contiguous().numpy() for t in (an_b, an_ls)] if has_an else [f[2], f[2]]
+    return (perm.contiguous().numpy(), *f, *an, has_an)
+
+
+def coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+    c = lower.shape[0]
+    a_mat, bias = np.empty((c, c)), np.empty(c)
+    assemble(*_arrays(an_b, an_ls, perm, lower, upper, log_s, sign), bool(inverse), a_mat, bias)
+    return torch.from_numpy(a_mat).to(cd), (torch.from_numpy(bias).to(cd) if an_ls is not None else None)
+
+
+def chain(cd, g_a, g_c, g_lad_sum, n, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, a_mat):
+    c = lower.shape[0]
+    out = [np.empty(c), np.empty(c), np.empty((c, c)), np.empty((c, c)), np.empty(c)]
+    parameter_grads(g_a.double().numpy(), g_c.double().numpy(), float(g_lad_sum), float(n),
+                    *_arrays(an_b, an_ls, perm, lower, upper, log_s, sign), bool(inverse), *out)
+    grads = [torch.from_numpy(o) for o in out]
+    if an_ls is None:
+        grads[0] = grads[1] = None
+    return grads
+
+
+def forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+    if lower.shape[0] > MAX_CHANNELS:
+        return tlu.forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+    # Always the assembled map: with few channels forming A is cheap, also when B*N < C.
+    cd = tlu.compute_dtype(x3.dtype)
+    a_mat, bias = coefficients(cd, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+    return tlu.apply_affine(x3 if x3.dtype == cd else x3.to(cd), a_mat, bias)
+
+
+def backward(g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
+    if lower.shape[0] > MAX_CHANNELS:
+        return tlu.backward(g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params)
+    return tlu.backward(g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params,
+                        assemble=coefficients, chain=chain)

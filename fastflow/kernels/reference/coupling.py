@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastflow.kernels.reference._precision import upcast
+
 #: Scale parameterisations, ``h -> s``:
 #:   ``"exp"``: ``s = exp(h)`` (RealNVP);
 #:   ``"softclamp"``: ``s = exp(clamp * tanh(h / clamp))``, ``|log s| <= clamp`` (FrEIA, Glow-TTS);
@@ -115,3 +117,41 @@ def rescale_reference_backward(grad_outputs, grad_logabsdet, x, log_scale, inver
     e = torch.exp(sign * ls)
     out = x * e
     return grad_outputs * e, sign * ((grad_outputs * out).sum(0) + grad_logabsdet.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher interface every kernels/<backend>/coupling.py implements. Every (B, M, N) tensor
+# is a strided torch view (any non-negative strides, 0 included, e.g. an expanded gradient);
+# every returned tensor is new and contiguous; scale is one of SCALES; B, M, N >= 1:
+#   affine_fwd(x, shift, raw_scale, scale, clamp, inverse) -> (out (B,M,N), lad (B,))
+#   affine_bwd(g_out (B,M,N), g_lad (B,), x, shift, raw_scale, scale, clamp, inverse)
+#       -> (grad_x (B,M,N), grad_raw_scale (B,M,N))   # grad shift: g_out, or -grad_x if inverse
+#   additive_fwd(x, shift, inverse) -> out (B,M,N)
+#   rescale_fwd(x (B,M,N), log_scale (M,N), inverse) -> (out (B,M,N), lad (B,))
+#   rescale_bwd(g_out, g_lad, x, log_scale, inverse) -> (grad_x (B,M,N), grad_log_scale (M,N))
+# Here: float64 on the CPU, half precision computed in float32 elsewhere, rounded once.
+# --------------------------------------------------------------------------------------------
+
+
+def affine_fwd(x, shift, raw_scale, scale, clamp, inverse):
+    out, lad = affine_coupling_reference(*upcast(x, shift, raw_scale), scale, clamp, inverse)
+    return out.to(x.dtype).contiguous(), lad.to(x.dtype)
+
+
+def affine_bwd(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
+    g = affine_coupling_reference_backward(*upcast(g_out, g_lad, x, shift, raw_scale), scale, clamp, inverse)
+    return tuple(v.to(x.dtype).contiguous() for v in g)
+
+
+def additive_fwd(x, shift, inverse):
+    return additive_coupling_reference(x, shift, inverse)[0].contiguous()  # exact in any dtype: no upcast
+
+
+def rescale_fwd(x, log_scale, inverse):
+    out, lad = rescale_reference(*upcast(x, log_scale), inverse)
+    return out.to(x.dtype).contiguous(), lad.to(x.dtype)
+
+
+def rescale_bwd(g_out, g_lad, x, log_scale, inverse):
+    gx, gls = rescale_reference_backward(*upcast(g_out, g_lad, x, log_scale), inverse)
+    return gx.to(x.dtype).contiguous(), gls.to(x.dtype).contiguous()

@@ -19,15 +19,18 @@ Conventions (the ones every fastflow backend implements):
   with the 1x1 convolution that follows it into one affine map
   ``y = W diag(a) x + W diag(a) b`` with ``a = exp(an_logscale)``, ``b = an_bias``.
 
-Everything here is plain, differentiable torch on any device/dtype; the op layer
-(:mod:`fastflow.ops.lu`) chooses the compute dtype. The backward is written out (not autograd
-through the forward) and is what the other backends reuse for the O(C^2)/O(C^3) parameter
-chain rule after their kernels reduced the data.
+Everything here is plain, differentiable torch on any device/dtype, written for reading: no
+size thresholds, layout tricks or caches (those are the ``torch`` backend's,
+:mod:`fastflow.kernels.torch.lu`). The backward is written out (not autograd through the
+forward); its chain rule to the factors, :func:`parameter_grads`, is what the other backends
+reuse after their kernels reduced the data.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fastflow.kernels.reference._precision import upcast
 
 
 def factors(lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor, sign: torch.Tensor):
@@ -77,64 +80,6 @@ def coefficients(perm, lower, upper, log_s, sign, an_bias=None, an_logscale=None
     return v * torch.exp(-an_logscale)[:, None], -an_bias
 
 
-# Below this many elements (B*C*N) a batched GEMM over the samples costs more in its fixed
-# overhead (~40 us on the 2-core CI machine, MKL's batched path) than copying the data to
-# channels-first (C, B*N) and back around one plain GEMM (~15 us at 128 x 4 x 4 x 4).
-SMALL_ELEMS = 16384
-
-
-def _small(x3: torch.Tensor) -> bool:
-    return x3.shape[2] > 1 and x3.numel() <= SMALL_ELEMS
-
-
-def _channels_first(x3: torch.Tensor) -> torch.Tensor:
-    b, c, n = x3.shape
-    return x3.transpose(0, 1).reshape(c, b * n)
-
-
-def _from_channels_first(y2: torch.Tensor, b: int, n: int) -> torch.Tensor:
-    return y2.view(y2.shape[0], b, n).transpose(0, 1).contiguous()
-
-
-def _gemm_operand(t3: torch.Tensor) -> torch.Tensor:
-    """``t3`` as a batched GEMM reads it fast: itself when each sample's (C, N) matrix is one BLAS
-    can take in place (a unit stride in one of the two, channels-last included), else a
-    contiguous copy. Given a zero stride (an expanded gradient, as ``y.sum()`` hands back) or an
-    irregular view, CPU ``bmm`` clones every sample's matrix on its own: ActNorm + 1x1
-    convolution forward+backward at 4M elements took 42 ms that way, 17 ms with one copy."""
-    zero = any(st == 0 and n > 1 for st, n in zip(t3.stride(), t3.shape))
-    if zero or not (t3.stride(2) == 1 or t3.stride(1) == 1):
-        return t3.contiguous()
-    return t3
-
-
-def apply_affine(x3: torch.Tensor, a_mat: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``y3[b, :, n] = A x3[b, :, n] + c``: one BLAS pass over NCHW data, no layout copies
-    (small inputs go through a channels-first copy instead, see ``SMALL_ELEMS``)."""
-    if x3.shape[2] == 1:  # (B, C) data: a single GEMM over the batch
-        x2 = x3[:, :, 0]
-        y2 = torch.addmm(bias, x2, a_mat.t()) if bias is not None else x2 @ a_mat.t()
-        return y2.unsqueeze(2)
-    if _small(x3):
-        x2 = _channels_first(x3)
-        y2 = torch.addmm(bias[:, None], a_mat, x2) if bias is not None else a_mat @ x2
-        return _from_channels_first(y2, x3.shape[0], x3.shape[2])
-    y3 = torch.matmul(a_mat, _gemm_operand(x3))
-    if bias is not None:
-        y3 += bias[:, None]
-    return y3
-
-
-def data_grads(g3: torch.Tensor, x3: torch.Tensor, a_mat: torch.Tensor):
-    """For ``y = A x + c`` per pixel: ``(g_x3, gA, gc)`` from the output gradient ``g3``."""
-    if not _small(x3):
-        g3, x3 = _gemm_operand(g3), _gemm_operand(x3)
-        return (apply_affine(g3, a_mat.t(), None), *reduce_grads(g3, x3))
-    b, _, n = x3.shape
-    g2 = _channels_first(g3)
-    return _from_channels_first(a_mat.t() @ g2, b, n), g2 @ _channels_first(x3).t(), g2.sum(1)
-
-
 def apply_factored(x3, perm, lower, upper, log_s, sign, an_bias=None, an_logscale=None, inverse=False):
     """The same map applied factor by factor: O(B N C^2) without forming ``W`` (O(C^3)).
 
@@ -160,19 +105,6 @@ def logabsdet(log_s: torch.Tensor, an_logscale: torch.Tensor | None, n: int, inv
     if an_logscale is not None:
         total = total + an_logscale.sum()
     return -n * total if inverse else n * total
-
-
-def reduce_grads(g3: torch.Tensor, x3: torch.Tensor):
-    """``gA = sum_{b,n} g[b,:,n] x[b,:,n]^T`` ``(C, C)`` and ``gc = sum_{b,n} g[b,:,n]`` ``(C,)``."""
-    b, c, n = x3.shape
-    if n == 1:
-        g_a = g3[:, :, 0].t() @ x3[:, :, 0]
-    elif c <= n:
-        # The (B, C, C) temporary is no larger than the data: batched GEMM, then a small sum.
-        g_a = torch.matmul(g3, x3.transpose(1, 2)).sum(0)
-    else:
-        g_a = torch.tensordot(g3, x3, dims=([0, 2], [0, 2]))
-    return g_a, g3.sum(dim=(0, 2))
 
 
 def parameter_grads(g_a, g_c, g_lad_sum, n, perm, lower, upper, log_s, sign, an_bias=None, an_logscale=None,
@@ -221,3 +153,34 @@ def parameter_grads(g_a, g_c, g_lad_sum, n, perm, lower, upper, log_s, sign, an_
     g_m = lo.t() @ g_lm
     g_log_s = torch.diagonal(g_m) * d + sgn * n * g_lad_sum
     return g_bias, g_logscale, torch.tril(g_l, -1), torch.triu(g_m, 1), g_log_s
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher interface every kernels/<backend>/lu.py implements (x3, g3: (B, C, N) views of the
+# data, N pixels per sample; an_b/an_ls None without ActNorm; returned tensors are new):
+#   forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse) -> y3
+#   backward(g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params)
+#       -> (g_x3, g_an_b, g_an_ls, g_lower, g_upper, g_log_s)   (parameter grads None if not needed)
+# in any compute dtype (the op rounds to the parameters' dtypes).
+# --------------------------------------------------------------------------------------------
+
+
+def forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+    x3, an_b, an_ls, lower, upper, log_s, sign = upcast(x3, an_b, an_ls, lower, upper, log_s, sign)
+    a_mat, bias = coefficients(perm, lower, upper, log_s, sign, an_b, an_ls, inverse)
+    y3 = torch.einsum("ok,bkn->bon", a_mat, x3)
+    return y3 if bias is None else y3 + bias[:, None]
+
+
+def backward(g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
+    g3, g_lad_sum, x3, an_b, an_ls, lower, upper, log_s, sign = upcast(
+        g3, g_lad_sum, x3, an_b, an_ls, lower, upper, log_s, sign)
+    a_mat, _ = coefficients(perm, lower, upper, log_s, sign, an_b, an_ls, inverse)
+    g_x3 = torch.einsum("ok,bon->bkn", a_mat, g3)
+    if not need_params:
+        return g_x3, None, None, None, None, None
+    g_a = torch.einsum("bon,bkn->ok", g3, x3)
+    g_c = g3.sum(dim=(0, 2))
+    grads = parameter_grads(g_a, g_c, g_lad_sum, x3.shape[2], perm, lower, upper, log_s, sign, an_b, an_ls,
+                            inverse=inverse, a_mat=a_mat)
+    return (g_x3, *grads)

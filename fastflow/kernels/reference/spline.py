@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastflow.kernels.reference._precision import upcast
+
 
 def boundary_derivative_logit(min_derivative: float) -> float:
     """The raw value whose ``min_derivative + softplus`` is exactly the boundary slope 1."""
@@ -428,13 +430,6 @@ def rq_spline_param_reference_backward(
 # --------------------------------------------------------------------------------------------
 
 
-def upcast(ts):
-    """The oracle's compute dtype: float64 on the CPU (at least as accurate as any float32
-    kernel), half precision in float32 elsewhere; callers round once at the end."""
-    cpu = ts[0].device.type == "cpu"
-    return [t.double() if cpu else (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t) for t in ts]
-
-
 def evaluate(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
     """The spline in differentiable torch ops, in the dtype of the inputs (no upcast)."""
     if parameterization == "nflows":
@@ -443,12 +438,12 @@ def evaluate(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
 
 
 def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-    out, lad = evaluate(*upcast([x, uw, uh, ud]), inverse, parameterization, box, mbw, mbh, md)
+    out, lad = evaluate(*upcast(x, uw, uh, ud), inverse, parameterization, box, mbw, mbh, md)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
 def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-    ts = upcast([g_out, g_lad, x, uw, uh, ud])
+    ts = upcast(g_out, g_lad, x, uw, uh, ud)
     if parameterization == "nflows":
         grads = rq_spline_reference_backward(*ts, inverse, box[1], mbw, mbh, md)
     else:

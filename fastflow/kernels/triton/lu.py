@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastflow.kernels.reference import lu as ref
+from fastflow.kernels.torch import lu as tlu
 from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, make_spec, ptr, unique
 
 NUM_WARPS = 4
@@ -238,3 +240,37 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher interface of kernels/<backend>/lu.py (see kernels/reference/lu.py).
+# --------------------------------------------------------------------------------------------
+
+
+def _coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+    if not inverse:
+        return assemble(perm, lower, upper, log_s, sign, an_b, an_ls)
+    # W^-1 by two float32 triangular solves on the host side, once per call (documented).
+    v = tlu.inverse_matrix(perm, lower, upper, log_s, sign, torch.float32)
+    if an_ls is None:
+        return v, None
+    return v * torch.exp(-an_ls.float())[:, None], -an_b.float()
+
+
+def forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+    a_mat, bias = _coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+    return apply(x3.contiguous(), a_mat, bias)
+
+
+def backward(g3, g_lad_sum, x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need_params):
+    a_mat, _ = _coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+    g3 = g3.contiguous()
+    g_x3 = apply(g3, a_mat, None, transpose=True)
+    if not need_params:
+        return g_x3, None, None, None, None, None
+    x3 = x3.contiguous()
+    g_a = wgrad(g3, x3)
+    g_c = g3.sum(dim=(0, 2), dtype=torch.float32)
+    p = [None if t is None else t.float() for t in (lower, upper, log_s, sign, an_b, an_ls)]
+    grads = ref.parameter_grads(g_a, g_c, g_lad_sum.float(), x3.shape[2], perm, *p, inverse=inverse, a_mat=a_mat)
+    return (g_x3, *grads)
