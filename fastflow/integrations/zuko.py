@@ -14,6 +14,8 @@ Tested with zuko 1.6.x.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastflow.integrations._patch import Integration, float_tensors
@@ -22,10 +24,36 @@ __all__ = ["accelerate", "restore", "is_accelerated", "TESTED"]
 
 TESTED = "zuko 1.6.x"
 _LAZY = ("horizontal", "vertical", "derivatives")
+_MAX_BINS = 1024  # fastflow.ops.rq_spline._MAX_BINS
 
 
 def _tested(version: str) -> bool:
     return version.split(".")[:2] == ["1", "6"]
+
+
+def _spline(v, w, h, d, inverse, bound, slope):
+    """zuko's spline of ``v`` by fastflow's fused op: (values, log-det).
+
+    zuko's parameters are views into its conditioner's output (``unpack`` splits the last dim),
+    which the op copies into contiguous arrays; made contiguous here, once, the op's backward
+    reuses them instead of copying them again. Where the arguments are what the op takes (the
+    checks of :func:`fastflow.ops.rq_spline.rq_spline_zuko`, done here on what zuko passes),
+    the op is called without its public wrapper's argument checks (tens of microseconds per
+    call, several calls per step); anything else goes through ``rq_spline_zuko`` itself."""
+    from fastflow.ops.rq_spline import _param_backend, _rq_spline_op, rq_spline_zuko
+
+    k = w.shape[-1]
+    lead = v.shape
+    b, s = bound, slope
+    if (type(b) in (float, int) and type(s) in (float, int) and 0.0 < b < math.inf and 0.0 < s < 1.0
+            and 2 <= k <= _MAX_BINS and h.shape[-1] == k and d.shape[-1] == k - 1
+            and w.shape[:-1] == lead and h.shape[:-1] == lead and d.shape[:-1] == lead):
+        name = _param_backend("rq_spline_zuko", v, INTEGRATION.backend, "zuko")
+        b, s = float(b), float(s)
+        w, h, d = w.contiguous(), h.contiguous(), d.contiguous()
+        return _rq_spline_op(v, w, h, d, bool(inverse), b, 0.0, 0.0, s, name, "zuko", -b, b, -b, b)
+    return rq_spline_zuko(v, w, h, d, inverse=inverse, bound=float(bound), slope=float(slope),
+                          backend=INTEGRATION.backend)
 
 
 def _targets():
@@ -65,13 +93,12 @@ def _targets():
             v, w, h, d = v.to(dtype), w.to(dtype), h.to(dtype), d.to(dtype)
         elif v.device != w.device:
             return None
-        shape = torch.broadcast_shapes(v.shape, w.shape[:-1], h.shape[:-1], d.shape[:-1])
-        if v.shape != shape:
-            v = v.expand(shape)
-        from fastflow.ops.rq_spline import rq_spline_zuko
-
-        return rq_spline_zuko(v, w, h, d, inverse=inverse, bound=float(bound), slope=float(slope),
-                              backend=INTEGRATION.backend)
+        lead = v.shape
+        if w.shape[:-1] != lead or h.shape[:-1] != lead or d.shape[:-1] != lead:
+            shape = torch.broadcast_shapes(lead, w.shape[:-1], h.shape[:-1], d.shape[:-1])
+            if v.shape != shape:
+                v = v.expand(shape)
+        return _spline(v, w, h, d, inverse, bound, slope)
 
     def _call(self, x):
         r = evaluate(self, x, False)
