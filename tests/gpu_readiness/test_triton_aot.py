@@ -142,6 +142,35 @@ def test_spline_launch_uses_its_spec(monkeypatch, k, dtype):
         _assert_matches(spline.launch_spec(k, dtype, inverse, True), kb, ab, kwb)
 
 
+@pytest.mark.parametrize("parameterization", ["nflows", "nflows_bounded", "zuko"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("k", [3, 8])
+def test_spline_parameterizations_launch_their_spec(monkeypatch, k, dtype, parameterization):
+    # The launcher interface (forward/backward with a parameterisation and its box) launches the
+    # specialisation launch_spec names for it, and specializations() compiles that prologue.
+    from fastflow.kernels.triton import spline
+
+    calls = _capture(monkeypatch)
+    n = 4096
+    nd = k + 1 if parameterization == "nflows_bounded" else k - 1
+    x, uw, uh, ud = (torch.zeros(*s, dtype=dtype) for s in ((n,), (n, k), (n, k), (n, nd)))
+    box = (-2.5, 3.0, -1.75, 2.25)
+    for inverse in (False, True):
+        spline.forward(x, uw, uh, ud, inverse, parameterization, box, 1e-3, 1e-3, 1e-3)
+        spline.backward(x, x, x, uw, uh, ud, inverse, parameterization, box, 1e-3, 1e-3, 1e-3)
+        (kf, af, kwf), (kb, ab, kwb) = calls[-2:]
+        _assert_matches(spline.launch_spec(k, dtype, inverse, False, parameterization), kf, af, kwf)
+        _assert_matches(spline.launch_spec(k, dtype, inverse, True, parameterization), kb, ab, kwb)
+        assert kwf["KIND"] == spline.KINDS[parameterization]
+        # the box travels as the kernels' trailing float64 scalars
+        assert tuple(af[-4:]) == box and tuple(ab[-4:]) == box
+    keys = {s.key() for s in spline.specializations()}
+    for backward in (False, True):
+        for inverse in (False, True):
+            for kk in (8, 64):
+                assert spline.launch_spec(kk, dtype, inverse, backward, parameterization).key() in keys
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_coupling_launch_uses_its_spec(monkeypatch, dtype):
     from fastflow.kernels.triton import coupling

@@ -62,6 +62,10 @@ def bwd(g_out, g_lad, x, uw, uh, ud, inverse, tb, mbw, mbh, md):
 
 
 # The launcher interface of kernels/<backend>/spline.py (see kernels/reference/spline.py).
+# nflows only: csrc/rq_spline.cu re-reads each row's raw sizes in every pass (softmax, the knot
+# walk with its +-bound ends, the backward's chain), so another prologue is a second copy of those
+# passes plus host-harness tests, not a switch; ops/rq_spline.py sends the other
+# parameterisations to triton (first in the order on a GPU) or the reference.
 PARAMETERIZATIONS = ("nflows",)
 
 

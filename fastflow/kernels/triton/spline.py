@@ -14,6 +14,12 @@ Knots: the bin sizes' running sum is taken in float64 whatever the compute dtype
 rounded once. A float32 scan rounds at each of its log2(K)..K additions, and at K=64 that made
 the knots, hence the widths near the upper end and the x-gradient, several times less accurate
 than nflows' (whose CPU ``cumsum`` accumulates float32 in double).
+
+Parameterisations (kernels/reference/spline.py): the constexpr ``KIND`` selects the prologue,
+raw parameters -> knots and slopes, in the same fused kernels: 0 "nflows" (the code above it
+always was: the same SASS), 1 "nflows_bounded" (the box [left, right] x [bottom, top], K+1
+slopes ``md + softplus``), 2 "zuko" (soft-bounded raw values, no minimum bin size, interior
+slopes ``exp``, unit boundary slopes). The box travels as four float64 scalars (unused by 0).
 """
 
 from __future__ import annotations
