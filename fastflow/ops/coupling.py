@@ -21,17 +21,17 @@ views (copying only what no view can express).
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 
 import torch
 
-from fastflow.backends import SMALL_CPU_ELEMS, get_kernel, register_kernel, resolve_backend, routed_backend
+from fastflow.backends import SMALL_CPU_ELEMS, get_kernel, resolve_backend, routed_backend
 from fastflow.kernels.reference._precision import upcast
 from fastflow.kernels.reference.coupling import SCALES
 from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import _eager as _dispatch_eager
 from fastflow.ops._dispatch import custom_op
+from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 
 __all__ = ["affine_coupling", "additive_coupling", "rescale", "SCALES", "SMALL_CPU_ELEMS"]
 
@@ -92,13 +92,7 @@ def _as_3d(tensors, split: int | None = "auto"):
     return out
 
 
-# Each backend's kernels (kernels/<backend>/coupling.py) implement one launcher interface,
-# documented in kernels/reference/coupling.py; csrc/coupling.cu has the affine and additive laws
-# (rescale has no CUDA kernel). The torch backend's (kernels/torch/coupling.py) are plain
-# differentiable torch ops, called outside the custom op (the routes in fastflow.backends).
-for _op in OPS:
-    for _backend in ("reference", "numba", "triton", "torch") + (("cuda",) if _op != "rescale" else ()):
-        register_kernel(_op, _backend, lambda b=_backend: importlib.import_module(f"fastflow.kernels.{b}.coupling"))
+_OUT = ("like:x", "batch:x")  # (outputs, logabsdet (B,))
 
 
 def _lad_empty(x):
@@ -126,9 +120,7 @@ def _affine_coupling_op(
     return out.view(x.shape), lad
 
 
-@_affine_coupling_op.register_fake
-def _(x, shift, raw_scale, scale, clamp, inverse, backend):
-    return _contig(x), x.new_empty(x.shape[0])
+_affine_coupling_op.register_fake(fake_outputs(("x",), _OUT))
 
 
 @custom_op("fastflow::affine_coupling_backward")
@@ -143,9 +135,8 @@ def _affine_coupling_backward_op(
     return g[0].view(x.shape), g[1].view(x.shape)
 
 
-@_affine_coupling_backward_op.register_fake
-def _(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse, backend):
-    return _contig(x), _contig(raw_scale)
+_affine_coupling_backward_op.register_fake(fake_outputs(("g_out", "g_lad", "x", "shift", "raw_scale"),
+                                                       ("like:x", "like:raw_scale")))
 
 
 def _affine_setup(ctx, inputs, output):
@@ -214,9 +205,7 @@ def _additive_coupling_op(
     return out.view(x.shape), _lad_empty(x)
 
 
-@_additive_coupling_op.register_fake
-def _(x, shift, inverse, backend):
-    return _contig(x), x.new_empty(x.shape[0])
+_additive_coupling_op.register_fake(fake_outputs(("x",), _OUT))
 
 
 def _additive_setup(ctx, inputs, output):
@@ -273,9 +262,7 @@ def _rescale_op(x: torch.Tensor, log_scale: torch.Tensor, inverse: bool, backend
     return out.view(x.shape), lad
 
 
-@_rescale_op.register_fake
-def _(x, log_scale, inverse, backend):
-    return _contig(x), x.new_empty(x.shape[0])
+_rescale_op.register_fake(fake_outputs(("x",), _OUT))
 
 
 @custom_op("fastflow::rescale_backward")
@@ -291,9 +278,7 @@ def _rescale_backward_op(
     return gx.view(x.shape), gls.view(log_scale.shape)
 
 
-@_rescale_backward_op.register_fake
-def _(g_out, g_lad, x, log_scale, inverse, backend):
-    return _contig(x), _contig(log_scale)
+_rescale_backward_op.register_fake(fake_outputs(("g_out", "g_lad", "x", "log_scale"), ("like:x", "like:log_scale")))
 
 
 def _rescale_setup(ctx, inputs, output):
@@ -465,3 +450,72 @@ def rescale(
     if name == "torch":
         return get_kernel(op, "torch").rescale(x, log_scale.expand(event), bool(inverse))
     return _rescale_op(x, log_scale.expand(event), bool(inverse), name)
+
+
+# --------------------------------------------------------------------------------------------
+# Declarations (fastflow/ops/_spec.py): kernels/<backend>/coupling.py implement the launcher
+# interface documented in kernels/reference/coupling.py; csrc/coupling.cu has the affine and
+# additive laws (rescale has no CUDA kernel). The torch backend's kernels are plain
+# differentiable torch ops called outside the custom op (the routes in fastflow.backends).
+# --------------------------------------------------------------------------------------------
+
+
+def _randn(gen, dtype, device, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def _batch_example(n):
+    def example(shape, dtype, device, gen, **kwargs):
+        return [_randn(gen, dtype, device, *shape, scale=0.7) for _ in range(n)], kwargs
+
+    return example
+
+
+def _rescale_example(shape, dtype, device, gen):
+    # a per-channel scale (broadcast over the rest of the event) for image-like inputs
+    ls_shape = (shape[1],) + (1,) * (len(shape) - 2) if len(shape) > 2 else shape[1:]
+    return [_randn(gen, dtype, device, *shape), _randn(gen, dtype, device, *ls_shape, scale=0.4)], {}
+
+
+def _mismatch(i):
+    return lambda t, kw: ([*t[:i], t[i][:, :1], *t[i + 1:]], kw)
+
+
+_BAD = (
+    BadInput("integer x", lambda t, kw: ([torch.zeros(t[0].shape, dtype=torch.int64), *t[1:]], kw), TypeError,
+             "x must have a floating dtype"),
+    BadInput("mixed dtypes", lambda t, kw: ([t[0], t[1].to(torch.float16), *t[2:]], kw), TypeError,
+             "has dtype float16 but x has"),
+    BadInput("a scalar x", lambda t, kw: ([v.reshape(-1)[0] for v in t], kw), ValueError, "batch dimension"),
+    BadInput("another device", lambda t, kw: ([t[0], t[1].to("meta"), *t[2:]], kw), ValueError,
+             "is on device meta but x is on"),
+)
+_SHAPES = ((6, 4), (5, 3, 4, 4), (1, 1), (0, 4), (3, 0))
+_COMMON = dict(kernels="coupling", logdet="sample", outputs=_OUT, shapes=_SHAPES)
+declare(OpSpec(
+    name="affine_coupling", op="affine_coupling", fn=affine_coupling, inputs=("x", "shift", "raw_scale"),
+    grad_inputs=("x", "shift", "raw_scale"), backends=("reference", "numba", "triton", "cuda", "torch"),
+    example=_batch_example(3), fused=lambda: _affine_coupling_op,
+    op_args=lambda t, kw, inverse, backend: (*t, kw.get("scale", "exp"), kw.get("clamp", 2.0), inverse, backend),
+    options=({"scale": "exp"}, {"scale": "softclamp", "clamp": 1.5}, {"scale": "sigmoid"}), outside_op=("torch",),
+    bad=_BAD + (BadInput("shift of another shape", _mismatch(1), ValueError, "shift must have the shape of x"),
+                BadInput("an unknown scale", lambda t, kw: (t, {**kw, "scale": "tanh"}), ValueError,
+                         "scale must be one of"),
+                BadInput("a zero clamp", lambda t, kw: (t, {**kw, "clamp": 0.0}), ValueError, "clamp")),
+    **_COMMON))
+declare(OpSpec(
+    name="additive_coupling", op="additive_coupling", fn=additive_coupling, inputs=("x", "shift"),
+    grad_inputs=("x", "shift"), backends=("reference", "numba", "triton", "cuda", "torch"),
+    example=_batch_example(2), fused=lambda: _additive_coupling_op,
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend), outside_op=("torch",),
+    bad=_BAD + (BadInput("shift of another shape", _mismatch(1), ValueError, "shift must have the shape of x"),),
+    **_COMMON))
+declare(OpSpec(
+    name="rescale", op="rescale", fn=rescale, inputs=("x", "log_scale"), grad_inputs=("x", "log_scale"),
+    backends=("reference", "numba", "triton", "torch"), example=_rescale_example, fused=lambda: _rescale_op,
+    op_args=lambda t, kw, inverse, backend: (t[0], t[1].expand(t[0].shape[1:]), inverse, backend),
+    outside_op=("torch",),
+    bad=_BAD[:2] + _BAD[3:] + (
+        BadInput("a log_scale of another event", lambda t, kw: ([t[0], torch.zeros(7, dtype=t[1].dtype)], kw),
+                 ValueError, "log_scale must have the event shape"),),
+    **_COMMON))

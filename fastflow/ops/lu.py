@@ -40,18 +40,18 @@ fake impls and autograd; their backward is ``fastflow::lu_backward`` (gradients 
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections import OrderedDict
 from typing import Optional
 
 import torch
 
-from fastflow.backends import NUMBA_LU_MAX_CHANNELS, get_kernel, register_kernel, register_note, resolve_backend
+from fastflow.backends import NUMBA_LU_MAX_CHANNELS, get_kernel, register_note, resolve_backend
 from fastflow.kernels.reference import lu as ref
 from fastflow.kernels.torch.lu import tensor_version as _version
 from fastflow.ops._checks import check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
+from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 
 __all__ = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1", "clear_inverse_cache"]
 
@@ -62,11 +62,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-# Each backend's kernels (kernels/<backend>/lu.py) implement one launcher interface, documented
-# in kernels/reference/lu.py: forward/backward on (B, C, N) views of the data.
 for _op in OPS:
-    for _backend in ("reference", "numba", "triton", "torch"):
-        register_kernel(_op, _backend, lambda b=_backend: importlib.import_module(f"fastflow.kernels.{b}.lu"))
     register_note(_op, "numba", f"compiled factor algebra up to {NUMBA_LU_MAX_CHANNELS} channels, the torch backend's "
                   "above; the data pass is torch's GEMM either way")
 
@@ -99,9 +95,7 @@ def _forward(op, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backe
     return y3.to(x.dtype).contiguous().view(x.shape), lad
 
 
-def _fake(x, *rest):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[0],))
-
+_fake = fake_outputs(("x",), ("like:x", "batch:x"))
 
 @custom_op("fastflow::lu_linear")
 def _lu_linear_op(
@@ -381,3 +375,60 @@ def actnorm_conv1x1(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, *,
     _check("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, (2, 4))
     name = resolve_backend("actnorm_conv1x1", x, backend)
     return _actnorm_conv1x1_op(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, bool(inverse), name)
+
+
+# --------------------------------------------------------------------------------------------
+# Declarations (fastflow/ops/_spec.py): kernels/<backend>/lu.py implement the launcher interface
+# documented in kernels/reference/lu.py (forward/backward on (B, C, N) views of the data).
+# --------------------------------------------------------------------------------------------
+
+
+def _example(has_an):
+    def example(shape, dtype, device, gen):
+        c = shape[1]
+
+        def r(*size, scale=0.3):
+            return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+        perm = torch.randperm(c, generator=gen).to(device)
+        sign = torch.where(torch.rand(c, generator=gen) > 0.5, 1.0, -1.0).to(dtype=dtype, device=device)
+        an = [r(c), r(c)] if has_an else []
+        return [r(*shape, scale=1.0), *an, perm, r(c, c), r(c, c), r(c), sign], {}
+
+    return example
+
+
+def _bad(i_perm):
+    def at(i, f):
+        return lambda t, kw: ([*t[:i], f(t[i]), *t[i + 1:]], kw)
+
+    i_lower = i_perm + 1
+    return (
+        BadInput("integer x", at(0, lambda v: torch.zeros(v.shape, dtype=torch.int64)), TypeError,
+                 "x must have a floating dtype"),
+        BadInput("lower of another size", at(i_lower, lambda v: v[:-1, :-1]), ValueError, "lower must be \\(C, C\\)"),
+        BadInput("a float perm", at(i_perm, lambda v: v.double()), TypeError, "perm must be an int64"),
+        BadInput("a repeated index", at(i_perm, torch.zeros_like), ValueError, "perm must be a permutation"),
+        BadInput("a sign of 0.5", at(i_perm + 4, lambda v: v * 0.5), ValueError, "sign must hold only"),
+        BadInput("mixed dtypes", at(i_lower, lambda v: v.to(torch.float16)), TypeError, "lower has dtype float16"),
+        BadInput("a list", at(i_lower, lambda v: v.tolist()), TypeError, "must be a torch.Tensor"),
+    )
+
+
+_LU = ("perm", "lower", "upper", "log_s", "sign")
+_COMMON = dict(kernels="lu", backends=("reference", "numba", "triton", "torch"), outputs=("like:x", "batch:x"),
+               logdet="sample")
+declare(OpSpec(
+    name="lu_linear", op="lu_linear", fn=lu_linear, inputs=("x",) + _LU, grad_inputs=("x", "lower", "upper", "log_s"),
+    example=_example(False), shapes=((7, 5), (1, 3), (2, 1), (0, 4)), fused=lambda: _lu_linear_op,
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend), bad=_bad(1), **_COMMON))
+declare(OpSpec(
+    name="lu_conv1x1", op="lu_conv1x1", fn=lu_conv1x1, inputs=("x",) + _LU,
+    grad_inputs=("x", "lower", "upper", "log_s"), example=_example(False),
+    shapes=((3, 4, 2, 3), (2, 6, 1, 1), (1, 3, 5, 1), (0, 4, 2, 2)), fused=lambda: _lu_conv1x1_op,
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend), bad=_bad(1), **_COMMON))
+declare(OpSpec(
+    name="actnorm_conv1x1", op="actnorm_conv1x1", fn=actnorm_conv1x1, inputs=("x", "an_bias", "an_logscale") + _LU,
+    grad_inputs=("x", "an_bias", "an_logscale", "lower", "upper", "log_s"), example=_example(True),
+    shapes=((3, 4, 2, 3), (5, 3), (2, 6, 1, 1), (0, 4, 2, 2)), fused=lambda: _actnorm_conv1x1_op,
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend), bad=_bad(3), **_COMMON))

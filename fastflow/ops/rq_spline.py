@@ -13,14 +13,14 @@ op ``fastflow::rq_spline_backward``, a fused kernel that recomputes the forward 
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 
-from fastflow.backends import BackendUnavailableError, env_backend, get_kernel, register_kernel, resolve_backend
+from fastflow.backends import BackendUnavailableError, env_backend, get_kernel, resolve_backend
 from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
+from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 
 __all__ = ["rq_spline", "rq_spline_bounded", "rq_spline_zuko", "PARAMETERIZATIONS"]
 
@@ -32,11 +32,7 @@ _MAX_BINS = 1024
 PARAMETERIZATIONS = ("nflows", "nflows_bounded", "zuko")
 
 
-# Each backend's kernels (kernels/<backend>/spline.py) implement one launcher interface,
-# documented in kernels/reference/spline.py: forward/backward on flat contiguous tensors with
-# the parameterisation and its box, and the PARAMETERIZATIONS they have prologues for.
-for _backend in ("reference", "numba", "triton", "cuda"):
-    register_kernel(OP, _backend, lambda b=_backend: importlib.import_module(f"fastflow.kernels.{b}.spline"))
+_INPUTS = ("inputs", "uw", "uh", "ud")
 
 
 def _box(parameterization, tail_bound, left, right, bottom, top):
@@ -87,12 +83,7 @@ def _rq_spline_op(
     return out.view(inputs.shape), lad.view(inputs.shape)
 
 
-@_rq_spline_op.register_fake
-def _(inputs, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parameterization="nflows", left=-1.0,
-      right=1.0, bottom=-1.0, top=1.0):
-    return torch.empty_like(inputs, memory_format=torch.contiguous_format), torch.empty_like(
-        inputs, memory_format=torch.contiguous_format
-    )
+_rq_spline_op.register_fake(fake_outputs(_INPUTS, ("like:inputs", "like:inputs")))
 
 
 @custom_op("fastflow::rq_spline_backward")
@@ -127,10 +118,7 @@ def _rq_spline_backward_op(
     return g[0].view(inputs.shape), *(gi.view(p.shape) for gi, p in zip(g[1:], params))
 
 
-@_rq_spline_backward_op.register_fake
-def _(g_out, g_lad, inputs, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parameterization="nflows",
-      left=-1.0, right=1.0, bottom=-1.0, top=1.0):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (inputs, uw, uh, ud))
+_rq_spline_backward_op.register_fake(fake_outputs(("g_out", "g_lad") + _INPUTS, tuple(f"like:{n}" for n in _INPUTS)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -286,12 +274,18 @@ def _expand(inputs, params):
     return out
 
 
+@torch.compiler.assume_constant_result
+def _has_parameterization(backend: str, parameterization: str) -> bool:
+    # a fact about the installed kernels: constant while torch.compile traces (no graph break)
+    return parameterization in getattr(get_kernel(OP, backend), "PARAMETERIZATIONS", ("nflows",))
+
+
 def _param_backend(op, inputs, backend, parameterization) -> str:
     """The backend for a parameterisation other than "nflows": the one ``backend=None`` picks when
     its kernels have that prologue, else the reference (on any device); a forced backend (argument
     or FASTFLOW_BACKEND) without it raises."""
     name = resolve_backend(OP, inputs, backend)
-    if parameterization in getattr(get_kernel(OP, name), "PARAMETERIZATIONS", ("nflows",)):
+    if _has_parameterization(name, parameterization):
         return name
     if backend is not None or env_backend() is not None:
         raise BackendUnavailableError(
@@ -337,8 +331,10 @@ def rq_spline_bounded(
     op = "rq_spline_bounded"
     _, mbw, mbh, md = _check(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, 1.0,
                              min_bin_width, min_bin_height, min_derivative, op=op, n_derivs=1)
-    box = tuple(float(v) for v in (left, right, bottom, top))
-    if not all(map(math.isfinite, box)) or not (box[0] < box[1] and box[2] < box[3]):
+    box = tuple(v if isinstance(v, torch.SymFloat) else float(v) for v in (left, right, bottom, top))
+    # comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat
+    finite = [v == v and v != math.inf and v != -math.inf for v in box]
+    if not all(finite) or not (box[0] < box[1] and box[2] < box[3]):
         raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={left}, right={right}, "
                          f"bottom={bottom}, top={top}")
     name = _param_backend(op, inputs, backend, "nflows_bounded")
@@ -387,3 +383,86 @@ def rq_spline_zuko(
     params = _expand(inputs, (widths, heights, derivatives))
     return _rq_spline_op(inputs, *params, bool(inverse), bound, 0.0, 0.0, slope, name, "zuko", -bound, bound, -bound,
                          bound)
+
+
+# --------------------------------------------------------------------------------------------
+# Declarations (fastflow/ops/_spec.py): kernels/<backend>/spline.py implement the launcher
+# interface documented in kernels/reference/spline.py for the PARAMETERIZATIONS they list.
+# --------------------------------------------------------------------------------------------
+
+_BACKENDS = ("reference", "numba", "triton", "cuda")
+
+
+# Minimum sizes and slopes exact in float32: the Triton interpreter turns a Python float into a
+# float32 constant, where compiled kernels take the float64 their annotation says.
+_MINS = {"min_bin_width": 2.0**-10, "min_bin_height": 2.0**-10, "min_derivative": 2.0**-10}
+
+
+def _example(n_derivs, lo, hi, kwargs):
+    def example(shape, dtype, device, gen, k=5):
+        def r(*size, scale=1.0):
+            return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+        # inputs over the domain and a little past it (the identity there)
+        x = (torch.rand(shape, generator=gen, dtype=torch.float64) * 1.2 - 0.1) * (hi - lo) + lo
+        return [x.to(dtype=dtype, device=device), r(*shape, k), r(*shape, k), r(*shape, k + n_derivs)], dict(kwargs)
+
+    return example
+
+
+def _mins(kw):
+    return kw["min_bin_width"], kw["min_bin_height"], kw["min_derivative"]
+
+
+def _bad(widths, heights, derivs, k_derivs):
+    return (
+        BadInput("heights with another K", lambda t, kw: ([t[0], t[1], t[2][..., :3], t[3]], kw), ValueError,
+                 f"{heights}.*K=5"),
+        BadInput("derivatives of the wrong length", lambda t, kw: ([t[0], t[1], t[2], t[2]], kw), ValueError,
+                 f"{derivs}.*K{k_derivs}"),
+        BadInput("one bin", lambda t, kw: ([t[0], t[1][..., :1], t[2][..., :1], t[3][..., :0]], kw), ValueError,
+                 "must have 2..1024 bins"),
+        BadInput("parameters of another batch", lambda t, kw: ([t[0], t[1][:2], t[2], t[3]], kw), ValueError,
+                 f"{widths} must have leading shape"),
+        BadInput("integer inputs", lambda t, kw: ([torch.arange(t[0].numel()).view(t[0].shape), *t[1:]], kw),
+                 TypeError, "inputs must have a floating dtype"),
+        BadInput("mixed dtypes", lambda t, kw: ([t[0], t[1].to(torch.float16), *t[2:]], kw), TypeError,
+                 f"{widths} has dtype float16 but inputs has"),
+        BadInput("a list", lambda t, kw: ([t[0], t[1].tolist(), *t[2:]], kw), TypeError, "must be a torch.Tensor"),
+        BadInput("another device", lambda t, kw: ([t[0], t[1].to("meta"), *t[2:]], kw), ValueError,
+                 "is on device meta but inputs is on"),
+    )
+
+
+_SHAPES = ((37,), (3, 7), (1,), (0,), (0, 4))
+_COMMON = dict(op=OP, kernels="spline", backends=_BACKENDS, grad_inputs=_INPUTS, outputs=("like:x", "like:x"),
+               logdet="elementwise", shapes=_SHAPES, fused=lambda: _rq_spline_op)
+declare(OpSpec(
+    name="rq_spline", fn=rq_spline, inputs=("x", "uw", "uh", "ud"),
+    example=_example(-1, -1.5, 1.5, {"tail_bound": 1.5, **_MINS}),
+    options=({"k": 2}, {"k": 5}, {"k": 23}),
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, kw["tail_bound"], *_mins(kw), backend),
+    bad=_bad("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives", "-1=4") + (
+        BadInput("a negative tail bound", lambda t, kw: (t, {**kw, "tail_bound": -1.0}), ValueError,
+                 "tail_bound must be a finite positive"),
+        BadInput("too large a minimum bin", lambda t, kw: (t, {**kw, "min_bin_width": 0.3}), ValueError,
+                 "min_bin_width=0.3 times K=5")),
+    **_COMMON))
+declare(OpSpec(
+    name="rq_spline_bounded", fn=rq_spline_bounded, inputs=("x", "uw", "uh", "ud"),
+    example=_example(1, 0.0, 1.0, _MINS),
+    requires="nflows_bounded",
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, 1.0, *_mins(kw), backend, "nflows_bounded",
+                                             0.0, 1.0, 0.0, 1.0),
+    bad=_bad("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives", "\\+1=6") + (
+        BadInput("an empty box", lambda t, kw: (t, {**kw, "left": 1.0}), ValueError, "left < right"),),
+    **_COMMON))
+declare(OpSpec(
+    name="rq_spline_zuko", fn=rq_spline_zuko, inputs=("x", "uw", "uh", "ud"),
+    example=_example(-1, -3.0, 3.0, {"slope": 2.0**-10}),
+    requires="zuko",
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, 5.0, 0.0, 0.0, kw["slope"], backend, "zuko", -5.0, 5.0,
+                                             -5.0, 5.0),
+    bad=_bad("widths", "heights", "derivatives", "-1=4") + (
+        BadInput("a slope of 1", lambda t, kw: (t, {**kw, "slope": 1.0}), ValueError, "slope must be in"),),
+    **_COMMON))

@@ -6,6 +6,8 @@ log-det is summed in the tensors' dtype, rescale's in float64 and rounded once (
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["affine", "additive", "rescale"]
@@ -19,7 +21,7 @@ def affine(x, shift, raw_scale, scale: str, clamp: float, inverse: bool):
         logs = clamp * torch.tanh(raw_scale / clamp)
     else:
         logs = torch.nn.functional.logsigmoid(raw_scale + 2.0)
-    lad = logs.reshape(logs.shape[0], -1).sum(1)
+    lad = logs.reshape(logs.shape[0], math.prod(logs.shape[1:])).sum(1)  # (not -1: an empty batch)
     if inverse:
         return ((x - shift) * torch.exp(-logs)).contiguous(), -lad
     return (x * torch.exp(logs) + shift).contiguous(), lad

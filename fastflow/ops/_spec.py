@@ -1,0 +1,121 @@
+"""One declaration per public op: what the op module registers and the conformance suite runs.
+
+An :class:`OpSpec` names the op, its kernel module, the backends that have kernels for it, its
+tensor arguments, the shape of its outputs and how its log-det relates to its Jacobian, and
+carries an ``example`` builder and the bad-input cases with the errors they must raise.
+:func:`declare` registers every backend's kernels with the registry (the kernels live in
+``fastflow/kernels/<backend>/<kernels>.py``, loaded on first use) and records the spec in
+:data:`SPECS`; :func:`fake_outputs` gives the custom op its fake impl from ``outputs``.
+``tests/ops/test_conformance.py`` runs every spec on every backend: oracle agreement, round trip,
+naive-Jacobian log-det, fp64 gradcheck, opcheck, ``torch.compile`` (static and dynamic shapes),
+odd, empty and strided shapes, the bad inputs and backend forcing.
+
+Adding an op: write its kernels (``kernels/reference/<kernels>.py`` first: the oracle), its op
+module (argument checks, the custom op, autograd) and one ``declare(OpSpec(...))``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fastflow.backends import register_kernel
+
+__all__ = ["OpSpec", "BadInput", "SPECS", "declare", "fake_outputs"]
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """A call that must fail: ``mutate(tensors, kwargs) -> (tensors, kwargs)`` applied to a valid
+    example, then ``fn(*tensors, **kwargs)`` raises ``error`` with a message matching ``match``."""
+
+    label: str
+    mutate: Callable
+    error: type
+    match: str
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """The declaration of a public op.
+
+    Attributes:
+        name: the public function's name (``fastflow.ops.<name>``).
+        op: the registry key and custom op (``fastflow::<op>``); several public functions may
+            share one (the spline's parameterisations).
+        fn: the public function ``fn(*tensors, inverse=..., backend=..., **kwargs)``.
+        kernels: the kernel module's name in every ``fastflow/kernels/<backend>/`` folder.
+        backends: the backends with kernels for ``op``.
+        inputs: the names of ``fn``'s tensor arguments, in order.
+        grad_inputs: those that receive gradients.
+        outputs: per output, ``"like:<input>"`` (that input's shape) or ``"batch:<input>"``
+            (its leading dimension): the fake impl's shapes.
+        logdet: ``"elementwise"`` (one log-det per element of the first input: the Jacobian is
+            diagonal) or ``"sample"`` (one per sample: the log-det of each sample's Jacobian).
+        example: ``example(shape, dtype, device, generator, **option) -> (tensors, kwargs)``
+            valid inputs whose first tensor has ``shape``, and the keyword arguments of ``fn``
+            (without ``inverse`` and ``backend``); ``option`` is one of ``options``.
+        options: the variants to test (e.g. each scale law, several bin counts).
+        outside_op: backends whose kernels are plain differentiable torch ops called outside
+            the custom op (no opcheck for them).
+        requires: a parameterisation a backend's kernel module must list in its
+            ``PARAMETERIZATIONS`` to run this function (None: any).
+        shapes: shapes of the first input to test: typical, odd and empty ones.
+        bad: the bad-input cases.
+        fused: ``fused() -> FusedOp`` (the custom op, for opcheck); ``op_args(tensors, kwargs,
+            inverse, backend)`` its arguments.
+    """
+
+    name: str
+    op: str
+    fn: Callable
+    kernels: str
+    backends: tuple[str, ...]
+    inputs: tuple[str, ...]
+    grad_inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    logdet: str
+    example: Callable
+    shapes: tuple[tuple[int, ...], ...]
+    fused: Callable
+    op_args: Callable
+    bad: tuple[BadInput, ...] = ()
+    options: tuple[dict, ...] = field(default=({},))
+    outside_op: tuple[str, ...] = ()
+    requires: str | None = None
+
+
+SPECS: dict[str, OpSpec] = {}
+
+
+def declare(spec: OpSpec) -> OpSpec:
+    """Register ``spec.op``'s kernels for every backend in ``spec.backends`` and record the spec."""
+    for backend in spec.backends:
+        module = f"fastflow.kernels.{backend}.{spec.kernels}"
+        register_kernel(spec.op, backend, lambda m=module: importlib.import_module(m))
+    SPECS[spec.name] = spec
+    return spec
+
+
+def fake_outputs(inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Callable:
+    """The fake impl of a custom op whose tensor arguments start with ``inputs`` and whose
+    outputs are declared as in :attr:`OpSpec.outputs` (new contiguous tensors)."""
+    where = []
+    for o in outputs:
+        kind, name = o.split(":")
+        where.append((kind, inputs.index(name)))
+
+    def fake(*args):
+        out = []
+        for kind, i in where:
+            t = args[i]
+            if kind == "like":
+                out.append(torch.empty_like(t, memory_format=torch.contiguous_format))
+            else:
+                out.append(t.new_empty((t.shape[0],)))
+        return tuple(out)
+
+    return fake
