@@ -152,6 +152,10 @@ def test_matches_float64_reference(spec, backend, option, inverse):
 # ------------------------------------------------------------------ the maths
 
 
+def _nonempty(spec):
+    return [s for s in spec.shapes if 0 not in s]
+
+
 def _precise(spec, backend):
     return torch.float64 if _f64(spec, backend) else torch.float32
 
@@ -160,14 +164,15 @@ def _precise(spec, backend):
 def test_round_trip(spec, backend, option, inverse):
     device = device_for(backend)
     dtype = _precise(spec, backend)
-    tensors, kwargs = _example(spec, spec.shapes[0], dtype, device, option)
-    y, lad = _call(spec, tensors, kwargs, False, backend)
-    x2, lad2 = _call(spec, [y, *tensors[1:]], kwargs, True, backend)
-    rtol, atol = (1e-8, 1e-9) if dtype == torch.float64 else (1e-3, 1e-4)
-    # a rounding of y comes back magnified by |dx/dy| (elementwise maps: exp(-lad))
-    amplification = (-lad).exp() if spec.logdet == "elementwise" else torch.zeros_like(y)
-    assert_close_conditioned(x2, tensors[0], amplification, dtype, f"{spec.name} round trip")
-    torch.testing.assert_close(lad + lad2, torch.zeros_like(lad), rtol=0, atol=atol * max(1, y[0].numel()))
+    for shape in _nonempty(spec):
+        tensors, kwargs = _example(spec, shape, dtype, device, option)
+        y, lad = _call(spec, tensors, kwargs, False, backend)
+        x2, lad2 = _call(spec, [y, *tensors[1:]], kwargs, True, backend)
+        atol = 1e-9 if dtype == torch.float64 else 1e-4
+        # a rounding of y comes back magnified by |dx/dy| (elementwise maps: exp(-lad))
+        amplification = (-lad).exp() if spec.logdet == "elementwise" else torch.zeros_like(y)
+        assert_close_conditioned(x2, tensors[0], amplification, dtype, f"{spec.name} round trip {shape}")
+        torch.testing.assert_close(lad + lad2, torch.zeros_like(lad), rtol=0, atol=atol * max(1, y[0].numel()))
 
 
 @pytest.mark.parametrize("spec,backend,option,inverse", _cases(with_inverse=True))
@@ -215,18 +220,19 @@ def _small(shape):
                          [c for c in _cases(with_options=True, with_inverse=True) if _f64(*c.values[:2])])
 def test_gradcheck_float64(spec, backend, option, inverse):
     device = device_for(backend)
-    tensors, kwargs = _example(spec, _small(spec.shapes[0]), torch.float64, device, option)
-    if inverse:
-        tensors = _inverse_inputs(spec, tensors, kwargs)
     mask = _grad_mask(spec)
-    leaves = [t.detach().clone().requires_grad_(m) for t, m in zip(tensors, mask)]
+    for shape in _nonempty(spec):
+        tensors, kwargs = _example(spec, _small(shape), torch.float64, device, option)
+        if inverse:
+            tensors = _inverse_inputs(spec, tensors, kwargs)
+        leaves = [t.detach().clone().requires_grad_(m) for t, m in zip(tensors, mask)]
 
-    def fn(*diff):
-        it = iter(diff)
-        return _call(spec, [next(it) if m else t for t, m in zip(leaves, mask)], kwargs, inverse, backend)
+        def fn(*diff, leaves=leaves, kwargs=kwargs):
+            it = iter(diff)
+            return _call(spec, [next(it) if m else t for t, m in zip(leaves, mask)], kwargs, inverse, backend)
 
-    diff = [t for t in leaves if t.requires_grad]
-    assert torch.autograd.gradcheck(fn, diff, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+        diff = [t for t in leaves if t.requires_grad]
+        assert torch.autograd.gradcheck(fn, diff, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True), shape
 
 
 @pytest.mark.parametrize("spec,backend,option,inverse", _cases(with_inverse=True, custom_op_only=True))
