@@ -16,7 +16,7 @@ from fastflow.kernels.reference.coupling import (
 from fastflow.ops import additive_coupling, affine_coupling, rescale
 from fastflow import backends as backends_mod
 from fastflow.ops import coupling as coupling_mod
-from fastflow.ops.coupling import _as_3d
+from fastflow.ops._layout import as_3d as _as_3d
 from fastflow.testing import assert_close, outputs_and_grads, tolerances
 from tests._backends import ALL_BACKENDS, INTERPRET, KERNEL_BACKENDS, device_for, dtypes_for
 
