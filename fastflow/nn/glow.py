@@ -98,37 +98,40 @@ class _LU(nn.Module):
 class InvConv1x1(_LU, Transform):
     """Invertible 1x1 convolution of ``(B, C, H, W)`` in LU form (fused op ``lu_conv1x1``)."""
 
-    def __init__(self, channels: int, identity_init: bool = False):
+    def __init__(self, channels: int, identity_init: bool = False, backend: str | None = None):
         super().__init__()
         self._init_lu(channels, identity_init)
+        self.backend = backend  # forces the op's backend (None: the fastest available)
 
     def forward(self, x, context=None):
-        return _ops.lu_conv1x1(x, *self._lu(), inverse=False)
+        return _ops.lu_conv1x1(x, *self._lu(), inverse=False, backend=self.backend)
 
     def inverse(self, y, context=None):
-        return _ops.lu_conv1x1(y, *self._lu(), inverse=True)
+        return _ops.lu_conv1x1(y, *self._lu(), inverse=True, backend=self.backend)
 
 
 class LULinear(_LU, Transform):
     """Invertible linear map ``y = W x`` of ``(B, D)`` in LU form (fused op ``lu_linear``)."""
 
-    def __init__(self, features: int, identity_init: bool = False):
+    def __init__(self, features: int, identity_init: bool = False, backend: str | None = None):
         super().__init__()
         self._init_lu(features, identity_init)
+        self.backend = backend  # forces the op's backend (None: the fastest available)
 
     def forward(self, x, context=None):
-        return _ops.lu_linear(x, *self._lu(), inverse=False)
+        return _ops.lu_linear(x, *self._lu(), inverse=False, backend=self.backend)
 
     def inverse(self, y, context=None):
-        return _ops.lu_linear(y, *self._lu(), inverse=True)
+        return _ops.lu_linear(y, *self._lu(), inverse=True, backend=self.backend)
 
 
 class ActNormInvConv1x1(_DataInit, _LU, Transform):
     """ActNorm followed by the invertible 1x1 convolution as one fused op (``actnorm_conv1x1``),
     the first two thirds of a Glow step; same maths as ``ActNorm`` then ``InvConv1x1``."""
 
-    def __init__(self, channels: int, identity_init: bool = False):
+    def __init__(self, channels: int, identity_init: bool = False, backend: str | None = None):
         super().__init__()
+        self.backend = backend  # forces the op's backend (None: the fastest available)
         self.an_bias = nn.Parameter(torch.zeros(channels))
         self.an_log_scale = nn.Parameter(torch.zeros(channels))
         self._init_lu(channels, identity_init)
@@ -142,10 +145,12 @@ class ActNormInvConv1x1(_DataInit, _LU, Transform):
 
     def forward(self, x, context=None):
         self._maybe_init(x)
-        return _ops.actnorm_conv1x1(x, self.an_bias, self.an_log_scale, *self._lu(), inverse=False)
+        return _ops.actnorm_conv1x1(x, self.an_bias, self.an_log_scale, *self._lu(), inverse=False,
+                                    backend=self.backend)
 
     def inverse(self, y, context=None):
-        return _ops.actnorm_conv1x1(y, self.an_bias, self.an_log_scale, *self._lu(), inverse=True)
+        return _ops.actnorm_conv1x1(y, self.an_bias, self.an_log_scale, *self._lu(), inverse=True,
+                                    backend=self.backend)
 
 
 class Squeeze(Transform):
