@@ -85,6 +85,14 @@ def _inverse_inputs(spec, tensors, kwargs):
     return [y.to(tensors[0].dtype), *tensors[1:]]
 
 
+def _inputs(spec, shape, dtype, device, option, inverse):
+    """An example made in float64 (the inverse's from the reference's outputs), then rounded."""
+    tensors, kwargs = _example(spec, shape, torch.float64, device, option)
+    if inverse:
+        tensors = _inverse_inputs(spec, tensors, kwargs)
+    return _to(tensors, dtype), kwargs
+
+
 def _call(spec, tensors, kwargs, inverse, backend):
     return spec.fn(*tensors, inverse=inverse, backend=backend, **kwargs)
 
@@ -117,10 +125,7 @@ def test_matches_float64_reference(spec, backend, option, inverse):
     float64 on the same (rounded) inputs."""
     device = device_for(backend)
     for dtype in _dtypes(spec, backend):
-        tensors, kwargs = _example(spec, spec.shapes[0], torch.float64, device, option)
-        if inverse:
-            tensors = _inverse_inputs(spec, tensors, kwargs)
-        tensors = _to(tensors, dtype)
+        tensors, kwargs = _inputs(spec, spec.shapes[0], dtype, device, option, inverse)
         with torch.no_grad():
             shapes = _call(spec, _to(tensors, torch.float64), kwargs, inverse, "reference")
         cot = _cotangents(shapes)
@@ -178,12 +183,8 @@ def test_round_trip(spec, backend, option, inverse):
 @pytest.mark.parametrize("spec,backend,option,inverse", _cases(with_inverse=True))
 def test_logabsdet_matches_naive_jacobian(spec, backend, option, inverse):
     """The O(D) log-det against the slogdet of the autograd Jacobian (O(D^3))."""
-    device = device_for(backend)
     dtype = _precise(spec, backend)
-    tensors, kwargs = _example(spec, spec.shapes[0], torch.float64, device, option)
-    if inverse:
-        tensors = _inverse_inputs(spec, tensors, kwargs)
-    tensors = _to(tensors, dtype)
+    tensors, kwargs = _inputs(spec, spec.shapes[0], dtype, device_for(backend), option, inverse)
     _, lad = _call(spec, tensors, kwargs, inverse, backend)
 
     def fn(v):
@@ -321,12 +322,8 @@ def _strided(t, x):
 @pytest.mark.parametrize("spec,backend,option,inverse", _cases(with_inverse=True))
 def test_strided_inputs(spec, backend, option, inverse):
     """Non-contiguous inputs give the values (and gradients) of the same inputs made dense."""
-    device = device_for(backend)
     dtype = _precise(spec, backend)
-    tensors, kwargs = _example(spec, spec.shapes[0], torch.float64, device, option)
-    if inverse:
-        tensors = _inverse_inputs(spec, tensors, kwargs)
-    tensors = _to(tensors, dtype)
+    tensors, kwargs = _inputs(spec, spec.shapes[0], dtype, device_for(backend), option, inverse)
     strided = [_strided(t, tensors[0]) for t in tensors]
     assert not strided[0].is_contiguous()
     with torch.no_grad():
