@@ -1,18 +1,44 @@
 """``fastflow bench integrations``: the peers' own NSF models, plain vs accelerated by
-``fastflow.integrations`` vs the peer under ``torch.compile``.
+``fastflow.integrations`` (vs the peer under ``torch.compile`` for the zuko coupling step).
 
-Per peer (zuko, nflows, normflows) and structure (coupling, autoregressive): a training step
-(negative log-likelihood of a batch, forward + backward) and sampling, 8 features, 5 transforms,
-hidden (64, 64), 8 bins, batch 512, float32, timed in alternating rounds (time_interleaved).
+Per peer (zuko, nflows, normflows) and structure (coupling, autoregressive), the issue's
+configuration: 8 features, 5 transforms, hidden (64, 64), 8 bins, batch 512, float32, one
+process. Two cases, each one call:
+
+- ``train_step``: ``zero_grad``, the batch's negative log-likelihood and its backward (the
+  gradients; no optimizer update);
+- ``sample``: one call drawing 512 samples under ``no_grad``.
+
+Timing: each implementation is warmed up (``WARMUP`` calls), then ``rounds`` rounds (at least
+``MIN_ROUNDS``; ``--repeats`` below that is raised) each time every implementation once, the order
+rotating from round to round, so drift in the machine's speed hits all alike. Switching the
+acceleration on and off happens between the timed calls, not inside them. Rows carry the median,
+min, max, the per-round times, the ratio of medians and the median of the per-round ratios
+(``paired_speedup``).
+
+Every peer/structure also gets a ``loss_trajectory`` row: 50 Adam steps (lr 1e-3, a fixed batch
+stream) from the same initialisation plain and accelerated, and the largest relative deviation of
+the losses (the issue's <= 1e-4).
+
+Optional ``sbi`` case (skipped with a message when sbi is absent): an NPE training run
+(``sbi.inference.NPE(density_estimator="nsf")``, sbi's nflows NSF) on a small simulator, a fixed
+number of epochs, plain vs accelerated from the same seed, whole runs alternating; wall time and
+whether the per-epoch training and validation losses match.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
-from fastflow.bench import time_interleaved
+from fastflow.bench import paired_ratio
 
 FEATURES, TRANSFORMS, HIDDEN, BINS, BATCH = 8, 5, 64, 8, 512
+MIN_ROUNDS, WARMUP = 15, 3
+TRAJECTORY_STEPS = 50
+SBI_EPOCHS, SBI_SIMULATIONS, SBI_RUNS = 10, 2000, 5
 
 
 def _zuko(kind):
@@ -71,52 +97,257 @@ def _normflows(kind):
 PEERS = {"zuko": _zuko, "nflows": _nflows, "normflows": _normflows}
 
 
-def run(device="cpu", repeats=3, quick=False, peers=None, compile=True, **_):
-    rows = []
-    for peer in peers or PEERS:
-        for kind in ("coupling", "autoregressive"):
-            try:
-                torch.manual_seed(0)
-                model, nll, sample, integ = PEERS[peer](kind)
-            except ImportError as exc:
-                rows.append({"op": f"{peer} NSF {kind}", "mode": "-", "n": BATCH, "impl": "-", "peer": peer,
-                             "error": f"ImportError: {exc}"})
+class _Switch:
+    """The acceleration of one peer turned on (``on()``) or off (``off()``) outside the timed calls."""
+
+    def __init__(self, integ):
+        self.integ, self.handle = integ, None
+
+    def on(self):
+        if self.handle is None:
+            self.handle = self.integ.accelerate()
+
+    def off(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def interleave(impls: dict, rounds: int, warmup: int = WARMUP) -> dict:
+    """``impls``: name -> ``(setup, fn)``. Warm each ``fn`` up, then ``rounds`` rounds in which every
+    implementation runs once (the order rotating), ``setup()`` untimed before its timed ``fn()``.
+    Returns name -> stats with the per-round ``times``, or ``{"error": ...}`` for one that raised."""
+    out, live = {}, {}
+    for name, (setup, fn) in impls.items():
+        try:
+            setup()
+            for _ in range(warmup):
+                fn()
+            live[name] = (setup, fn)
+        except Exception as exc:  # a failing implementation is a result, not a crash
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    names = list(live)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)] if names else ():
+            if name in out:
                 continue
-            version = integ.INTEGRATION.version()
-            x = torch.randn(BATCH, FEATURES)
+            setup, fn = live[name]
+            try:
+                setup()
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+            except Exception as exc:
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    for name in names:
+        if name not in out:
+            ts = times[name]
+            out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "rounds": len(ts),
+                         "times": ts}
+    return {name: out[name] for name in impls}
 
-            def step(loss_fn=nll, model=model):
-                model.zero_grad(set_to_none=True)
-                loss_fn(x).backward()
 
-            def accelerated(fn, integ=integ):
-                def call():
-                    with integ.accelerate():
-                        return fn()
-                return call
+def _trajectory(make, switch, steps=TRAJECTORY_STEPS):
+    """Largest relative deviation of the loss over ``steps`` Adam steps, plain vs accelerated."""
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(steps, 128, FEATURES, generator=g)
+    losses = []
+    for on in (False, True):
+        switch.on() if on else switch.off()
+        torch.manual_seed(0)
+        model, nll, _, _ = make()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        run = []
+        for i in range(steps):
+            opt.zero_grad()
+            loss = nll(data[i])
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(torch.tensor(run, dtype=torch.float64))
+    switch.off()
+    a, b = losses
+    return float(((a - b).abs() / a.abs()).max()), bool(torch.isfinite(b).all())
 
-            def draw(sample=sample):
-                with torch.no_grad():
-                    return sample(BATCH)
 
-            cases = {"train_step": {"plain": step, "accelerated": accelerated(step)},
-                     "sample": {"plain": draw, "accelerated": accelerated(draw)}}
-            if compile and not quick and kind == "coupling" and peer == "zuko":
-                compiled = torch.compile(nll)
-                cases["train_step"]["torch.compile"] = lambda: (model.zero_grad(set_to_none=True),
-                                                                compiled(x).backward())
-            for case, calls in cases.items():
-                stats = time_interleaved(calls, device, repeats=2 if quick else repeats, warmup=1)
-                base = stats.get("plain", {}).get("median_s")
-                for impl, st in stats.items():
-                    row = {"op": f"{peer} NSF {kind}", "mode": case, "n": BATCH, "peer": peer, "version": version,
-                           "model": f"NSF {kind}", "case": case, "impl": impl,
-                           "batch": BATCH, "features": FEATURES, "transforms": TRANSFORMS, "bins": BINS,
-                           "dtype": "float32", **{k: v for k, v in st.items() if k != "times"}}
-                    if base and "median_s" in st:
-                        row["speedup_vs_plain"] = base / st["median_s"]
-                    rows.append(row)
+def _row(peer, kind, case, impl, version, **extra):
+    return {"op": f"{peer} NSF {kind}", "mode": case, "n": BATCH, "impl": impl, "peer": peer, "version": version,
+            "model": f"NSF {kind}", "case": case, "batch": BATCH, "features": FEATURES, "transforms": TRANSFORMS,
+            "hidden": [HIDDEN, HIDDEN], "bins": BINS, "dtype": "float32", **extra}
+
+
+def _timed_rows(peer, kind, case, stats, version, what):
+    rows = []
+    base = stats.get("plain", {})
+    for impl, st in stats.items():
+        row = _row(peer, kind, case, impl, version, timed=what, **st)
+        if base.get("median_s") and st.get("median_s"):
+            row["speedup_vs_plain"] = base["median_s"] / st["median_s"]
+            row["paired_speedup"] = paired_ratio(base["times"], st["times"])
+        rows.append(row)
     return rows
 
 
-TABLE_COLUMNS = ["op", "mode", "impl", "median_s", "speedup_vs_plain", "version"]
+def _peer_rows(peer, kind, rounds, compile):
+    try:
+        torch.manual_seed(0)
+        make = lambda: PEERS[peer](kind)  # noqa: E731
+        model, nll, sample, integ = make()
+    except ImportError as exc:
+        return [_row(peer, kind, "-", "-", None, error=f"ImportError: {exc}")]
+    version = integ.INTEGRATION.version()
+    switch = _Switch(integ)
+    x = torch.randn(BATCH, FEATURES, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        nll(x).backward()
+
+    def draw():
+        with torch.no_grad():
+            return sample(BATCH)
+
+    rows = []
+    cases = {
+        "train_step": ({"plain": (switch.off, step), "accelerated": (switch.on, step)},
+                       "zero_grad + NLL of one batch + backward (no optimizer update)"),
+        "sample": ({"plain": (switch.off, draw), "accelerated": (switch.on, draw)},
+                   f"one call drawing {BATCH} samples under no_grad"),
+    }
+    if compile and peer == "zuko" and kind == "coupling":
+        compiled = torch.compile(nll)
+
+        def compiled_step():
+            model.zero_grad(set_to_none=True)
+            compiled(x).backward()
+
+        cases["train_step"][0]["torch.compile"] = (switch.off, compiled_step)
+    try:
+        for case, (impls, what) in cases.items():
+            torch.manual_seed(0)
+            rows += _timed_rows(peer, kind, case, interleave(impls, rounds), version, what)
+        dev, finite = _trajectory(make, switch)
+        rows.append(_row(peer, kind, "loss_trajectory", "accelerated", version, steps=TRAJECTORY_STEPS,
+                         max_rel_deviation=dev, finite=finite, within_1e_4=dev <= 1e-4,
+                         timed="none: 50 Adam steps (lr 1e-3, batch 128) plain and accelerated, same seed"))
+    finally:
+        switch.off()
+    return rows
+
+
+class _NullTracker:
+    """sbi's training tracker, logging nothing (sbi's default writes TensorBoard files)."""
+
+    log_dir = None
+
+    def log_metric(self, name, value, step=None):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_params(self, params):
+        pass
+
+    def add_figure(self, name, figure, step=None):
+        pass
+
+    def flush(self):
+        pass
+
+
+def _sbi_rows(quick):
+    """An sbi NPE training run (nflows NSF), plain vs accelerated, whole runs alternating."""
+    try:
+        import sbi
+        from sbi.inference import NPE
+        from sbi.utils import BoxUniform
+    except ImportError as exc:
+        msg = f"sbi not installed ({exc}); pip install sbi to run this case"
+        print(f"integrations: skipping the sbi case: {msg}")
+        return [{"op": "sbi NPE nsf", "mode": "train_run", "n": SBI_SIMULATIONS, "impl": "-", "peer": "sbi",
+                 "skipped": msg}]
+    import fastflow.integrations.nflows as integ
+
+    dim, epochs = 3, 2 if quick else SBI_EPOCHS
+    sims = 500 if quick else SBI_SIMULATIONS
+    g = torch.Generator().manual_seed(0)
+    prior = BoxUniform(-2 * torch.ones(dim), 2 * torch.ones(dim))
+    theta = torch.rand(sims, dim, generator=g) * 4 - 2
+    xs = theta + 0.1 * torch.randn(sims, dim, generator=g) + 0.2 * theta.pow(2)  # a small nonlinear simulator
+    switch = _Switch(integ)
+    runs = {"plain": [], "accelerated": []}
+    summaries = {}
+
+    def train():
+        torch.manual_seed(0)
+        npe = NPE(prior=prior, density_estimator="nsf", tracker=_NullTracker(), show_progress_bars=False)
+        npe.append_simulations(theta, xs)
+        t0 = time.perf_counter()
+        npe.train(max_num_epochs=epochs, stop_after_epochs=10**6, training_batch_size=200)
+        dt = time.perf_counter() - t0
+        return dt, {k: list(npe._summary[k]) for k in ("training_loss", "validation_loss")}
+
+    try:
+        for r in range(2 if quick else SBI_RUNS):
+            for impl in (("plain", "accelerated") if r % 2 == 0 else ("accelerated", "plain")):
+                switch.on() if impl == "accelerated" else switch.off()
+                dt, summary = train()
+                runs[impl].append(dt)
+                summaries.setdefault(impl, summary)
+    finally:
+        switch.off()
+    a = {k: torch.tensor(v, dtype=torch.float64) for k, v in summaries["plain"].items()}
+    b = {k: torch.tensor(v, dtype=torch.float64) for k, v in summaries["accelerated"].items()}
+    dev = max(float(((a[k] - b[k]).abs() / a[k].abs()).max()) for k in a)
+    rows = []
+    base = statistics.median(runs["plain"])
+    for impl, ts in runs.items():
+        med = statistics.median(ts)
+        rows.append({"op": "sbi NPE nsf", "mode": "train_run", "n": sims, "impl": impl, "peer": "sbi",
+                     "version": sbi.__version__, "case": "train_run", "epochs": epochs, "simulations": sims,
+                     "theta_dim": dim, "training_batch_size": 200, "dtype": "float32",
+                     "timed": f"npe.train(): {epochs} epochs (fixed), nflows NSF (sbi defaults: 5 transforms, "
+                              "hidden 50, 10 bins)",
+                     "median_s": med, "min_s": min(ts), "max_s": max(ts), "rounds": len(ts), "times": ts,
+                     "speedup_vs_plain": base / med, "paired_speedup": paired_ratio(runs["plain"], ts),
+                     "loss_max_rel_deviation": dev, "losses": summaries[impl]})
+    return rows
+
+
+def _source() -> dict:
+    """The code measured: git commit and the files under fastflow/ that differ from it."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastflow"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.split("\n")
+        return {"git_head": head or None, "uncommitted": [line[3:] for line in dirty if line.strip()]}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_head": None}
+
+
+def run(device="cpu", repeats=MIN_ROUNDS, quick=False, peers=None, compile=True, sbi=True, **_):
+    if torch.device(device).type != "cpu":
+        raise ValueError("fastflow bench integrations: CPU only (the peers' models, float32, one process)")
+    rounds = 3 if quick else max(int(repeats), MIN_ROUNDS)
+    rows = [{"op": "source", "mode": "-", "n": 0, "impl": "-", **_source()}]
+    for peer in peers or PEERS:
+        for kind in ("coupling", "autoregressive"):
+            rows += _peer_rows(peer, kind, rounds, compile and not quick)
+    if sbi:
+        try:
+            rows += _sbi_rows(quick)
+        except Exception as exc:  # sbi's API moves between versions: a result, not a lost run
+            rows.append({"op": "sbi NPE nsf", "mode": "train_run", "n": SBI_SIMULATIONS, "impl": "-", "peer": "sbi",
+                         "error": f"{type(exc).__name__}: {exc}"})
+    return rows
+
+
+TABLE_COLUMNS = ["op", "mode", "impl", "median_s", "min_s", "max_s", "speedup_vs_plain", "paired_speedup",
+                 "max_rel_deviation", "loss_max_rel_deviation", "version"]

@@ -26,9 +26,11 @@ def make_unconstrained(original, integration):
                 and unnormalized_widths.shape[-1] >= 2 and inputs.numel() > 0):
             from fastflow.ops.rq_spline import rq_spline
 
-            return rq_spline(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
-                             inverse=bool(inverse), tail_bound=float(tail_bound), min_bin_width=min_bin_width,
-                             min_bin_height=min_bin_height, min_derivative=min_derivative,
+            # the peers slice these from their conditioner's output: made contiguous once here, the
+            # op's backward reuses them rather than copying them again
+            w, h, d = (t.contiguous() for t in (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
+            return rq_spline(inputs, w, h, d, inverse=bool(inverse), tail_bound=float(tail_bound),
+                             min_bin_width=min_bin_width, min_bin_height=min_bin_height, min_derivative=min_derivative,
                              backend=integration.backend)
         return original(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
                         inverse=inverse, tails=tails, tail_bound=tail_bound, min_bin_width=min_bin_width,
@@ -55,8 +57,8 @@ def make_bounded(original, integration, domain_error=None):
                 raise domain_error()  # nflows' own check (it tests the inverse's inputs against left/right too)
             from fastflow.ops.rq_spline import rq_spline_bounded
 
-            return rq_spline_bounded(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
-                                     inverse=bool(inverse), left=float(left), right=float(right),
+            w, h, d = (t.contiguous() for t in (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
+            return rq_spline_bounded(inputs, w, h, d, inverse=bool(inverse), left=float(left), right=float(right),
                                      bottom=float(bottom), top=float(top), min_bin_width=min_bin_width,
                                      min_bin_height=min_bin_height, min_derivative=min_derivative,
                                      backend=integration.backend)

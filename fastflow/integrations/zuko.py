@@ -24,7 +24,6 @@ __all__ = ["accelerate", "restore", "is_accelerated", "TESTED"]
 
 TESTED = "zuko 1.6.x"
 _LAZY = ("horizontal", "vertical", "derivatives")
-_MAX_BINS = 1024  # fastflow.ops.rq_spline._MAX_BINS
 
 
 def _tested(version: str) -> bool:
@@ -40,7 +39,7 @@ def _spline(v, w, h, d, inverse, bound, slope):
     checks of :func:`fastflow.ops.rq_spline.rq_spline_zuko`, done here on what zuko passes),
     the op is called without its public wrapper's argument checks (tens of microseconds per
     call, several calls per step); anything else goes through ``rq_spline_zuko`` itself."""
-    from fastflow.ops.rq_spline import _param_backend, _rq_spline_op, rq_spline_zuko
+    from fastflow.ops.rq_spline import _MAX_BINS, _param_backend, _rq_spline_op, rq_spline_zuko
 
     k = w.shape[-1]
     lead = v.shape

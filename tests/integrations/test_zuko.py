@@ -182,3 +182,32 @@ def test_restore_exactly():
 
 def test_untested_version_patches_nothing(monkeypatch):
     check_untested_version(ffz, [(MonotonicRQSTransform, "_call")], monkeypatch)
+
+
+
+@pytest.mark.parametrize("passes", [2, None], ids=["coupling", "autoregressive"])
+def test_nsf_runs_the_fused_kernels(passes, monkeypatch):
+    """With backend=None an accelerated NSF's log_prob, backward and sampling run the fused
+    kernels of the backend fastflow picks, never the reference nor zuko's own chain."""
+    from fastflow.backends import resolve_backend
+
+    if resolve_backend("rq_spline", torch.zeros(1)) == "reference":
+        pytest.skip("no compiled CPU backend here")
+    import fastflow.kernels.reference.spline as reference
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a slow path ran")
+
+    monkeypatch.setattr(reference, "forward", refuse)
+    monkeypatch.setattr(reference, "backward", refuse)
+    monkeypatch.setattr(MonotonicRQSTransform, "searchsorted", staticmethod(refuse))  # zuko's own chain
+    calls = []
+    fused = ffz._spline
+    monkeypatch.setattr(ffz, "_spline", lambda *args: calls.append(args[4]) or fused(*args))
+    flow = nsf(0, passes)
+    x, _ = data(0)
+    with ffz.accelerate():
+        flow().log_prob(x.float()).sum().backward()
+        flow().sample((8,))
+    passes = 2 if passes else D
+    assert calls.count(False) == 2 and calls.count(True) == 2 * passes  # 2 transforms, inverse `passes` times each
