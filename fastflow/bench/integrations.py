@@ -9,6 +9,10 @@ process. Two cases, each one call:
   gradients; no optimizer update);
 - ``sample``: one call drawing 512 samples under ``no_grad``.
 
+For zuko a diagnostic third column, ``floor: spline a no-op``: the accelerated model with the
+spline replaced by the identity (zero log-det, gradients still reaching the conditioner), i.e.
+what everything but the spline costs; no spline work can make the accelerated model faster.
+
 Timing: each implementation is warmed up (``WARMUP`` calls), then ``rounds`` rounds (at least
 ``MIN_ROUNDS``; ``--repeats`` below that is raised) each time every implementation once, the order
 rotating from round to round, so drift in the machine's speed hits all alike. Switching the
@@ -218,12 +222,39 @@ def _peer_rows(peer, kind, rounds, compile):
             return sample(BATCH)
 
     rows = []
+    plain, fast = switch.off, switch.on
+    floor = None
+    if peer == "zuko":
+        # a diagnostic, not an implementation: the accelerated model with the spline itself a
+        # no-op (values through, zero log-det, gradients still reaching the conditioner), i.e.
+        # what the rest of zuko costs; restored before every other implementation's call
+        fused = integ._spline
+
+        def noop(v, w, h, d, inverse, bound, slope):
+            z = (w.sum(-1) + h.sum(-1) + d.sum(-1)) * 0
+            return v + z, z
+
+        def plain():
+            integ._spline = fused
+            switch.off()
+
+        def fast():
+            integ._spline = fused
+            switch.on()
+
+        def floor():
+            integ._spline = noop
+            switch.on()
+
     cases = {
-        "train_step": ({"plain": (switch.off, step), "accelerated": (switch.on, step)},
+        "train_step": ({"plain": (plain, step), "accelerated": (fast, step)},
                        "zero_grad + NLL of one batch + backward (no optimizer update)"),
-        "sample": ({"plain": (switch.off, draw), "accelerated": (switch.on, draw)},
+        "sample": ({"plain": (plain, draw), "accelerated": (fast, draw)},
                    f"one call drawing {BATCH} samples under no_grad"),
     }
+    if floor is not None:
+        for impls, _ in cases.values():
+            impls["floor: spline a no-op"] = (floor, impls["accelerated"][1])
     if compile and peer == "zuko" and kind == "coupling":
         compiled = torch.compile(nll)
 
@@ -231,11 +262,12 @@ def _peer_rows(peer, kind, rounds, compile):
             model.zero_grad(set_to_none=True)
             compiled(x).backward()
 
-        cases["train_step"][0]["torch.compile"] = (switch.off, compiled_step)
+        cases["train_step"][0]["torch.compile"] = (plain, compiled_step)
     try:
         for case, (impls, what) in cases.items():
             torch.manual_seed(0)
             rows += _timed_rows(peer, kind, case, interleave(impls, rounds), version, what)
+        plain()  # the fused spline back in place (zuko: the floor's no-op may be the last set)
         dev, plain64, fast64, finite = _trajectory(make, switch)
         rows.append(_row(peer, kind, "loss_trajectory", "accelerated", version, steps=TRAJECTORY_STEPS,
                          max_rel_deviation=dev, finite=finite, within_1e_4=dev <= 1e-4,
@@ -243,6 +275,8 @@ def _peer_rows(peer, kind, rounds, compile):
                          timed="none: 50 Adam steps (lr 1e-3, batch 128) plain and accelerated in float32 and "
                                "plain in float64, same seed and batches"))
     finally:
+        if peer == "zuko":
+            integ._spline = fused
         switch.off()
     return rows
 
