@@ -72,7 +72,7 @@ def _softplus_sigmoid_as(z, like):  # pragma: no cover - replaced by the overloa
     raise NotImplementedError
 
 
-@overload(_exp_as, inline="always", jit_options=_NJIT)
+@overload(_exp_as, jit_options=_NJIT)
 def _ov_exp_as(x, like):
     """exp(x) in float64, or in float32 arithmetic where ``like`` is a float32 array."""
     if _f32(like):
@@ -80,7 +80,7 @@ def _ov_exp_as(x, like):
     return lambda x, like: _exp(x)
 
 
-@overload(_softplus_sigmoid_as, inline="always", jit_options=_NJIT)
+@overload(_softplus_sigmoid_as, jit_options=_NJIT)
 def _ov_softplus_sigmoid_as(z, like):
     """(softplus(z), sigmoid(z)) from one exponential, e = exp(-|z|): softplus = max(z, 0) +
     log1p(e), sigmoid = 1/(1+e) or e/(1+e); in float32 arithmetic where ``like`` is float32."""
