@@ -15,6 +15,24 @@ def _sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _bins(text: str) -> list[int]:
+    from fastflow.bench.spline import _parse_bin
+
+    try:
+        return [_parse_bin(b) for b in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _sweep(text: str) -> list[tuple[int, int]]:
+    from fastflow.bench.spline import _parse_cases
+
+    try:
+        return _parse_cases(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_parser(sub):
     from fastflow.bench import EXTRA_SUITES, SUITES
 
@@ -26,6 +44,10 @@ def add_parser(sub):
     p.add_argument("--sizes", type=_sizes, default=None,
                    help="comma-separated element counts, e.g. 2**16,2**20 or 1e6 (parsed, never evaluated)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bins", type=_bins, default=None,
+                   help="spline suite: bin counts K timed at every size, e.g. 2,8,64 (default 8)")
+    p.add_argument("--sweep", type=_sweep, action="append", default=[],
+                   help="spline suite: extra cases BINS@SIZE, e.g. 2,16,64@2**18 (repeatable)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     p.set_defaults(func=run)
 
@@ -39,12 +61,19 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     names = args.suites or SUITES
+    cases = [c for group in (getattr(args, "sweep", None) or []) for c in group]
+    bins = getattr(args, "bins", None)
+    if (bins or cases) and "spline" not in names:
+        print("fastflow bench: --bins and --sweep apply to the spline suite only")
+        return 2
     print(f"fastflow bench on {env['device_name']} ({device}), torch {env['versions']['torch']}, {env['date']}")
     for name in names:
         suite = get_suite(name)
         kwargs = {"device": device, "repeats": args.repeats, "quick": args.quick}
         if args.sizes:
             kwargs["sizes"] = args.sizes
+        if name == "spline":
+            kwargs.update(bins=bins, cases=cases)
         rows = add_ratios(suite.run(**kwargs))
         payload = {"suite": name, "environment": env, "results": rows}
         stamp = env["date"].replace(":", "").replace("-", "")[:15]

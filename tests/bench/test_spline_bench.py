@@ -43,3 +43,16 @@ def test_module_command_line_writes_the_json(tmp_path):
     payload = json.loads(path.read_text())
     assert payload["command"].startswith("python -m fastflow.bench.spline --sizes 32")
     assert [(r["impl"], r["n"], r["k"]) for r in payload["results"]] == [("numba", 32, 2)]
+
+
+def test_fastflow_bench_takes_bins_and_sweep_for_the_spline_suite_only(capsys):
+    from fastflow.cli.main import main
+
+    assert main(["bench", "lu", "--bins", "2,8"]) == 2
+    assert "--bins and --sweep apply to the spline suite only" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "spline", "--bins", "1"])
+    assert "outside 2..1024" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "spline", "--sweep", "2,8"])
+    assert "BINS@SIZE" in capsys.readouterr().err
