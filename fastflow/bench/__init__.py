@@ -49,20 +49,30 @@ def time_fn(fn: Callable[[], object], device="cpu", repeats: int = 7, warmup: in
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], device="cpu", repeats: int = 7, warmup: int = 2) -> dict:
+def _nothing():
+    return None
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], device="cpu", repeats: int = 7, warmup: int = 2,
+                     setups: dict[str, Callable[[], object]] | None = None) -> dict:
     """Time several implementations of one case in alternation: each of ``repeats`` rounds runs
     every call once, the order rotating from round to round. Drift in the machine's speed
     (clock, memory traffic from other tenants of a VM, which moved one implementation's
     median by 1.5x between back-to-back runs here) then hits every implementation alike, so
     their ratios hold where medians timed one after another do not.
 
+    ``setups``: name -> a call run untimed before each of that implementation's calls (warm-up
+    included), e.g. switching an integration on or off.
+
     Returns ``{name: stats}``: ``time_fn``'s keys plus ``times`` (per round, in round order,
     for paired ratios), or ``{"error": "Type: message"}`` for a call that raised (it leaves the
     rotation; the others go on)."""
     out: dict = {}
     live = {}
+    setups = setups or {}
     for name, fn in calls.items():
         try:
+            setups.get(name, _nothing)()
             for _ in range(warmup):
                 fn()
             sync(device)
@@ -76,6 +86,7 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device="cpu", repea
             if name in out:
                 continue
             try:
+                setups.get(name, _nothing)()
                 t0 = time.perf_counter()
                 live[name]()
                 sync(device)

@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from fastflow.bench import paired_ratio
+from fastflow.bench import paired_ratio, time_interleaved
 
 FEATURES, TRANSFORMS, HIDDEN, BINS, BATCH = 8, 5, 64, 8, 512
 MIN_ROUNDS, WARMUP = 15, 3
@@ -122,35 +122,10 @@ def interleave(impls: dict, rounds: int, warmup: int = WARMUP) -> dict:
     """``impls``: name -> ``(setup, fn)``. Warm each ``fn`` up, then ``rounds`` rounds in which every
     implementation runs once (the order rotating), ``setup()`` untimed before its timed ``fn()``.
     Returns name -> stats with the per-round ``times``, or ``{"error": ...}`` for one that raised."""
-    out, live = {}, {}
-    for name, (setup, fn) in impls.items():
-        try:
-            setup()
-            for _ in range(warmup):
-                fn()
-            live[name] = (setup, fn)
-        except Exception as exc:  # a failing implementation is a result, not a crash
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    names = list(live)
-    times = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)] if names else ():
-            if name in out:
-                continue
-            setup, fn = live[name]
-            try:
-                setup()
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-            except Exception as exc:
-                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    for name in names:
-        if name not in out:
-            ts = times[name]
-            out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "rounds": len(ts),
-                         "times": ts}
-    return {name: out[name] for name in impls}
+    stats = time_interleaved({n: fn for n, (_, fn) in impls.items()}, "cpu", repeats=rounds, warmup=warmup,
+                             setups={n: setup for n, (setup, _) in impls.items()})
+    return {n: ({**{k: v for k, v in st.items() if k != "repeats"}, "rounds": st["repeats"]} if "repeats" in st
+                else st) for n, st in stats.items()}
 
 
 def _trajectory(make, switch, steps=TRAJECTORY_STEPS):
