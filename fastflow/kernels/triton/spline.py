@@ -96,25 +96,24 @@ def _pick(t, sel):
 
 
 @triton.jit
-def _locate(x, ud_ptr, rows, inside, cols, cmask, rw, rh, K: tl.constexpr, INVERSE: tl.constexpr, bound, md,
-            F64: tl.constexpr):
-    """Bin index and local quantities for each row, as in the numba/reference kernels."""
+def _bin(x, rw, rh, cols, K: tl.constexpr, INVERSE: tl.constexpr, x0, y0):
+    """Each row's bin (the number of interior knots <= x: a value on a knot takes the bin to its
+    right) and its left knot, width, bottom, height and slope; ``x0``/``y0`` start bin 0."""
     knots = rh if INVERSE else rw
-    # Bin = number of interior knots <= x (a value on a knot takes the bin to its right).
     idx = tl.sum(tl.where((cols[None, :] < K - 1) & (x[:, None] >= knots), 1, 0), axis=1)
     sel = cols[None, :] == idx[:, None]
     sel_left = cols[None, :] == (idx - 1)[:, None]
-    xk = tl.where(idx == 0, -bound, _pick(rw, sel_left))
+    xk = tl.where(idx == 0, x0, _pick(rw, sel_left))
     wk = _pick(rw, sel) - xk
-    yk = tl.where(idx == 0, -bound, _pick(rh, sel_left))
+    yk = tl.where(idx == 0, y0, _pick(rh, sel_left))
     hk = _pick(rh, sel) - yk
-    s = hk / wk
-    lm = inside & (idx >= 1)
-    hm = inside & (idx + 1 <= K - 1)
-    zl = _ct(tl.load(ud_ptr + rows * (K - 1) + idx - 1, mask=lm, other=0.0), F64)
-    zh = _ct(tl.load(ud_ptr + rows * (K - 1) + idx, mask=hm, other=0.0), F64)
-    dk = tl.where(lm, md + _softplus(zl), 1.0)
-    dk1 = tl.where(hm, md + _softplus(zh), 1.0)
+    return idx, xk, wk, yk, hk, hk / wk
+
+
+@triton.jit
+def _theta(x, xk, wk, yk, hk, s, dk, dk1, INVERSE: tl.constexpr):
+    """The position in the bin: ``(x - xk) / wk``, or for the inverse the root of the bin's
+    quadratic in the numerically stable form."""
     if INVERSE:
         dy = x - yk
         sum_d = dk + dk1 - 2.0 * s
@@ -127,6 +126,21 @@ def _locate(x, ud_ptr, rows, inside, cols, cmask, rw, rh, K: tl.constexpr, INVER
         theta = tl.minimum(tl.maximum((2.0 * qc) / (-qb - tl.sqrt(disc)), 0.0), 1.0)
     else:
         theta = (x - xk) / wk
+    return theta
+
+
+@triton.jit
+def _locate(x, ud_ptr, rows, inside, cols, cmask, rw, rh, K: tl.constexpr, INVERSE: tl.constexpr, bound, md,
+            F64: tl.constexpr):
+    """Bin index and local quantities for each row, as in the numba/reference kernels."""
+    idx, xk, wk, yk, hk, s = _bin(x, rw, rh, cols, K, INVERSE, -bound, -bound)
+    lm = inside & (idx >= 1)
+    hm = inside & (idx + 1 <= K - 1)
+    zl = _ct(tl.load(ud_ptr + rows * (K - 1) + idx - 1, mask=lm, other=0.0), F64)
+    zh = _ct(tl.load(ud_ptr + rows * (K - 1) + idx, mask=hm, other=0.0), F64)
+    dk = tl.where(lm, md + _softplus(zl), 1.0)
+    dk1 = tl.where(hm, md + _softplus(zh), 1.0)
+    theta = _theta(x, xk, wk, yk, hk, s, dk, dk1, INVERSE)
     return idx, xk, wk, yk, hk, s, dk, dk1, zl, zh, lm, hm, theta
 
 
@@ -160,15 +174,7 @@ def _locate_box(x, ud_ptr, rows, inside, cols, rw, rh, K: tl.constexpr, INVERSE:
     """:func:`_locate` for the box parameterisations: bin 0 starts at ``left``/``bottom``; the knot
     slopes are ``md + softplus`` of K+1 raw values (KIND 1, nflows_bounded) or ``exp`` of the
     soft-bounded K-1 interior raw values with unit boundary slopes (KIND 2, zuko)."""
-    knots = rh if INVERSE else rw
-    idx = tl.sum(tl.where((cols[None, :] < K - 1) & (x[:, None] >= knots), 1, 0), axis=1)
-    sel = cols[None, :] == idx[:, None]
-    sel_left = cols[None, :] == (idx - 1)[:, None]
-    xk = tl.where(idx == 0, left, _pick(rw, sel_left))
-    wk = _pick(rw, sel) - xk
-    yk = tl.where(idx == 0, bottom, _pick(rh, sel_left))
-    hk = _pick(rh, sel) - yk
-    s = hk / wk
+    idx, xk, wk, yk, hk, s = _bin(x, rw, rh, cols, K, INVERSE, left, bottom)
     if KIND == 1:
         lm = inside
         hm = inside
@@ -183,16 +189,7 @@ def _locate_box(x, ud_ptr, rows, inside, cols, rw, rh, K: tl.constexpr, INVERSE:
         zh = _ct(tl.load(ud_ptr + rows * (K - 1) + idx, mask=hm, other=0.0), F64)
         dk = tl.where(lm, tl.exp(zl / (1.0 + tl.abs(zl * clip_d))), 1.0)
         dk1 = tl.where(hm, tl.exp(zh / (1.0 + tl.abs(zh * clip_d))), 1.0)
-    if INVERSE:
-        dy = x - yk
-        sum_d = dk + dk1 - 2.0 * s
-        qa = hk * (s - dk) + dy * sum_d
-        qb = hk * dk - dy * sum_d
-        qc = -s * dy
-        disc = tl.maximum(qb * qb - 4.0 * qa * qc, 0.0)
-        theta = tl.minimum(tl.maximum((2.0 * qc) / (-qb - tl.sqrt(disc)), 0.0), 1.0)
-    else:
-        theta = (x - xk) / wk
+    theta = _theta(x, xk, wk, yk, hk, s, dk, dk1, INVERSE)
     return idx, xk, wk, yk, hk, s, dk, dk1, zl, zh, lm, hm, theta
 
 
