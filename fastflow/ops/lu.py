@@ -48,6 +48,7 @@ import torch
 
 from fastflow.backends import NUMBA_LU_MAX_CHANNELS, get_kernel, register_note, resolve_backend
 from fastflow.kernels.reference import lu as ref
+from fastflow.kernels.torch.lu import compute_dtype as _compute_dtype
 from fastflow.kernels.torch.lu import tensor_version as _version
 from fastflow.ops._checks import check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
@@ -56,10 +57,6 @@ from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 __all__ = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1", "clear_inverse_cache"]
 
 OPS = ("lu_linear", "lu_conv1x1", "actnorm_conv1x1")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 for _op in OPS:

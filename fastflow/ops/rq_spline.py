@@ -259,11 +259,7 @@ def rq_spline(
         tail_bound, min_bin_width, min_bin_height, min_derivative,
     )
     name = resolve_backend(OP, inputs, backend)
-    params = []
-    for p in (unnormalized_widths, unnormalized_heights, unnormalized_derivatives):
-        if p.shape[:-1] != inputs.shape:
-            p = p.expand(*inputs.shape, p.shape[-1])  # autograd sums the gradient back
-        params.append(p)
+    params = _expand(inputs, (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
     return _rq_spline_op(inputs, *params, bool(inverse), tail_bound, mbw, mbh, md, name)
 
 

@@ -252,9 +252,8 @@ def _coefficients(an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
         return assemble(perm, lower, upper, log_s, sign, an_b, an_ls)
     # W^-1 by two float32 triangular solves on the host side, once per call (documented).
     v = tlu.inverse_matrix(perm, lower, upper, log_s, sign, torch.float32)
-    if an_ls is None:
-        return v, None
-    return v * torch.exp(-an_ls.float())[:, None], -an_b.float()
+    an_b, an_ls = (None if t is None else t.float() for t in (an_b, an_ls))
+    return ref.coefficients(perm, lower, upper, log_s, sign, an_b, an_ls, inverse=True, inv_weight=v)
 
 
 def forward(x3, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
