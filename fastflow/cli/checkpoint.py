@@ -22,15 +22,26 @@ plain containers, no pickled code. Files are data, never code:
   containers: keys, scalars, and each tensor's dtype, shape and bytes), verified on load, so a
   flipped bit anywhere in the data is an error naming the file, not a different model.
 
+- **A file's spec is checked against its tensors before anything is built.** The spec's sizes
+  (``num_layers``, ``hidden_features``, ...) may not exceed what the stored tensors could hold,
+  and the build itself runs under an allocation and operation budget proportional to the stored
+  parameters: a sealed file asking for ``hidden_features=2**34`` or ``num_layers=10**7`` is refused
+  in a moment with one line, not a 68 GB allocation (anyone can re-seal a file, so the digest
+  alone is no defence).
+
 A file from another format version or another fastflow version is refused with a clear message,
-as is a checkpoint of a different model. Version-1 files (written before digests) still load,
-with a warning that their integrity cannot be verified.
+as is a checkpoint of a different model. Version-1 files (written before digests) cannot be
+verified: they load only when the person asks for it (``--allow-unverified``,
+``load_model(path, allow_unverified=True)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import math
+import numbers
 import re
 import struct
 import sys
@@ -38,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastflow
 from fastflow.cli.errors import CLIError
@@ -125,10 +137,101 @@ def _trusted(trust_factory) -> set[str]:
     return set(trust_factory)
 
 
+# Spec sizes that each add at least one stored tensor (counts) or one stored value per unit (widths):
+# no honest file has one larger than its number of tensors or its largest tensor.
+_SPEC_SIZES = ("num_layers", "num_blocks", "num_hidden", "depth", "levels", "hidden_features", "hidden_channels",
+               "num_bins", "context_features")
+# The build of a stored model may allocate this many times the stored bytes, plus a constant (masks,
+# permutations, initialisation temporaries), and run this many tensor operations per stored tensor,
+# plus a constant (spectral-norm power iterations). Honest registry models stay well inside (at most
+# ~2.3x the stored bytes and ~100 operations per tensor).
+_BUILD_BYTES_FACTOR, _BUILD_BYTES_SLACK = 8, 64 << 20
+_BUILD_OPS_PER_TENSOR, _BUILD_OPS_SLACK = 400, 50_000
+
+
+class _BuildTooLarge(Exception):
+    pass
+
+
+class _BuildBudget(TorchDispatchMode):
+    """Counts what a model build allocates and how many tensor operations it runs, and stops it
+    (before the allocation) once it exceeds the budget."""
+
+    def __init__(self, max_bytes: int, max_ops: int):
+        super().__init__()
+        self.max_bytes, self.max_ops = max_bytes, max_ops
+        self.bytes = 0
+        self.ops = 0
+        self._seen: set[int] = set()
+
+    def _requested(self, func, args) -> int:
+        """Elements an op is about to allocate, judged from its size arguments (before it runs)."""
+        most = 0
+        for a in args:
+            if isinstance(a, (list, tuple)) and a and all(isinstance(x, int) for x in a):
+                most = max(most, math.prod(max(int(x), 0) for x in a))
+        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        ints = [int(a) for a in args if isinstance(a, int) and not isinstance(a, bool)]
+        if ints and name.startswith("eye"):
+            most = max(most, ints[0] * (ints[1] if len(ints) > 1 else ints[0]))
+        elif ints and name.split(".")[0] in ("arange", "randperm", "linspace", "logspace"):
+            most = max(most, max(ints))
+        return most
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        if self.ops > self.max_ops:
+            raise _BuildTooLarge(f"more than {self.max_ops} tensor operations")
+        if self.bytes + 8 * self._requested(func, [*args, *kwargs.values()]) > self.max_bytes:
+            raise _BuildTooLarge(f"more than {self.max_bytes} bytes")
+        out = func(*args, **kwargs)
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                try:
+                    storage = t.untyped_storage()
+                    key, size = storage.data_ptr(), storage.nbytes()
+                except (RuntimeError, NotImplementedError):
+                    continue
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.bytes += size
+                    if self.bytes > self.max_bytes:
+                        raise _BuildTooLarge(f"more than {self.max_bytes} bytes")
+        return out
+
+
+def _state_stats(state) -> tuple[int, int, int] | None:
+    """(number of tensors, total bytes, largest tensor's elements) of a stored state dict."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    largest = max((v.numel() for v in state.values()), default=0)
+    return len(state), total, largest
+
+
+def _check_spec_sizes(spec: dict, stats: tuple[int, int, int], where: str) -> None:
+    """Refuse a registry spec asking for more than its stored tensors could hold."""
+    n_tensors, total, largest = stats
+    bound = max(n_tensors, largest)
+    sizes = dict(spec.get("kwargs") or {}) if isinstance(spec.get("kwargs"), dict) else {}
+    sizes.update({k: v for k, v in spec.items() if k != "kwargs"})
+    for key in _SPEC_SIZES:
+        value = sizes.get(key)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > bound:
+            raise CLIError(f"{where}asks for {key}={value}, more than its {n_tensors} stored tensors "
+                           f"(largest {largest} values) could hold; refusing to build it (a damaged or forged "
+                           "file)")
+
+
 def rebuild(factory: str, spec: dict, *, trust_factory: str | Iterable[str] | None = None,
-            source: Path | str | None = None) -> torch.nn.Module:
+            source: Path | str | None = None, state: dict | None = None) -> torch.nn.Module:
     """The model a file describes: ``build(**spec)`` from fastflow's registry, or a user factory
-    only if it is among ``trust_factory`` (named by the person, never taken from the file)."""
+    only if it is among ``trust_factory`` (named by the person, never taken from the file).
+
+    ``state``: the stored parameters the model is for. The spec is checked against them first
+    (no size larger than they could hold) and the build runs under a budget proportional to them,
+    so a forged spec cannot exhaust memory or time before the parameters are compared."""
     where = f"{source} " if source is not None else ""
     if not isinstance(spec, dict):
         raise CLIError(f"{where}holds a model spec of type {type(spec).__name__}, expected a table")
@@ -139,8 +242,20 @@ def rebuild(factory: str, spec: dict, *, trust_factory: str | Iterable[str] | No
                 f"code named in a file only when you name it too: pass --trust-factory {factory} (Python: "
                 f"load_model(path, trust_factory={factory!r})) if you trust it")
     fn = resolve_factory(factory)
+    stats = _state_stats(state) if state is not None else None
+    if stats is not None and factory == DEFAULT_FACTORY:
+        _check_spec_sizes(spec, stats, where)
+    budget = contextlib.nullcontext()
+    if stats is not None:
+        budget = _BuildBudget(_BUILD_BYTES_FACTOR * stats[1] + _BUILD_BYTES_SLACK,
+                              _BUILD_OPS_PER_TENSOR * stats[0] + _BUILD_OPS_SLACK)
     try:
-        return fn(**_tuplify_shapes(spec))
+        with budget:
+            return fn(**_tuplify_shapes(spec))
+    except _BuildTooLarge as e:
+        raise CLIError(f"{where}describes a model whose construction needs {e}, far more than its stored "
+                       f"parameters ({stats[0]} tensors, {stats[1]} bytes) could fill; refusing to build it "
+                       "(a damaged or forged file)") from None
     except (TypeError, ValueError, KeyError) as e:
         raise CLIError(f"cannot rebuild model from spec {spec}: {e}") from None
 
@@ -201,7 +316,8 @@ def _header(fmt: str) -> dict:
     return {"format": fmt, "format_version": FORMAT_VERSION, "fastflow_version": fastflow.__version__}
 
 
-def _load(path: Path, fmt: str) -> dict:
+def _load(path: Path, fmt: str, allow_unverified: bool = False,
+          how_to_allow: str = "pass --allow-unverified (Python: load_model(path, allow_unverified=True))") -> dict:
     if not path.is_file():
         raise CLIError(f"cannot read {path}: no such file")
     try:
@@ -228,9 +344,12 @@ def _load(path: Path, fmt: str) -> dict:
         if stored != actual:
             raise CorruptFileError(f"{path} is corrupt: its contents do not match the digest stored when it was "
                                    "written (damaged or modified since)")
+    elif not allow_unverified:
+        raise CLIError(f"{path} is a format-version-{version} file without a digest: its contents cannot be "
+                       f"verified (anyone may have changed them); {how_to_allow} if you trust where it came from")
     else:
-        print(f"fastflow: warning: {path} is a format-version-{version} file without a digest; its integrity "
-              "cannot be verified", file=sys.stderr)
+        print(f"fastflow: warning: {path} is a format-version-{version} file without a digest; loading it "
+              "unverified as asked", file=sys.stderr)
     return obj
 
 
@@ -245,8 +364,8 @@ def model_path(path: str | Path) -> Path:
     return path / "model.pt" if path.is_dir() else path
 
 
-def load_model(path: str | Path, device="cpu", *, trust_factory: str | Iterable[str] | None = None
-               ) -> tuple[torch.nn.Module, dict]:
+def load_model(path: str | Path, device="cpu", *, trust_factory: str | Iterable[str] | None = None,
+               allow_unverified: bool = False) -> tuple[torch.nn.Module, dict]:
     """Rebuild the flow stored in a ``model.pt`` (or a run folder holding one), in eval mode.
 
     Args:
@@ -255,13 +374,16 @@ def load_model(path: str | Path, device="cpu", *, trust_factory: str | Iterable[
         trust_factory: user factories (``"pkg.mod:fn"``) you allow the file to call. A file built
             by fastflow's registry needs none; a file naming any other factory is refused unless
             that factory is listed here (files are data: nothing they name runs on their word).
+        allow_unverified: load a format-version-1 file, which carries no digest (refused otherwise).
 
     Raises:
-        CLIError: unreadable, corrupt (digest mismatch), foreign or untrusted file.
+        CLIError: unreadable, corrupt (digest mismatch), unverifiable, foreign or untrusted file, or
+            one whose spec asks for more than its stored parameters could hold.
     """
     path = model_path(path)
-    obj = _load(path, MODEL_FORMAT)
-    flow = rebuild(obj.get("factory"), obj.get("spec"), trust_factory=trust_factory, source=path)
+    obj = _load(path, MODEL_FORMAT, allow_unverified=allow_unverified)
+    flow = rebuild(obj.get("factory"), obj.get("spec"), trust_factory=trust_factory, source=path,
+                   state=obj.get("state_dict"))
     load_state(flow, obj.get("state_dict"), path)
     if not isinstance(obj.get("shape"), list) or not all(isinstance(s, int) and s > 0 for s in obj["shape"]):
         raise CLIError(f"{path} holds an invalid event shape {obj.get('shape')!r}")
@@ -273,6 +395,20 @@ def load_model(path: str | Path, device="cpu", *, trust_factory: str | Iterable[
 def load_state(flow: torch.nn.Module, state: dict, path: Path) -> None:
     if not isinstance(state, dict):
         raise CLIError(f"{path} holds no parameter table")
+    want = {k: tuple(v.shape) for k, v in flow.state_dict().items()}
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    wrong = [k for k in want if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != want[k]]
+
+    def few(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    if missing or extra or wrong:
+        parts = ([f"{len(missing)} missing ({few(missing)})"] if missing else []) + \
+                ([f"{len(extra)} unexpected ({few(extra)})"] if extra else []) + \
+                ([f"{len(wrong)} of another shape ({few(wrong)})"] if wrong else [])
+        raise CLIError(f"{path} holds parameters of a different model: its spec builds {len(want)} tensors, it "
+                       f"stores {len(state)}: {'; '.join(parts)}")
     try:
         flow.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -283,7 +419,7 @@ def load_state(flow: torch.nn.Module, state: dict, path: Path) -> None:
 
 def load_checkpoint(path: str | Path, expect_factory: str, expect_spec: dict) -> dict:
     path = Path(path)
-    obj = _load(path, CHECKPOINT_FORMAT)
+    obj = _load(path, CHECKPOINT_FORMAT, how_to_allow="pass --overwrite to start the run again")
     if obj.get("factory") != expect_factory or obj.get("spec") != expect_spec:
         raise CLIError(f"checkpoint {path} is of another model ({obj.get('factory')} {obj.get('spec')}), "
                        f"this run builds {expect_factory} {expect_spec}; use another --out or --overwrite")
