@@ -10,6 +10,7 @@ whole; ``.csv`` is streamed in chunks of lines.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import re
 import shutil
 import socket
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Iterator
 
@@ -89,6 +91,68 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# --------------------------------------------------------------------------- space and write errors
+
+# A full disk, a full quota, a file-size limit: the user can fix these, so they are one line.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} bytes"  # pragma: no cover
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes (for this user) on the filesystem holding ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def check_free_space(path: str | Path, nbytes: int, what: str = "output") -> None:
+    """Refuse, before any work, to write ``nbytes`` to ``path`` when its filesystem has less free."""
+    free = free_bytes(Path(path).parent)
+    if free is not None and nbytes > free:
+        raise CLIError(f"{what} {path} needs {_fmt_bytes(nbytes)} but its filesystem has {_fmt_bytes(free)} free; "
+                       "free some space or choose another location")
+
+
+def write_error(path: str | Path, e: OSError) -> CLIError:
+    """A one-line error for a failed write of ``path``, with the free space when the disk is full."""
+    reason = e.strerror or str(e)
+    if e.errno in DISK_FULL_ERRNOS:
+        free = free_bytes(Path(path).parent)
+        if free is not None:
+            reason += f" ({_fmt_bytes(free)} free)"
+    return CLIError(f"cannot write {path}: {reason}")
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def replace_into(tmp: str | Path, path: str | Path) -> Path:
+    """``os.replace(tmp, path)``; on failure (an immutable or foreign file, a read-only folder) the
+    temporary file is removed and the error is one line. ``path`` is left as it was."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise CLIError(f"cannot replace {path}: {e.strerror or e}; nothing was written") from None
+    return path
+
+
 def atomic_torch_save(obj, path: str | Path, keep_previous: str | Path | None = None) -> Path:
     """``torch.save`` to a temporary file, fsync, then ``os.replace``: a reader (or a restarted job
     after SIGKILL) sees the old file or the new one, never a torn one.
@@ -100,22 +164,39 @@ def atomic_torch_save(obj, path: str | Path, keep_previous: str | Path | None = 
 
     path = Path(path)
     tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        _unlink_quietly(tmp)
+        if isinstance(e, RuntimeError) and not _is_write_failure(e):
+            raise
+        raise write_error(path, e if isinstance(e, OSError) else OSError(errno.EIO, str(e).splitlines()[0])
+                          ) from None
     if keep_previous is not None and path.is_file():
         prev = Path(keep_previous)
         ptmp = tmp_path(prev)
-        ptmp.unlink(missing_ok=True)
         try:
-            os.link(path, ptmp)
-        except OSError:
-            shutil.copy2(path, ptmp)
-        os.replace(ptmp, prev)
-    os.replace(tmp, path)
+            ptmp.unlink(missing_ok=True)
+            try:
+                os.link(path, ptmp)
+            except OSError:
+                shutil.copy2(path, ptmp)
+        except OSError as e:
+            _unlink_quietly(ptmp)
+            _unlink_quietly(tmp)
+            raise write_error(prev, e) from None
+        replace_into(ptmp, prev)
+    replace_into(tmp, path)
     _fsync_dir(path)
     return path
+
+
+def _is_write_failure(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in ("write", "no space", "file too large", "quota"))
 
 
 def file_fingerprint(path: str | Path, chunk: int = 1 << 22) -> dict:
@@ -139,12 +220,15 @@ def file_fingerprint(path: str | Path, chunk: int = 1 << 22) -> dict:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     tmp = tmp_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise write_error(path, e) from None
+    return replace_into(tmp, path)
 
 
 def atomic_write_json(path: str | Path, payload) -> Path:
@@ -164,12 +248,15 @@ def _json_default(o):
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
     path = Path(path)
     tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise write_error(path, e) from None
+    return replace_into(tmp, path)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -284,6 +371,8 @@ class ArraySource(RowSource):
 
 
 CSV_HEADER_CHOICES = ("auto", "yes", "no")
+# UTF-8, with or without the byte-order mark that spreadsheet exports put first (it is not data).
+CSV_ENCODING = "utf-8-sig"
 
 
 class CsvSource(RowSource):
@@ -302,7 +391,7 @@ class CsvSource(RowSource):
         n = 0
         first = None
         try:
-            with open(path) as f:
+            with open(path, encoding=CSV_ENCODING) as f:
                 for line in f:
                     if not line.strip():
                         continue
@@ -319,7 +408,7 @@ class CsvSource(RowSource):
         if width is None:
             if n == 0:
                 raise CLIError(f"data file {path} has no data rows")
-            with open(path) as f:
+            with open(path, encoding=CSV_ENCODING) as f:
                 lines = (ln for ln in f if ln.strip())
                 if self.header:
                     next(lines)
@@ -327,7 +416,7 @@ class CsvSource(RowSource):
         self.row_shape = (int(width),)
 
     def _lines(self):
-        with open(self.path) as f:
+        with open(self.path, encoding=CSV_ENCODING) as f:
             lines = (ln for ln in f if ln.strip())
             if self.header:
                 next(lines, None)
@@ -463,31 +552,97 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f".{out.name}.part{rank:05d}-of-{world:05d}.npy")
 
 
-def open_npy_writer(path: Path, shape: tuple[int, ...], dtype) -> np.memmap:
-    """A .npy file opened for writing in place (``open_memmap``): constant memory for any size."""
-    try:
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
-    except OSError as e:
-        Path(path).unlink(missing_ok=True)
-        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
+class NpyWriter:
+    """A .npy file of known shape written with positioned writes (``os.pwrite``), not through a
+    memory map: constant memory for any size, and a full disk is an ``OSError`` (ENOSPC) at the
+    write that hits it, never a SIGBUS on a page store. The space is reserved up front where the
+    filesystem can (``posix_fallocate``), so a disk that cannot hold the file fails before any work.
+
+    ``write(row, array)`` puts ``array`` at row ``row``; ``close()`` flushes; ``abort()`` removes
+    the file. Errors are :class:`CLIError` naming ``label`` (the output the user asked for)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype, label: str | Path | None = None):
+        self.path = Path(path)
+        self.label = Path(label) if label is not None else self.path
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(int(s) for s in shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        buf = BytesIO()
+        np.lib.format.write_array_header_1_0(buf, header)
+        self.header = buf.getvalue()
+        self.nbytes = len(self.header) + self.shape[0] * self.row_bytes
+        check_free_space(self.label, self.nbytes)
+        self.fd = None
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            self._pwrite(self.header, 0)
+            try:
+                os.posix_fallocate(self.fd, 0, self.nbytes)
+            except AttributeError:  # not on this platform
+                os.ftruncate(self.fd, self.nbytes)
+            except OSError as e:
+                if e.errno in DISK_FULL_ERRNOS:
+                    raise
+                os.ftruncate(self.fd, self.nbytes)  # a filesystem without fallocate: writes report ENOSPC
+        except OSError as e:
+            self.abort()
+            raise write_error(self.label, e) from None
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def write(self, row: int, array: np.ndarray) -> None:
+        data = np.ascontiguousarray(array, dtype=self.dtype)
+        try:
+            self._pwrite(data.reshape(-1).view(np.uint8), len(self.header) + int(row) * self.row_bytes)
+        except OSError as e:
+            self.abort()
+            raise write_error(self.label, e) from None
+
+    def close(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            self.abort()
+            raise write_error(self.label, e) from None
+        os.close(self.fd)
+        self.fd = None
+
+    def abort(self) -> None:
+        """Close and remove the (partial) file; it is ours."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        _unlink_quietly(self.path)
 
 
 def merge_shards(shards: list[Path], out: Path, chunk_rows: int = 1 << 16) -> Path:
     """Concatenate per-rank .npy shards (in rank order) into ``out``: written to a temporary file
-    through a memory map, chunk by chunk, then ``os.replace``; the shards are removed."""
+    chunk by chunk, then renamed into place; the shards are removed (also when the merge fails)."""
     arrays = [np.load(p, mmap_mode="r") for p in shards]
     total = sum(len(a) for a in arrays)
     tmp = tmp_path(out)
-    dst = open_npy_writer(tmp, (total, *arrays[0].shape[1:]), arrays[0].dtype)
-    row = 0
-    for a in arrays:
-        for i in range(0, len(a), chunk_rows):
-            part = a[i:i + chunk_rows]
-            dst[row:row + len(part)] = part
-            row += len(part)
-    dst.flush()
-    del dst, arrays
-    os.replace(tmp, out)
-    for p in shards:
-        p.unlink(missing_ok=True)
+    try:
+        dst = NpyWriter(tmp, (total, *arrays[0].shape[1:]), arrays[0].dtype, label=out)
+        row = 0
+        for a in arrays:
+            for i in range(0, len(a), chunk_rows):
+                part = a[i:i + chunk_rows]
+                dst.write(row, part)
+                row += len(part)
+        dst.close()
+        del arrays
+        replace_into(tmp, out)
+    finally:
+        for p in shards:
+            _unlink_quietly(p)
     return out

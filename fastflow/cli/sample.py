@@ -22,7 +22,8 @@ import torch
 from fastflow.cli import dist
 from fastflow.cli.checkpoint import load_model, model_path
 from fastflow.cli.errors import CLIError, report
-from fastflow.cli.io import check_output_file, merge_shards, open_npy_writer, shard_path, tmp_path
+from fastflow.cli.io import (DISK_FULL_ERRNOS, NpyWriter, check_free_space, check_output_file, merge_shards,
+                             replace_into, shard_path, tmp_path, write_error)
 from fastflow.cli.progress import Progress
 from fastflow.cli.score import add_common
 
@@ -58,6 +59,11 @@ def run(args) -> int:
         return sample(args, env)
     except CLIError as e:
         return report("sample", e, env.rank if env else int(os.environ.get("RANK", "0") or 0))
+    except OSError as e:  # a full disk or quota met somewhere else than the output: still the user's to fix
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise
+        return report("sample", write_error(e.filename or args.out, e),
+                      env.rank if env else int(os.environ.get("RANK", "0") or 0))
     finally:
         if env is not None:
             dist.shutdown(env)
@@ -84,14 +90,25 @@ def sample(args, env: dist.DistEnv) -> int:
     if decision[0] == "error":
         raise CLIError(decision[1])
 
-    flow, meta = load_model(args.model, env.device, trust_factory=args.trust_factory)
+    flow, meta = load_model(args.model, env.device, trust_factory=args.trust_factory,
+                            allow_unverified=args.allow_unverified)
     shape = tuple(meta["shape"])
     n, cs = args.n, args.chunk_size
+    if env.is_main:  # the whole output (and, under torchrun, the shards beside it) before any work
+        try:
+            row_bytes = int(np.prod(shape, dtype=np.int64)) * 4
+            check_free_space(out, (n * row_bytes + 128) * (2 if env.enabled else 1))
+            decision = ("ok", "")
+        except CLIError as e:
+            decision = ("error", str(e))
+    decision = dist.broadcast_object(env, decision)
+    if decision[0] == "error":
+        raise CLIError(decision[1])
     n_chunks = -(-n // cs)
     c0, c1 = dist.shard_range(n_chunks, env.rank, env.world_size)
     r0, r1 = min(c0 * cs, n), min(c1 * cs, n)
     target = tmp_path(out) if not env.enabled else shard_path(out, env.rank, env.world_size)
-    result = open_npy_writer(target, (r1 - r0, *shape), np.float32)
+    result = NpyWriter(target, (r1 - r0, *shape), np.float32, label=out)
     progress = Progress(r1 - r0, desc=f"sample{f' rank 0/{env.world_size}' if env.enabled else ''}", unit="rows",
                         disable=args.quiet or not env.is_main)
     try:
@@ -100,18 +117,20 @@ def sample(args, env: dist.DistEnv) -> int:
                 a, b = c * cs, min((c + 1) * cs, n)
                 torch.manual_seed(chunk_seed(args.seed, c))
                 x = flow.sample(b - a)
-                result[a - r0:b - r0] = x.detach().float().cpu().numpy().reshape(b - a, *shape)
+                result.write(a - r0, x.detach().float().cpu().numpy().reshape(b - a, *shape))
                 progress.update(b - a)
-        result.flush()
+        result.close()
+    except BaseException:
+        result.abort()  # ours, partial: never left behind
+        raise
     finally:
         progress.close()
-        del result
     dist.barrier(env)
     if env.is_main:
         if env.enabled:
             merge_shards([shard_path(out, r, env.world_size) for r in range(env.world_size)], out)
         else:
-            os.replace(target, out)
+            replace_into(target, out)
         if not args.quiet:
             print(f"fastflow sample: {n} samples (seed {args.seed}, chunk size {cs}) -> {out}", file=sys.stderr)
     dist.barrier(env)

@@ -32,8 +32,9 @@ import torch
 from fastflow.cli import dist
 from fastflow.cli.checkpoint import load_model, model_path
 from fastflow.cli.errors import CLIError, report
-from fastflow.cli.io import (CSV_HEADER_CHOICES, BadRows, CsvSource, atomic_write_json, check_output_file,
-                             header_notice, merge_shards, open_npy_writer, open_rows, shard_path, tmp_path)
+from fastflow.cli.io import (CSV_HEADER_CHOICES, DISK_FULL_ERRNOS, BadRows, CsvSource, NpyWriter, atomic_write_json,
+                             check_free_space, check_output_file, header_notice, merge_shards, open_rows, replace_into,
+                             shard_path, tmp_path, write_error)
 from fastflow.cli.progress import Progress
 
 
@@ -65,6 +66,9 @@ def add_common(p) -> None:
     p.add_argument("--dist-timeout", default=dist.DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help=f"under torchrun: fail when another rank does not answer for this long "
                         f"(default {dist.DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="load a format-version-1 model file, which has no digest to verify (its contents may have "
+                        "been changed by anyone)")
 
 
 def run(args) -> int:
@@ -76,6 +80,11 @@ def run(args) -> int:
         return score(args, env)
     except CLIError as e:
         return report("score", e, env.rank if env else int(os.environ.get("RANK", "0") or 0))
+    except OSError as e:  # a full disk or quota met somewhere else than the output: still the user's to fix
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise
+        return report("score", write_error(e.filename or args.out, e),
+                      env.rank if env else int(os.environ.get("RANK", "0") or 0))
     finally:
         if env is not None:
             dist.shutdown(env)
@@ -94,7 +103,8 @@ def score(args, env: dist.DistEnv) -> int:
     if decision[0] == "error":
         raise CLIError(decision[1])
 
-    flow, meta = load_model(args.model, env.device, trust_factory=args.trust_factory)
+    flow, meta = load_model(args.model, env.device, trust_factory=args.trust_factory,
+                            allow_unverified=args.allow_unverified)
     shape = tuple(meta["shape"])
     width = int(np.prod(shape))
     src = open_rows(args.data, npz_key=args.npz_key, csv_header=args.csv_header)
@@ -108,9 +118,18 @@ def score(args, env: dist.DistEnv) -> int:
         raise CLIError(f"data file {src.path} has rows of shape {src.row_shape}; the model expects {shape}")
 
     n = len(src)
+    if env.is_main:  # the whole output (and, under torchrun, the shards beside it) before any work
+        try:
+            check_free_space(out, (4 * n + 128) * (2 if env.enabled else 1))
+            decision = ("ok", "")
+        except CLIError as e:
+            decision = ("error", str(e))
+    decision = dist.broadcast_object(env, decision)
+    if decision[0] == "error":
+        raise CLIError(decision[1])
     start, stop = dist.shard_range(n, env.rank, env.world_size)
     target = tmp_path(out) if not env.enabled else shard_path(out, env.rank, env.world_size)
-    result = open_npy_writer(target, (stop - start,), np.float32)
+    result = NpyWriter(target, (stop - start,), np.float32, label=out)
     bad = BadRows()
     progress = Progress(stop - start, desc=f"score{f' rank 0/{env.world_size}' if env.enabled else ''}",
                         unit="rows", disable=args.quiet or not env.is_main)
@@ -129,12 +148,14 @@ def score(args, env: dist.DistEnv) -> int:
                 lp = flow.log_prob(x.to(env.device)).detach().float().cpu().numpy()
                 if len(rows):
                     lp[rows] = np.nan
-                result[lo:lo + len(chunk)] = lp
+                result.write(lo, lp)
                 progress.update(len(chunk))
-        result.flush()
+        result.close()
+    except BaseException:
+        result.abort()  # ours, partial: never left behind
+        raise
     finally:
         progress.close()
-        del result
 
     all_bad = dist.gather_objects(env, bad.rows)
     merged = BadRows()
@@ -149,7 +170,7 @@ def score(args, env: dist.DistEnv) -> int:
         if env.enabled:
             merge_shards([shard_path(out, r, env.world_size) for r in range(env.world_size)], out)
         else:
-            os.replace(target, out)
+            replace_into(target, out)
         report_path = out.with_name(out.name + ".bad_rows.json")
         if len(merged):
             atomic_write_json(report_path, {"data": str(src.path), "bad_rows": [
