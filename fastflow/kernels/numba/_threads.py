@@ -14,33 +14,81 @@ The OpenMP runtime reads these variables once, when it is loaded: ``start()`` se
 ``OMP_WAIT_POLICY=PASSIVE`` only for the moment numba loads its threading layer, then
 restores the environment. If numba's layer was already started (by other code in the
 process) nothing changes.
+
+Fork safety. Numba's OpenMP layer on Linux is GNU OpenMP, which cannot survive ``fork()``: a
+child of a process whose pool was started (a ``DataLoader(num_workers>0)`` worker, a
+``multiprocessing`` fork) is killed by numba the moment it calls a parallel kernel
+("Terminating: fork() called from a process already using GNU OpenMP"). Unless the user has
+chosen a layer (``NUMBA_THREADING_LAYER`` or ``NUMBA_THREADING_LAYER_PRIORITY`` in the
+environment, or ``numba.config.THREADING_LAYER`` set before fastflow's first kernel), the pool
+is started with numba's ``"forksafe"`` selection: TBB when it is installed (fork- and
+thread-safe), else numba's own ``workqueue`` (on Linux; elsewhere OpenMP, which is fork-safe
+there). ``workqueue`` cannot run two parallel regions at once and aborts the process when two
+threads try, so while it is the layer :func:`launch` runs fastflow's kernels one at a time (a
+lock; concurrent callers wait). Measured on the 2-core CI machine against OpenMP, see
+``CHANGELOG.md``.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 _USER_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+_LAYER_VARS = ("NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY")
+# Held around every kernel while the layer is ``workqueue`` (not thread-safe); None otherwise.
+_SERIAL: threading.Lock | None = None
+
+
+def _user_chose_layer(config) -> bool:
+    """True when the user picked numba's threading layer (environment or ``numba.config``)."""
+    return any(os.environ.get(v) for v in _LAYER_VARS) or str(config.THREADING_LAYER).lower() != "default"
 
 
 def start() -> bool:
-    """Start numba's threading layer with passive waiting; True if this call configured it."""
+    """Start numba's threading layer (a fork-safe one unless the user chose, OpenMP with passive
+    waiting); True if this call set the wait policy."""
     try:
         from numba.np.ufunc import parallel
     except ImportError:  # pragma: no cover - numba always ships it
         return False
     launch = getattr(parallel, "_launch_threads", None)
     if launch is None or getattr(parallel, "_is_initialized", True):
+        _watch_layer()
         return False
-    if any(v in os.environ for v in _USER_VARS):
-        launch()
-        return False
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    from numba.core import config
+
+    layer = None if _user_chose_layer(config) else "forksafe"
+    passive = not any(v in os.environ for v in _USER_VARS)
+    if passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if layer:
+        config.THREADING_LAYER = layer
     try:
         launch()
     finally:
-        os.environ.pop("OMP_WAIT_POLICY", None)
-    return True
+        if passive:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        if layer:
+            config.THREADING_LAYER = "default"
+        _watch_layer()
+    return passive
+
+
+def _watch_layer() -> None:
+    """Serialise fastflow's kernels when the running layer is ``workqueue``."""
+    global _SERIAL
+    try:
+        from numba.np.ufunc import parallel
+
+        name = getattr(parallel, "_threading_layer", None) if getattr(parallel, "_is_initialized", False) else None
+    except ImportError:  # pragma: no cover
+        name = None
+    _SERIAL = threading.Lock() if name == "workqueue" else None
+
+
+# A fork while another thread held the lock would leave the child's copy locked forever.
+os.register_at_fork(after_in_child=_watch_layer)
 
 
 def _thread_count_functions():
@@ -69,6 +117,14 @@ def launch(kernel, tasks: int, *args):
     2-core CI machine (affine coupling, 128 x 32). Single-task calls therefore run with one
     thread; the caller's thread count is restored afterwards.
     """
+    serial = _SERIAL
+    if serial is not None:
+        with serial:
+            return _launch(kernel, tasks, args)
+    return _launch(kernel, tasks, args)
+
+
+def _launch(kernel, tasks, args):
     global _GET_SET
     if tasks > 1:
         return kernel(*args)
