@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from fastflow.bench.sizes import parse_sizes
+from fastflow.cli.errors import CLIError, report
+
+# A rough upper estimate of the memory one element of a benchmark case needs at K bins: its inputs
+# and spline parameters (3K+1 values), their gradients, outputs and a reference implementation's
+# temporaries, in float32 (4 bytes each), about four copies.
+_BYTES_PER_VALUE = 16
 
 
 def _sizes(text: str) -> list[int]:
@@ -52,13 +59,62 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def _available_memory(device: str) -> int | None:
+    import torch
+
+    if device.startswith("cuda"):
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except (RuntimeError, AssertionError, ValueError):
+            return None
+    from fastflow.cli.fit import _available_memory as host_memory
+
+    return host_memory()
+
+
+def _check_before_running(args, device: str) -> None:
+    """Everything that can be refused before hours of timing: an --out that is a file (or cannot
+    be made), sizes whose buffers would not fit this device's memory."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder (bench writes one JSON file per suite into "
+                       "a folder); choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot create the folder: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: the folder is not writable")
+    from fastflow.cli.io import _fmt_bytes
+
+    cases = [c for group in (getattr(args, "sweep", None) or []) for c in group]
+    bins = max([*(getattr(args, "bins", None) or [8]), *(k for _, k in cases)])
+    sizes = [*(args.sizes or []), *(n for n, _ in cases)]
+    if not sizes:
+        return
+    biggest = max(sizes)
+    need = biggest * (3 * bins + 1) * _BYTES_PER_VALUE
+    have = _available_memory(device)
+    if have is not None and need > have:
+        raise CLIError(f"--sizes {biggest} needs about {_fmt_bytes(need)} of memory on {device} (K={bins}), "
+                       f"{_fmt_bytes(have)} is available; choose smaller sizes")
+
+
 def run(args) -> int:
+    try:
+        return _run(args)
+    except CLIError as e:
+        return report("bench", e)
+
+
+def _run(args) -> int:
     import torch
 
     from fastflow.bench import SUITES, add_ratios, environment, format_table, get_suite, pin_allocator, write_json
 
-    pin_allocator()  # before anything allocates: steady page reuse for every implementation
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_before_running(args, device)
+    pin_allocator()  # before anything allocates: steady page reuse for every implementation
     env = environment(device)
     names = args.suites or SUITES
     cases = [c for group in (getattr(args, "sweep", None) or []) for c in group]

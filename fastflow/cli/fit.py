@@ -37,6 +37,7 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -50,17 +51,21 @@ from fastflow.cli import checkpoint as ckpt
 from fastflow.cli import config as config_mod
 from fastflow.cli import dist
 from fastflow.cli.errors import CLIError, report
-from fastflow.cli.io import (atomic_save_npy, atomic_torch_save, atomic_write_json, atomic_write_text,
-                             file_fingerprint)
+from fastflow.cli.io import (DISK_FULL_ERRNOS, _fmt_bytes, _host, _pid_alive, atomic_save_npy, atomic_torch_save,
+                             atomic_write_json, atomic_write_text, check_free_space, file_fingerprint, replace_into,
+                             write_error)
 from fastflow.cli.progress import Progress
 
 MARKER = ".fastflow-run"
+LOCK = ".fastflow-run.lock"  # held by the fit writing this folder: {"pid", "host", "started"}
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 CORRUPT = "checkpoint.pt.corrupt"
 # Everything fit writes into a run folder: the only names --overwrite removes.
 RUN_FILES = (MARKER, "config.json", "metrics.jsonl", CHECKPOINT, PREVIOUS, CORRUPT, "model.pt", "samples.npy",
              "samples.png", "summary.json")
+# Samples held in memory at the end of a run: refused up front beyond this share of the free memory.
+SAMPLES_MEMORY_SHARE = 0.5
 _OUR_TEMP = re.compile(r"^\.(" + "|".join(re.escape(n) for n in RUN_FILES) + r")\.tmp-[A-Za-z0-9-]+(\.png)?$")
 
 
@@ -85,6 +90,11 @@ def run(args) -> int:
         return fit(cfg, env)
     except CLIError as e:
         return report("fit", e, env.rank if env else int(os.environ.get("RANK", "0") or 0))
+    except OSError as e:  # a full disk or quota: the user's to fix; the last checkpoint is intact
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise
+        return report("fit", write_error(e.filename or "the run folder", e),
+                      env.rank if env else int(os.environ.get("RANK", "0") or 0))
     except (BackendUnavailableError, UnknownBackendError) as e:
         return report("fit", CLIError(str(e)), env.rank if env else int(os.environ.get("RANK", "0") or 0))
     finally:
@@ -230,13 +240,65 @@ def _choose_checkpoint(out: Path, cfg: dict, factory: str, spec: dict, fingerpri
     return name
 
 
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        info = json.loads(lock.read_text())
+        return info if isinstance(info, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # torn or foreign: not ours to judge stale
+
+
+def acquire_lock(out: Path, log) -> Path:
+    """Take ``out/.fastflow-run.lock`` (created exclusively). A lock of a live process, or of
+    another host (whose processes we cannot see), is refused naming its PID and host; a lock left
+    by a dead process of this host is taken over."""
+    lock = out / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "host_id": _host(), "started": time.time()}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            info = _read_lock(lock)
+            if info is None:
+                continue  # released meanwhile: try again
+            pid, host = info.get("pid"), info.get("host_id")
+            if isinstance(pid, int) and host == _host() and not _pid_alive(pid):
+                log(f"removing the stale lock of process {pid} (no longer running) on {out}")
+                lock.unlink(missing_ok=True)
+                continue
+            raise CLIError(f"output folder {out} is in use by another fastflow fit (PID {info.get('pid', '?')} on "
+                           f"host {info.get('host', '?')}); wait for it to finish or choose another --out (if that "
+                           f"process is gone, remove {lock})") from None
+        except OSError as e:
+            raise CLIError(f"cannot lock the run folder {out}: {e.strerror or e}") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError as e:
+            lock.unlink(missing_ok=True)
+            raise write_error(lock, e) from None
+        return lock
+    raise CLIError(f"cannot lock the run folder {out}: its lock {lock} keeps changing")
+
+
+def release_lock(lock: Path | None) -> None:
+    """Remove the lock if it is still ours (never another process's)."""
+    if lock is None:
+        return
+    info = _read_lock(lock)
+    if info and info.get("pid") == os.getpid() and info.get("host_id") == _host():
+        lock.unlink(missing_ok=True)
+
+
 def _prepare_out(out: Path, cfg: dict, factory: str, spec: dict, fingerprint: dict, log) -> tuple[str, str]:
     """Decide (on rank 0) whether to start fresh or resume (and from which checkpoint); raise for
     folders we must not touch."""
     want = config_mod.comparable(cfg)
     if out.exists() and not out.is_dir():
         raise CLIError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(e.name != LOCK for e in out.iterdir()):
         if not _is_run_folder(out):
             raise CLIError(f"output folder {out} exists and is not a fastflow run folder (it has no {MARKER} "
                            "marker); nothing in it was changed; choose another --out")
@@ -275,6 +337,16 @@ def _probe(flow, data, device, model: str) -> None:
     except (BackendUnavailableError, UnknownBackendError, TypeError, ValueError) as e:
         raise CLIError(f"model {model!r} cannot run on {device} for data of shape {tuple(data.shape)}: "
                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _save_checkpoint_file(payload: dict, out: Path) -> None:
+    """checkpoint.pt, atomically (the one before kept as checkpoint.prev.pt). A failed write (a full
+    disk) leaves both as they were and says so."""
+    try:
+        atomic_torch_save(payload, out / CHECKPOINT, keep_previous=out / PREVIOUS)
+    except CLIError as e:
+        last = "the last checkpoint is intact" if (out / CHECKPOINT).exists() else "no checkpoint was written yet"
+        raise CLIError(f"{e}; {last}: free some space and re-run the same command to resume") from None
 
 
 def _metric_step(line: str) -> float:
@@ -353,16 +425,60 @@ def _plot(samples: np.ndarray, data: np.ndarray, shape, path: Path, title: str) 
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+    finally:
+        plt.close(fig)
+    replace_into(tmp, path)
     return path.name
 
 
 # --------------------------------------------------------------------------- the run
 
 
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_samples_fit(cfg: dict, shape, out: Path) -> None:
+    """``samples`` are drawn in one batch after training and written to samples.npy: refuse, before
+    training, a number whose array alone would not fit the free memory or the disk."""
+    n = cfg["samples"]
+    if not n:
+        return
+    nbytes = n * int(np.prod(shape, dtype=np.int64)) * 4
+    mem = _available_memory()
+    if mem is not None and nbytes > SAMPLES_MEMORY_SHARE * mem:
+        raise CLIError(f"config key 'samples': {n} samples of shape {tuple(shape)} are {_fmt_bytes(nbytes)}, more "
+                       f"than this machine can hold ({_fmt_bytes(mem)} of memory available); lower 'samples' (use "
+                       "fastflow sample for large draws)")
+    check_free_space(out / "samples.npy", nbytes + 128, "samples (config key 'samples') for")
+
+
 def fit(cfg: dict, env: dist.DistEnv) -> int:
+    """Train as configured; rank 0 holds the run folder's lock throughout, released on any exit."""
+    held: list[Path] = []
+    try:
+        return _fit(cfg, env, held)
+    finally:
+        for lock in held:
+            release_lock(lock)
+
+
+def _fit(cfg: dict, env: dist.DistEnv, held: list) -> int:
     from fastflow.cli import data as data_mod
 
     t_start = time.perf_counter()
@@ -399,11 +515,28 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
     # Rank 0 decides about the folder; everyone follows (or everyone fails with its message).
     decision = None
     fingerprint = None
+    lock = None
+    created = False
     if main:
         try:
             fingerprint = _data_fingerprint(cfg, data)
+            if (out.exists() and not out.is_dir()) or (
+                    out.is_dir() and any(e.name != LOCK for e in out.iterdir()) and not _is_run_folder(out)):
+                _prepare_out(out, cfg, factory, spec, fingerprint, log)  # refuses what is not ours, touching nothing
+            created = not out.exists()
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CLIError(f"cannot create the run folder {out}: {e.strerror or e}") from None
+            lock = acquire_lock(out, log)
+            held.append(lock)
             decision = ("ok", *_prepare_out(out, cfg, factory, spec, fingerprint, log))
+            _check_samples_fit(cfg, data.shape, out)
         except CLIError as e:
+            release_lock(lock)
+            held.clear()
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # made by this run a moment ago, still empty: leave nothing behind
             decision = ("error", str(e))
     decision = dist.broadcast_object(env, decision)
     if decision[0] == "error":
@@ -457,20 +590,23 @@ def fit(cfg: dict, env: dist.DistEnv) -> int:
 
     def write_metrics(rec: dict) -> None:
         if metrics_file:
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
+            try:
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+            except OSError as e:
+                raise CLIError(f"{write_error(metrics_path, e)}; the last checkpoint is intact: free some space and "
+                               "re-run the same command to resume") from None
 
     def save_checkpoint() -> None:
         rngs = dist.gather_objects(env, _rng_state())
         if main:
-            atomic_torch_save(ckpt.checkpoint_payload(
+            _save_checkpoint_file(ckpt.checkpoint_payload(
                 factory=factory, spec=spec, model={k: v.detach().cpu() for k, v in flow.state_dict().items()},
                 optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rngs, step=step,
                 epoch=step // batches_per_epoch, position=step % batches_per_epoch, best_val=best_val,
                 best_step=best_step, bad_evals=bad_evals, stopped=stopped, best_state=best_state,
                 elapsed_s=elapsed_before + time.perf_counter() - t_start, world_size=K,
-                config=config_mod.comparable(cfg), data_fingerprint=fingerprint), out / CHECKPOINT,
-                keep_previous=out / PREVIOUS)
+                config=config_mod.comparable(cfg), data_fingerprint=fingerprint), out)
         dist.barrier(env)
 
     def save_model(state) -> None:
