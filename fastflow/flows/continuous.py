@@ -11,6 +11,8 @@ Objectives (:data:`OBJECTIVES`):
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from fastflow.flows.flow import Flow
@@ -32,6 +34,8 @@ class ContinuousFlow(Flow):
 
     def __init__(self, transform, base, sigma_min: float = 1e-4):
         super().__init__(transform, base)
+        if isinstance(sigma_min, bool) or not isinstance(sigma_min, numbers.Real) or not 0 <= sigma_min < 1:
+            raise ValueError(f"ContinuousFlow: sigma_min must be a number in [0, 1), got {sigma_min!r}")
         self.sigma_min = float(sigma_min)
         cnfs = [m for m in self.transform.modules() if isinstance(m, CNF)]
         if len(cnfs) != 1:

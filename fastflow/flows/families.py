@@ -63,7 +63,7 @@ def resflow(shape, context_features=None, *, num_layers=4, hidden_features=64, n
 @register("cnf")
 def cnf(shape, context_features=None, *, hidden_features=64, num_layers=3, activation="tanh", method="dopri5",
         rtol=1e-5, atol=1e-5, step_size=0.05, adjoint=False, trace="hutchinson", eval_trace="auto",
-        probe="rademacher", t1=1.0, sigma_min=1e-4, base="normal") -> ContinuousFlow:
+        probe="rademacher", t1=1.0, sigma_min=1e-4, base="normal", max_num_steps=1000) -> ContinuousFlow:
     """FFJORD continuous flow with an MLP vector field of ``num_layers`` hidden layers; see
     :class:`~fastflow.nn.continuous.CNF` for the solver and trace options and
     :class:`~fastflow.flows.continuous.ContinuousFlow` for ``sigma_min``."""
@@ -71,7 +71,7 @@ def cnf(shape, context_features=None, *, hidden_features=64, num_layers=3, activ
     _count("cnf", "hidden_features", hidden_features)
     layers, d = _flatten(shape)
     layers.append(CNF(d, hidden_features, num_layers, context_features, activation, method, rtol, atol, step_size,
-                      adjoint, trace, eval_trace, probe, t1=t1))
+                      adjoint, trace, eval_trace, probe, t1=t1, max_num_steps=max_num_steps))
     return ContinuousFlow(CompositeTransform(layers), _base(base, (d,), context_features), sigma_min=sigma_min)
 
 

@@ -17,24 +17,49 @@ The solver is torchdiffeq's ``odeint`` (or ``odeint_adjoint`` with ``adjoint=Tru
 in the number of solver steps, gradients by solving the adjoint ODE backwards; the gradient with
 respect to a context tensor is then not propagated, only to the vector field's parameters).
 Adaptive methods (``"dopri5"``, ...) use ``rtol``/``atol``; fixed-step ones (``"rk4"``,
-``"euler"``, ``"midpoint"``) use ``step_size``.
+``"euler"``, ``"midpoint"``) use ``step_size``. Either way a solve takes at most ``max_num_steps``
+steps: a fixed grid finer than that is refused when the layer is built, an adaptive solve that
+needs more (tolerances below the dtype's resolution, a stiff or exploding field) raises
+:class:`ODESolverError`, as does any other failure of the solver (its step size underflowing).
+
+A row of the input (or of the context) holding NaN or infinity is left out of the solve: its
+outputs and log-det are NaN, the other rows are those of the batch without it (as every other
+layer keeps NaN in its row).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import torch
 from torch import nn
 
 from fastflow.nn.base import Transform
+from fastflow.nn.residual import ConvergenceError
 
-__all__ = ["ODEVectorField", "CNF"]
+__all__ = ["ODEVectorField", "CNF", "ODESolverError"]
 
 TRACES = ("exact", "hutchinson")
 PROBES = ("gaussian", "rademacher")
 FIXED_STEP = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+class ODESolverError(ConvergenceError):
+    """The ODE solver did not reach the end time: more than ``max_num_steps`` steps, or the
+    solver gave up (its step underflowed, the state became non-finite)."""
+
+
+def _real(key, value, positive=False):
+    """``value`` as a finite float (``>= 0``, or ``> 0`` with ``positive``); raises naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"CNF: {key} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"CNF: {key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return value
 
 
 def _act(name):
@@ -126,14 +151,19 @@ class CNF(Transform):
         eval_trace: in eval mode; ``"auto"`` is exact for ``D <= exact_max_features``.
         probe: Hutchinson probe, ``"rademacher"`` (lower variance; FFJORD's default) or ``"gaussian"``.
         t1: the integration time.
+        max_num_steps: the most solver steps a solve may take (adaptive methods: accepted and
+            rejected steps; fixed-step ones: ``ceil(1 / step_size)``, checked here).
 
     ``last_solve_info`` holds the number of vector-field evaluations of the latest solve.
     """
 
     def __init__(self, features, hidden_features=64, num_layers=3, context_features=None, activation="tanh",
                  method="dopri5", rtol=1e-5, atol=1e-5, step_size=0.05, adjoint=False, trace="hutchinson",
-                 eval_trace="auto", probe="rademacher", exact_max_features=64, t1=1.0, field=None):
+                 eval_trace="auto", probe="rademacher", exact_max_features=64, t1=1.0, field=None,
+                 max_num_steps=1000):
         super().__init__()
+        if isinstance(features, bool) or not isinstance(features, numbers.Integral):
+            raise TypeError(f"CNF: features must be an integer, got {features!r}")
         if features < 1:
             raise ValueError(f"CNF: features must be >= 1, got {features}")
         if method not in FIXED_STEP + ADAPTIVE:
@@ -144,10 +174,19 @@ class CNF(Transform):
             raise ValueError(f"CNF: eval_trace={eval_trace!r}, expected 'auto' or one of {TRACES}")
         if probe not in PROBES:
             raise ValueError(f"CNF: probe={probe!r}, expected one of {PROBES}")
-        if not t1 > 0:
-            raise ValueError(f"CNF: t1 must be positive, got {t1}")
-        if method in FIXED_STEP and not step_size > 0:
-            raise ValueError(f"CNF: step_size must be positive for method={method!r}, got {step_size}")
+        t1 = _real("t1", t1, positive=True)
+        rtol, atol = _real("rtol", rtol), _real("atol", atol)
+        if method in ADAPTIVE and rtol == 0 and atol == 0:
+            raise ValueError(f"CNF: rtol and atol are both 0 for method={method!r}; no step could be accepted")
+        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, numbers.Integral) or max_num_steps < 1:
+            raise ValueError(f"CNF: max_num_steps must be an integer >= 1, got {max_num_steps!r}")
+        max_num_steps = int(max_num_steps)
+        if method in FIXED_STEP:
+            step_size = _real("step_size", step_size, positive=True)
+            steps = math.ceil(1.0 / step_size)
+            if steps > max_num_steps:
+                raise ValueError(f"CNF: method={method!r} with step_size={step_size!r} takes {steps} steps, more "
+                                 f"than max_num_steps={max_num_steps} (raise max_num_steps to allow it)")
         self.features = int(features)
         self.context_features = context_features
         self.field = field if field is not None else ODEVectorField(features, hidden_features, num_layers,
@@ -155,7 +194,7 @@ class CNF(Transform):
         self.dynamics = _Dynamics(self.field)
         self.method, self.rtol, self.atol, self.step_size = method, rtol, atol, step_size
         self.adjoint, self.trace, self.eval_trace, self.probe = adjoint, trace, eval_trace, probe
-        self.exact_max_features, self.t1 = exact_max_features, float(t1)
+        self.exact_max_features, self.t1, self.max_num_steps = exact_max_features, t1, max_num_steps
         self.last_solve_info: dict = {}
         self._trace_override = None  # "none" while sampling without log-densities
 
@@ -179,12 +218,26 @@ class CNF(Transform):
         return route == "exact"
 
     def _solve(self, x, context, t0, t1, trace=None):
+        """The solve over the rows of ``x`` (and ``context``) that are finite; NaN in the others."""
+        if trace not in (None, "none") + TRACES:
+            raise ValueError(f"CNF: trace={trace!r}, expected None, 'none' or one of {TRACES}")
+        finite = torch.isfinite(x).all(1)
+        if isinstance(context, torch.Tensor) and context.dim() >= 1 and context.shape[0] == x.shape[0]:
+            finite &= torch.isfinite(context.reshape(x.shape[0], -1)).all(1)
+        if bool(finite.all()):
+            return self._solve_rows(x, context, t0, t1, trace)
+        rows = finite.nonzero().squeeze(1)
+        z, lad = x.new_full(x.shape, math.nan), x.new_full(x.shape[:1], math.nan)
+        if rows.numel():
+            zr, lr = self._solve_rows(x[rows], None if context is None else context[rows], t0, t1, trace)
+            z, lad = z.index_copy(0, rows, zr), lad.index_copy(0, rows, lr.to(lad.dtype))
+        return z, lad
+
+    def _solve_rows(self, x, context, t0, t1, trace):
         import torchdiffeq
 
         dyn = self.dynamics
         dyn.context = context
-        if trace not in (None, "none") + TRACES:
-            raise ValueError(f"CNF: trace={trace!r}, expected None, 'none' or one of {TRACES}")
         trace = trace or self._trace_override
         dyn.exact = None if trace == "none" else (self._exact() if trace is None else trace == "exact")
         if dyn.exact is False:
@@ -197,13 +250,20 @@ class CNF(Transform):
         if self.method in FIXED_STEP:
             kw["options"] = {"step_size": self.step_size * self.t1}
         else:
-            kw.update(rtol=self.rtol, atol=self.atol)
+            kw.update(rtol=self.rtol, atol=self.atol, options={"max_num_steps": self.max_num_steps})
         try:
             if self.adjoint:
                 zs, ls = torchdiffeq.odeint_adjoint(dyn, state, ts, adjoint_params=tuple(self.field.parameters()),
                                                     **kw)
             else:
                 zs, ls = torchdiffeq.odeint(dyn, state, ts, **kw)
+        except AssertionError as exc:  # torchdiffeq reports a failed solve by assert
+            raise ODESolverError(
+                f"CNF: the ODE solve from t={t0:g} to t={t1:g} failed after {dyn.nfe} field evaluations "
+                f"(method={self.method!r}, rtol={self.rtol:g}, atol={self.atol:g}, t1={self.t1:g}, "
+                f"max_num_steps={self.max_num_steps}, dtype={str(x.dtype).replace('torch.', '')}): {exc}. "
+                "Tolerances below the dtype's resolution, a very large t1 or a stiff or exploding vector "
+                "field cause this; loosen rtol/atol, shorten t1, or raise max_num_steps") from exc
         finally:
             dyn.context, dyn.probe = None, None
         self.last_solve_info = {"nfe": dyn.nfe, "method": self.method, "exact_trace": dyn.exact}
@@ -245,4 +305,4 @@ class CNF(Transform):
 
     def extra_repr(self):
         return (f"features={self.features}, method={self.method!r}, trace={self.trace!r}, "
-                f"eval_trace={self.eval_trace!r}, adjoint={self.adjoint}")
+                f"eval_trace={self.eval_trace!r}, adjoint={self.adjoint}, max_num_steps={self.max_num_steps}")
