@@ -95,9 +95,15 @@ def _check_kwargs(model: str, kw: dict) -> None:
         if key in kw:
             _positive_int(model, key, kw[key], minimum)
     if "backend" in kw:
-        from fastflow.backends import check_backend_name
+        from fastflow.backends import BACKENDS, BackendUnavailableError, check_backend_name
 
-        check_backend_name(kw["backend"], f"build({model!r}, backend=...)")
+        name = check_backend_name(kw["backend"], f"build({model!r}, backend=...)")
+        # A backend that cannot run in this process (no CUDA device, a missing package) is refused
+        # now, with the registry's reason, not at the flow's first call.
+        reason = BACKENDS[name].probe() if name is not None else None
+        if reason:
+            raise BackendUnavailableError(f"build({model!r}, backend={kw['backend']!r}): backend {name!r} "
+                                          f"cannot run here: {reason}")
 
 
 def _base(kind, shape, context_features=None):
