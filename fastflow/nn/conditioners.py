@@ -35,7 +35,9 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     a faster Glow step on the digits: `benchmarks/train_digits.py`). The maths is the same
     (outputs agree to float32 rounding). GPUs keep the caller's layout.
     """
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cpu else x
+    if not x.is_cpu or torch._C._are_functorch_transforms_active():
+        return x  # vmap cannot clone into channels-last; the layout is only a speed choice
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def call_conditioner(net: nn.Module, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:

@@ -14,17 +14,23 @@ that is registered with the op. Anything else (compiling or exporting, tracing, 
 subclass tensors, functorch transforms, dispatch or torch-function modes) goes through the
 custom op, so those see exactly the registered op.
 
-Higher-order and forward-mode derivatives (the fused backward kernels are first-order only):
+Derivatives beyond first-order reverse mode (the fused backward kernels are first-order only)
+come from the op's ``composite``, its maths as differentiable torch ops (the reference):
 
-- **Double backward** (``create_graph=True``): an op registered with a ``composite`` (the same
-  maths as differentiable torch ops) recomputes its outputs with it inside the backward and
-  differentiates that, so second derivatives exist at every size and on every backend; the fused
-  backward still runs whenever no graph of the gradient is asked for. An op without one raises a
-  :class:`HigherOrderError` naming itself.
-- **Forward mode** (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``): an op registered
-  with a ``jvp`` runs through an ``autograd.Function`` whose ``jvp`` computes the tangents
-  (the elementwise ops from their fused backward kernels); an op without one raises a
-  :class:`HigherOrderError` naming itself, never zero tangents.
+- **Double backward** (``create_graph=True``): the backward recomputes the outputs with the
+  composite and differentiates that, so second derivatives exist at every size and on every
+  backend; the fused backward still runs whenever no graph of the gradient is asked for.
+- **functorch transforms and forward mode** (``torch.func.grad``/``vjp``/``jacrev``/``jacfwd``/
+  ``hessian``/``vmap``/``jvp``, dual tensors of ``torch.autograd.forward_ad``): the call evaluates
+  the composite itself, so every transform sees plain torch ops and gives the reference's numbers
+  (autograd.Function saved tensors and the custom ops' registered autograd do not compose with
+  every functorch level: they gave silent zeros under ``vjp``/``jacrev``).
+- **Batched gradients** (``autograd.grad(..., is_grads_batched=True)``,
+  ``autograd.functional.jacobian(vectorize=True)``): the backward runs under vmap, where the fused
+  kernels (numpy/Triton buffers) cannot; it differentiates the composite instead.
+
+An op registered without a composite raises :class:`HigherOrderError` naming itself in all of
+these modes: never zeros.
 """
 
 from __future__ import annotations
@@ -73,6 +79,21 @@ def _loop_vmap_rule(op):
     return rule
 
 
+def _functorch_active() -> bool:
+    try:
+        return bool(torch._C._are_functorch_transforms_active())
+    except AttributeError:  # an unknown torch
+        return False
+
+
+def _is_batched(t) -> bool:
+    try:
+        f = torch._C._functorch
+        return bool(f.is_legacy_batchedtensor(t) or f.is_batchedtensor(t))
+    except AttributeError:  # an unknown torch
+        return False
+
+
 def _modes_active() -> bool:
     try:
         return bool(
@@ -107,7 +128,7 @@ class FusedOp:
         self.impl = impl
         self.op = torch.library.custom_op(name, mutates_args=())(impl)
         self._function = None
-        self._jvp_function = None
+        self._composite = None
         # vmap (and so jacrev/jacfwd) over the op: one call per vmapped slice unless an op
         # registers a batched rule (register_vmap)
         self.op.register_vmap(_loop_vmap_rule(self.op))
@@ -124,8 +145,8 @@ class FusedOp:
     def public_name(self) -> str:
         return "fastflow.ops." + self.name.split("::")[-1]
 
-    def register_autograd(self, backward: Callable, *, setup_context: Callable, composite: Callable | None = None,
-                          jvp: Callable | None = None) -> None:
+    def register_autograd(self, backward: Callable, *, setup_context: Callable,
+                          composite: Callable | None = None) -> None:
         """Register the fused ``backward`` (and build the eager ``autograd.Function``).
 
         Args:
@@ -133,24 +154,26 @@ class FusedOp:
                 tensor input, in argument order, with ``ctx.save_for_backward`` (the composite
                 backward rebuilds the arguments from them).
             composite: ``composite(*args) -> outputs``, the op's maths in differentiable torch ops;
-                used only for double backward (``create_graph=True``).
-            jvp: ``jvp(args, tangents) -> output tangents`` for forward-mode AD; ``tangents`` has
-                one entry per argument (None for non-tensors and inputs without a tangent).
+                used for double backward, functorch transforms, forward mode and batched
+                gradients (see the module docstring).
         """
         op_name = self.public_name
+        self._composite = composite
 
         def setup(ctx, inputs, output):
             setup_context(ctx, inputs, output)
             ctx.fastflow_args = tuple(_TENSOR if isinstance(a, torch.Tensor) else a for a in inputs)
 
         def backward_any_order(ctx, *grads):
-            if not torch.is_grad_enabled():
+            # is_grads_batched / jacobian(vectorize=True): the gradients are (legacy) batched tensors
+            batched = _functorch_active() or any(_is_batched(g) for g in grads if g is not None)
+            if not batched and not torch.is_grad_enabled():
                 return backward(ctx, *grads)
-            # create_graph=True: the gradient itself must be differentiable
+            # create_graph=True (the gradient itself must be differentiable) or batched gradients
             if composite is None:
                 raise HigherOrderError(
-                    f"{op_name}: double backward (create_graph=True) is not supported: its backward is a fused "
-                    "first-order kernel; compute this map with torch ops for higher-order derivatives")
+                    f"{op_name}: {'batched gradients' if batched else 'double backward (create_graph=True)'} "
+                    "are not supported: its backward is a fused first-order kernel")
             return _composite_backward(ctx, grads, composite)
 
         self.op.register_autograd(backward_any_order, setup_context=setup)
@@ -168,18 +191,16 @@ class FusedOp:
             "forward": staticmethod(forward),
             "backward": staticmethod(backward_any_order),
         })
-        if jvp is None:
-            def jvp(args, tangents, _name=op_name):
-                raise HigherOrderError(
-                    f"{_name}: forward-mode AD (torch.func.jvp/jacfwd, torch.autograd.forward_ad) is not "
-                    "supported; use reverse mode (torch.func.jacrev/vjp, .backward())")
-        self._jvp_function = _jvp_function(name + "Transformable", self.op, setup, backward_any_order, jvp)
 
     def __call__(self, *args):
-        if not torch.compiler.is_compiling() and self._jvp_function is not None and _transformed(args):
-            # functorch transforms and forward-mode AD take the Function with a setup_context,
-            # a vmap rule and a jvp (torch.library's own autograd wrapper has neither)
-            return self._jvp_function.apply(*args)
+        if not torch.compiler.is_compiling() and _transformed(args):
+            # functorch transforms and forward-mode AD: the composite's plain torch ops (the
+            # reference maths), which every transform composes with
+            if self._composite is None:
+                raise HigherOrderError(
+                    f"{self.public_name}: functorch transforms and forward-mode AD are not supported "
+                    "(no composite registered)")
+            return self._composite(*args)
         if not _eager(args):
             return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
@@ -223,31 +244,6 @@ def _composite_backward(ctx, grads, composite):
             for i, g in zip(wrt, got):
                 result[i] = g if g is not None else torch.zeros_like(args[i])
     return tuple(result)
-
-
-def _jvp_function(name: str, op, setup: Callable, backward: Callable, jvp: Callable):
-    """An ``autograd.Function`` over the registered op with a forward-mode rule (vmappable, so
-    ``jacfwd`` works) and the op's own backward."""
-
-    def forward(*args):
-        return op(*args)
-
-    def setup_context(ctx, inputs, output):
-        setup(ctx, inputs, output)
-        ctx.save_for_forward(*(a for a in inputs if isinstance(a, torch.Tensor)))
-
-    def fwd_rule(ctx, *tangents):
-        saved = iter(ctx.saved_tensors)
-        args = [next(saved) if a is _TENSOR else a for a in ctx.fastflow_args]
-        return jvp(args, list(tangents))
-
-    return type(name, (torch.autograd.Function,), {
-        "generate_vmap_rule": True,
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward),
-        "jvp": staticmethod(fwd_rule),
-    })
 
 
 def custom_op(name: str) -> Callable[[Callable], FusedOp]:

@@ -88,6 +88,17 @@ class OpSpec:
     requires: str | None = None
 
 
+    def __post_init__(self):
+        # a misspelt name would silently drop an input from every check that selects by name
+        for what, names in (("grad_inputs", self.grad_inputs),
+                            ("outputs", tuple(o.partition(":")[2] for o in self.outputs))):
+            unknown = [n for n in names if n not in self.inputs]
+            if unknown:
+                raise ValueError(f"OpSpec {self.name!r}: {what} names {unknown} not among inputs {self.inputs}")
+        if self.logdet not in ("elementwise", "sample"):
+            raise ValueError(f"OpSpec {self.name!r}: logdet must be 'elementwise' or 'sample', got {self.logdet!r}")
+
+
 SPECS: dict[str, OpSpec] = {}
 
 

@@ -109,30 +109,7 @@ def _affine_composite(x, shift, raw_scale, scale, clamp, inverse, backend):
     return out.to(x.dtype), lad.to(x.dtype)
 
 
-def _affine_jvp(args, tangents):
-    """Forward mode from two fused backward calls: with a unit output gradient they give the
-    elementwise dy/dx and dy/dh, with a unit log-det gradient dlad/dh; dy/dt is 1 (-dy/dx for
-    the inverse) and the log-det does not depend on x or t."""
-    x, shift, raw_scale, scale, clamp, inverse, backend = args
-    tx, tt, th = tangents[:3]
-    b = x.shape[0]
-    bwd = _affine_coupling_backward_op.op  # the registered op itself: inside a jvp rule, no re-dispatch
-    gx, gh = bwd(torch.ones_like(x), x.new_zeros(b), x, shift, raw_scale, scale, clamp, inverse, backend)
-    _, gh_lad = bwd(torch.zeros_like(x), x.new_ones(b), x, shift, raw_scale, scale, clamp, inverse, backend)
-    y = torch.zeros_like(x)
-    lad = x.new_zeros(b)
-    if tx is not None:
-        y = y + gx * tx
-    if tt is not None:
-        y = y - gx * tt if inverse else y + tt
-    if th is not None:
-        y = y + gh * th
-        lad = lad + (gh_lad * th).reshape(b, -1).sum(1)
-    return y, lad
-
-
-_affine_coupling_op.register_autograd(_affine_backward, setup_context=_affine_setup, composite=_affine_composite,
-                                      jvp=_affine_jvp)
+_affine_coupling_op.register_autograd(_affine_backward, setup_context=_affine_setup, composite=_affine_composite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,19 +147,8 @@ def _additive_composite(x, shift, inverse, backend):
     return (x - shift if inverse else x + shift), _lad_empty(x)
 
 
-def _additive_jvp(args, tangents):
-    x, shift, inverse, backend = args
-    tx, tt = tangents[:2]
-    y = torch.zeros_like(x)
-    if tx is not None:
-        y = y + tx
-    if tt is not None:
-        y = y - tt if inverse else y + tt
-    return y, _lad_empty(x)
-
-
 _additive_coupling_op.register_autograd(_additive_backward, setup_context=_additive_setup,
-                                        composite=_additive_composite, jvp=_additive_jvp)
+                                        composite=_additive_composite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,23 +213,7 @@ def _rescale_composite(x, log_scale, inverse, backend):
     return out.to(x.dtype), lad.to(x.dtype)
 
 
-def _rescale_jvp(args, tangents):
-    x, log_scale, inverse, backend = args
-    tx, tls = tangents[:2]
-    sgn = -1.0 if inverse else 1.0
-    s = torch.exp(sgn * log_scale)
-    y = torch.zeros_like(x)
-    lad = x.new_zeros(x.shape[0])
-    if tx is not None:
-        y = y + s * tx
-    if tls is not None:
-        y = y + sgn * (x * s) * tls
-        lad = lad + sgn * tls.reshape(-1).sum()
-    return y, lad
-
-
-_rescale_op.register_autograd(_rescale_backward, setup_context=_rescale_setup, composite=_rescale_composite,
-                              jvp=_rescale_jvp)
+_rescale_op.register_autograd(_rescale_backward, setup_context=_rescale_setup, composite=_rescale_composite)
 
 
 # --------------------------------------------------------------------------------------------

@@ -146,27 +146,7 @@ def _composite(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parame
     return out.to(x.dtype), lad.to(x.dtype)
 
 
-def _jvp(args, tangents):
-    """Forward mode: each output element depends on its own input and K-sized parameters only,
-    so the JVP is the local derivative times the tangent plus the parameter terms; those
-    derivatives are two calls of the fused backward (output and log-det rows of the Jacobian)."""
-    x, uw, uh, ud, *rest = args
-    ones, zeros = torch.ones_like(x), torch.zeros_like(x)
-    bwd = _rq_spline_backward_op.op  # the registered op itself: inside a jvp rule, no re-dispatch
-    rows = (bwd(ones, zeros, x, uw, uh, ud, *rest), bwd(zeros, ones, x, uw, uh, ud, *rest))
-    out = []
-    for g in rows:
-        acc = zeros
-        if tangents[0] is not None:
-            acc = acc + g[0] * tangents[0]
-        for gi, ti in zip(g[1:], tangents[1:4]):
-            if ti is not None:
-                acc = acc + (gi * ti).sum(-1)
-        out.append(acc)
-    return tuple(out)
-
-
-_rq_spline_op.register_autograd(_backward, setup_context=_setup_context, composite=_composite, jvp=_jvp)
+_rq_spline_op.register_autograd(_backward, setup_context=_setup_context, composite=_composite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,8 +413,8 @@ def _bad(widths, heights, derivs, k_derivs):
 
 
 _SHAPES = ((37,), (3, 7), (1,), (0,), (0, 4))
-_COMMON = dict(op=OP, kernels="spline", backends=_BACKENDS, grad_inputs=_INPUTS, outputs=("like:x", "like:x"),
-               logdet="elementwise", shapes=_SHAPES, fused=lambda: _rq_spline_op)
+_COMMON = dict(op=OP, kernels="spline", backends=_BACKENDS, grad_inputs=("x", "uw", "uh", "ud"),
+               outputs=("like:x", "like:x"), logdet="elementwise", shapes=_SHAPES, fused=lambda: _rq_spline_op)
 declare(OpSpec(
     name="rq_spline", fn=rq_spline, inputs=("x", "uw", "uh", "ud"),
     example=_example(-1, -1.5, 1.5, {"tail_bound": 1.5, **_MINS}),

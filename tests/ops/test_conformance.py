@@ -378,3 +378,186 @@ def test_backend_forcing(spec, monkeypatch):
     monkeypatch.setenv("FASTFLOW_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="FASTFLOW_BACKEND"):
         spec.fn(*tensors, **kwargs)
+
+
+# ------------------------------------------------------------------ derivative modes
+#
+# Every way a PyTorch user differentiates, for every op on every backend, against the op's
+# reference composite (its maths as plain torch ops) differentiated by plain autograd, one
+# cotangent at a time: no functorch in the oracle. A transform that returned zeros, or missed the
+# path through a derived tensor, fails here.
+
+
+def _dm_case(spec, backend, option, inverse):
+    dtype = _precise(spec, backend)
+    tensors, kwargs = _inputs(spec, _small(spec.shapes[0]), dtype, device_for(backend), option, inverse)
+    mask = _grad_mask(spec)
+    wrt = [i for i, m in enumerate(mask) if m]
+    return dtype, tensors, kwargs, wrt
+
+
+def _op_of(spec, tensors, kwargs, inverse, backend, wrt):
+    """``f(*diff) -> (outputs, logabsdet)`` of the public op, the differentiable inputs first."""
+    def f(*diff):
+        args = list(tensors)
+        for i, d in zip(wrt, diff):
+            args[i] = d
+        return _call(spec, args, kwargs, inverse, backend)
+    return f
+
+
+def _oracle_of(spec, tensors, kwargs, inverse, wrt):
+    """The same function through the registered composite in float64 (the reference maths)."""
+    composite = spec.fused()._composite
+
+    def f(*diff):
+        args = [t.double() if t.is_floating_point() else t for t in tensors]
+        for i, d in zip(wrt, diff):
+            args[i] = d.double()
+        return composite(*spec.op_args(args, kwargs, inverse, "reference"))
+    return f
+
+
+def _plain_jacobians(f, primals):
+    """d(out_k)/d(primal_j) for every output k and primal j by reverse mode, one row at a time."""
+    leaves = [p.detach().double().clone().requires_grad_() for p in primals]
+    outs = f(*leaves)
+    jac = []
+    for o in outs:
+        rows = [[] for _ in leaves]
+        for e in range(o.numel()):
+            if not o.requires_grad:
+                g = [None] * len(leaves)
+            else:
+                g = torch.autograd.grad(o.reshape(-1)[e], leaves, retain_graph=True, allow_unused=True)
+            for j, (gj, leaf) in enumerate(zip(g, leaves)):
+                rows[j].append(torch.zeros_like(leaf) if gj is None else gj)
+        jac.append([torch.stack(r).reshape(*o.shape, *leaf.shape) if r else torch.zeros(*o.shape, *leaf.shape,
+                    dtype=torch.float64) for r, leaf in zip(rows, leaves)])
+    return jac
+
+
+def _dm_tol(dtype):
+    return dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+
+
+def _close(got, want, dtype, what):
+    got = got.double().cpu()
+    want = want.double().cpu()
+    scale = float(want.abs().max().clamp_min(1.0))
+    torch.testing.assert_close(got / scale, want / scale, **_dm_tol(dtype), msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("spec,backend,option,inverse", _cases(with_inverse=True))
+def test_every_derivative_mode_matches_the_composite(spec, backend, option, inverse):
+    """grad, vjp, jacrev, jacfwd, hessian, jvp, forward-mode dual tensors, is_grads_batched and
+    jacobian(vectorize=True), each against plain reverse mode through the reference composite."""
+    import torch.autograd.forward_ad as fwAD
+
+    dtype, tensors, kwargs, wrt = _dm_case(spec, backend, option, inverse)
+    f = _op_of(spec, tensors, kwargs, inverse, backend, wrt)
+    primals = tuple(tensors[i] for i in wrt)
+    jac = _plain_jacobians(_oracle_of(spec, tensors, kwargs, inverse, wrt), primals)
+    cot = _cotangents(f(*primals))
+    argnums = tuple(range(len(primals)))
+    # the oracle's vector-Jacobian product, per primal
+    want_vjp = [sum((c.double().cpu().reshape(-1) @ jac[k][j].reshape(c.numel(), -1).cpu()).reshape(primals[j].shape)
+                    for k, c in enumerate(cot)) for j in range(len(primals))]
+    assert any(float(w.abs().max()) > 0 for w in want_vjp), "a zero gradient tests nothing"
+
+    def scalar(*p):
+        return sum((o * c.to(o.dtype)).sum() for o, c in zip(f(*p), cot))
+
+    got = torch.func.grad(scalar, argnums=argnums)(*primals)
+    for j, (g, w) in enumerate(zip(got, want_vjp)):
+        _close(g, w, dtype, f"torch.func.grad wrt {spec.grad_inputs[j]}")
+    _, vjp_fn = torch.func.vjp(f, *primals)
+    for j, (g, w) in enumerate(zip(vjp_fn(tuple(c.to(dtype) for c in cot)), want_vjp)):
+        _close(g, w, dtype, f"torch.func.vjp wrt {spec.grad_inputs[j]}")
+    for name, transform in (("jacrev", torch.func.jacrev), ("jacfwd", torch.func.jacfwd)):
+        got = transform(f, argnums=argnums)(*primals)
+        for k in range(len(jac)):
+            for j in range(len(primals)):
+                _close(got[k][j], jac[k][j], dtype, f"torch.func.{name} d out{k} / d {spec.grad_inputs[j]}")
+    # forward mode: jvp and dual tensors, against J @ t
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    want_jvp = [sum((jac[k][j].reshape(jac[k][j].shape[:jac[k][j].dim() - t.dim()].numel(), -1).cpu()
+                     @ t.double().cpu().reshape(-1)) for j, t in enumerate(tangents)) for k in range(len(jac))]
+    _, got = torch.func.jvp(f, primals, tangents)
+    for k, (g, w) in enumerate(zip(got, want_jvp)):
+        _close(g.reshape(-1), w, dtype, f"torch.func.jvp out{k}")
+    with fwAD.dual_level():
+        outs = f(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+        got = [fwAD.unpack_dual(o).tangent for o in outs]
+    for k, (g, w) in enumerate(zip(got, want_jvp)):
+        if g is None:  # an output that does not depend on any input (additive's log-det)
+            assert float(w.abs().max()) == 0, f"forward_ad out{k}: no tangent"
+            continue
+        _close(g.reshape(-1), w, dtype, f"forward_ad out{k}")
+    # the Hessian of the scalar in the first primal, against double backward of the composite
+    oracle = _oracle_of(spec, tensors, kwargs, inverse, wrt)
+    p0 = primals[0].detach().double().clone().requires_grad_()
+    s = sum((o * c).sum() for o, c in zip(oracle(p0, *primals[1:]), cot))
+    (g0,) = torch.autograd.grad(s, p0, create_graph=True)
+    if g0.requires_grad:
+        want_h = torch.stack([torch.autograd.grad(g0.reshape(-1)[e], p0, retain_graph=True, allow_unused=True,
+                                                  materialize_grads=True)[0] for e in range(p0.numel())])
+    else:  # a map linear in its first input
+        want_h = torch.zeros(p0.numel(), *p0.shape, dtype=torch.float64)
+    got_h = torch.func.hessian(lambda p: scalar(p, *primals[1:]))(primals[0])
+    _close(got_h.reshape(want_h.shape), want_h, dtype, "torch.func.hessian")
+    # batched gradients: the vmapped backward
+    leaves = [p.detach().clone().requires_grad_() for p in primals]
+    outs = f(*leaves)
+    diff = [(k, o) for k, o in enumerate(outs) if o.requires_grad]
+    k, o = diff[0]
+    eye = torch.eye(o.numel(), dtype=o.dtype, device=o.device).reshape(o.numel(), *o.shape)
+    got = torch.autograd.grad(o, leaves, eye, is_grads_batched=True, allow_unused=True, materialize_grads=True)
+    for j, g in enumerate(got):
+        _close(g.reshape(jac[k][j].shape), jac[k][j], dtype, f"is_grads_batched d out{k} / d {spec.grad_inputs[j]}")
+    got = torch.autograd.functional.jacobian(f, primals, vectorize=True)
+    for k in range(len(jac)):
+        for j in range(len(primals)):
+            _close(got[k][j], jac[k][j], dtype, f"jacobian(vectorize=True) d out{k} / d {spec.grad_inputs[j]}")
+
+
+@pytest.mark.parametrize("spec,backend,option,inverse", _cases())
+def test_vmap_of_every_transform(spec, backend, option, inverse):
+    """vmap over a stack of two input sets of the op, and of grad, vjp, jacrev and jacfwd of it:
+    each slice equal to the transform applied to that input set alone."""
+    dtype, tensors, kwargs, wrt = _dm_case(spec, backend, option, inverse)
+    other, _ = _inputs(spec, _small(spec.shapes[0]), dtype, device_for(backend), option, inverse)
+    stacked = [torch.stack([a, b]) if i in wrt else a for i, (a, b) in enumerate(zip(tensors, other))]
+    argnums = tuple(range(len(wrt)))
+
+    def per_set(args):
+        f = _op_of(spec, args, kwargs, inverse, backend, wrt)
+
+        def scalar(*p):
+            return sum(o.sum() + (o ** 2).sum() for o in f(*p))
+        return f, scalar
+
+    def transforms(args):
+        f, scalar = per_set(args)
+        prim = tuple(args[i] for i in wrt)
+        return {
+            "op": lambda *p: f(*p),
+            "grad": lambda *p: torch.func.grad(scalar, argnums=argnums)(*p),
+            "vjp": lambda *p: torch.func.vjp(f, *p)[1](tuple(torch.ones_like(o) for o in f(*p))),
+            "jacrev": lambda *p: torch.func.jacrev(f, argnums=argnums)(*p),
+            "jacfwd": lambda *p: torch.func.jacfwd(f, argnums=argnums)(*p),
+        }, prim
+
+    base, _ = transforms(tensors)
+    for name in base:
+        def batched(*p, name=name):
+            return transforms(tensors)[0][name](*p)
+        got = torch.func.vmap(batched)(*(stacked[i] for i in wrt))
+        for slot, args in enumerate((tensors, [b if i in wrt else a for i, (a, b) in enumerate(zip(tensors, other))])):
+            fns, prim = transforms(args)
+            want = fns[name](*prim)
+            flat_got = torch.utils._pytree.tree_leaves(got)
+            flat_want = torch.utils._pytree.tree_leaves(want)
+            assert len(flat_got) == len(flat_want), name
+            for g, w in zip(flat_got, flat_want):
+                _close(g[slot], w, dtype, f"vmap({name}) slice {slot}")

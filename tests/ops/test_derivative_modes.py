@@ -1,12 +1,13 @@
-"""Derivative modes beyond first-order reverse mode, and compile with dynamic shapes, for every op.
+"""Double backward at every size, an op without a composite, and compile with dynamic shapes.
 
-- Forward mode (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``) of the elementwise
-  ops (spline, couplings, rescale) on every backend, against ``jacrev``/``jvp`` of the pure-torch
-  reference maths; ops without forward mode (the LU maps) raise an error naming the op, never
-  zero tangents.
+Every functorch transform, forward mode and batched gradients of every op on every backend are
+checked by the conformance suite (``test_every_derivative_mode_matches_the_composite``,
+``test_vmap_of_every_transform``); this file keeps what is about sizes and routes.
+
 - Double backward (``create_graph=True``) at every size (the small-batch torch route and the
   kernels) and on every backend, against autograd through the reference maths.
-- functorch reverse transforms (``grad``, ``vmap``) over the ops.
+- An op registered without a composite raises ``HigherOrderError`` naming itself in every
+  derivative mode it cannot serve, never zeros.
 - ``torch.compile(fullgraph=True, dynamic=True)``.
 """
 
@@ -18,8 +19,8 @@ import torch.autograd.forward_ad as fwAD
 
 from fastflow.kernels.reference.coupling import affine_coupling_reference, rescale_reference
 from fastflow.kernels.reference.spline import rq_spline_reference
-from fastflow.ops import (HigherOrderError, actnorm_conv1x1, additive_coupling, affine_coupling, lu_conv1x1,
-                          lu_linear, rescale, rq_spline)
+from fastflow.ops import (HigherOrderError, additive_coupling, affine_coupling, lu_conv1x1,
+                          rescale, rq_spline)
 from fastflow.ops.coupling import SMALL_CPU_ELEMS
 from tests._backends import ALL_BACKENDS, device_for
 
@@ -55,88 +56,10 @@ def _spline_op(backend, inverse):
     return f
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("inverse", [False, True])
-def test_spline_jacfwd_matches_jacrev_of_reference(backend, inverse):
-    args = _spline_case(backend)
-    got = torch.func.jacfwd(_spline_op(backend, inverse), argnums=(0, 1, 2, 3))(*args)
-    want = torch.func.jacrev(_spline_ref(inverse), argnums=(0, 1, 2, 3))(*(a.double().cpu() for a in args))
-    for g_out, w_out in zip(got, want):  # (outputs, logabsdet) x (x, widths, heights, derivatives)
-        for g, w in zip(g_out, w_out):
-            assert g.abs().max() > 0 or w.abs().max() == 0
-            torch.testing.assert_close(g.double().cpu(), w, **_tol(backend))
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_spline_forward_ad_dual_tensors(backend):
-    args = _spline_case(backend, shape=(7, 4), k=5, seed=1)
-    tangents = [torch.randn_like(a) for a in args]
-    with fwAD.dual_level():
-        duals = [fwAD.make_dual(a, t) for a, t in zip(args, tangents)]
-        out = _spline_op(backend, False)(*duals)
-        got = [fwAD.unpack_dual(o).tangent for o in out]
-    _, want = torch.func.jvp(_spline_ref(False), tuple(a.double().cpu() for a in args),
-                             tuple(t.double().cpu() for t in tangents))
-    for g, w in zip(got, want):
-        assert g is not None
-        torch.testing.assert_close(g.double().cpu(), w, **_tol(backend))
-
-
 def _affine_case(backend, b, d, seed=0):
     g = torch.Generator().manual_seed(seed)
     dev, dt = device_for(backend), _dtype(backend)
     return tuple(torch.randn(b, d, generator=g, dtype=torch.float64).to(dev, dt) for _ in range(3))
-
-
-@pytest.mark.parametrize("backend", [None, *ALL_BACKENDS])
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("inverse", [False, True])
-def test_affine_jvp_matches_reference(backend, scale, inverse):
-    # 40 x 8 takes the small-batch torch route with backend=None; 1200 x 160 (> SMALL_CPU_ELEMS) the kernel
-    for b, d in ((40, 8), (1200, 160)):
-        if backend in ("triton", "cuda") and b > 40:
-            continue  # the interpreter is slow; the law is the same at every size
-        args = _affine_case(backend or "numba", b, d)
-        tangents = tuple(torch.randn_like(a) for a in args)
-        _, got = torch.func.jvp(lambda *a: affine_coupling(*a, scale=scale, inverse=inverse, backend=backend),
-                                args, tangents)
-        _, want = torch.func.jvp(lambda *a: affine_coupling_reference(*a, scale, 2.0, inverse),
-                                 tuple(a.double().cpu() for a in args), tuple(t.double().cpu() for t in tangents))
-        for g, w in zip(got, want):
-            assert w.abs().max() > 0
-            torch.testing.assert_close(g.double().cpu(), w, **_tol(backend or "numba"))
-
-
-@pytest.mark.parametrize("backend", ["reference", "numba"])
-def test_affine_jacfwd_and_forward_ad(backend):
-    x, t, h = _affine_case(backend, 3, 4)
-    f = lambda x, t, h: affine_coupling(x, t, h, scale="softclamp", backend=backend)  # noqa: E731
-    r = lambda x, t, h: affine_coupling_reference(x, t, h, "softclamp", 2.0, False)  # noqa: E731
-    got = torch.func.jacfwd(f, argnums=(0, 1, 2))(x, t, h)
-    want = torch.func.jacrev(r, argnums=(0, 1, 2))(x, t, h)
-    for go, wo in zip(got, want):
-        for g, w in zip(go, wo):
-            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
-    tx = torch.randn_like(x)
-    with fwAD.dual_level():
-        y, lad = f(fwAD.make_dual(x, tx), t, h)
-        ty = fwAD.unpack_dual(y).tangent
-    torch.testing.assert_close(ty, torch.func.jvp(lambda x: r(x, t, h)[0], (x,), (tx,))[1])
-
-
-@pytest.mark.parametrize("backend", ["reference", "numba"])
-@pytest.mark.parametrize("inverse", [False, True])
-def test_additive_and_rescale_jvp(backend, inverse):
-    x, t, _ = _affine_case(backend, 300, 600)  # 180k elements: past every small-size route
-    ls = torch.randn(600, dtype=torch.float64)
-    tx, tt, tl = torch.randn_like(x), torch.randn_like(t), torch.randn_like(ls)
-    _, got = torch.func.jvp(lambda x, t: additive_coupling(x, t, inverse=inverse, backend=backend), (x, t), (tx, tt))
-    torch.testing.assert_close(got[0], tx - tt if inverse else tx + tt)
-    assert torch.equal(got[1], torch.zeros(300, dtype=torch.float64))
-    _, got = torch.func.jvp(lambda x, ls: rescale(x, ls, inverse=inverse, backend=backend), (x, ls), (tx, tl))
-    _, want = torch.func.jvp(lambda x, ls: rescale_reference(x, ls, inverse), (x, ls), (tx, tl))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 def _lu_args(c=3, seed=0):
@@ -145,29 +68,6 @@ def _lu_args(c=3, seed=0):
     return (torch.randperm(c, generator=g), 0.3 * torch.randn(c, c, generator=g, dtype=d),
             0.3 * torch.randn(c, c, generator=g, dtype=d), 0.2 * torch.randn(c, generator=g, dtype=d),
             torch.ones(c, dtype=d))
-
-
-@pytest.mark.parametrize("name", ["lu_linear", "lu_conv1x1", "actnorm_conv1x1"])
-def test_lu_forward_mode_is_a_clear_error(name):
-    perm, lower, upper, log_s, sign = _lu_args()
-    c = 3
-    x = torch.randn(2, c, 2, 2, dtype=torch.float64) if name != "lu_linear" else torch.randn(2, c, dtype=torch.float64)
-    if name == "actnorm_conv1x1":
-        fn = lambda x: actnorm_conv1x1(x, torch.zeros(c, dtype=x.dtype), torch.zeros(c, dtype=x.dtype),  # noqa: E731
-                                       perm, lower, upper, log_s, sign)[0]
-    else:
-        fn = lambda x: {"lu_linear": lu_linear, "lu_conv1x1": lu_conv1x1}[name](  # noqa: E731
-            x, perm, lower, upper, log_s, sign)[0]
-    with pytest.raises(HigherOrderError, match=f"fastflow.ops.{name}: forward-mode AD"):
-        torch.func.jvp(fn, (x,), (torch.ones_like(x),))
-    with pytest.raises(HigherOrderError, match=f"fastflow.ops.{name}"):
-        with fwAD.dual_level():
-            fn(fwAD.make_dual(x, torch.ones_like(x)))
-    # reverse mode through functorch still works
-    g = torch.func.grad(lambda x: fn(x).sum())(x)
-    xx = x.clone().requires_grad_()
-    fn(xx).sum().backward()
-    torch.testing.assert_close(g, xx.grad)
 
 
 def _second_derivative(f, x, *rest):
@@ -228,21 +128,6 @@ def test_rescale_additive_lu_double_backward():
     torch.testing.assert_close(hl, hl2)
 
 
-@pytest.mark.parametrize("backend", ["reference", "numba"])
-def test_functorch_grad_and_vmap(backend):
-    x, uw, uh, ud = _spline_case(backend, shape=(6, 3))
-    f = _spline_op(backend, False)
-    g = torch.func.grad(lambda x: f(x, uw, uh, ud)[1].sum())(x)
-    xx = x.clone().requires_grad_()
-    f(xx, uw, uh, ud)[1].sum().backward()
-    torch.testing.assert_close(g, xx.grad)
-    got = torch.func.vmap(lambda a, b, c, d: f(a, b, c, d)[0])(x, uw, uh, ud)
-    torch.testing.assert_close(got, f(x, uw, uh, ud)[0])
-    a, t, h = _affine_case(backend, 4, 5)
-    got = torch.func.vmap(lambda a, t, h: affine_coupling(a[None], t[None], h[None], backend=backend)[1])(a, t, h)
-    torch.testing.assert_close(got[:, 0], affine_coupling(a, t, h, backend=backend)[1])
-
-
 @pytest.mark.parametrize("op", ["rq_spline", "affine_coupling"])
 def test_compile_fullgraph_dynamic(op):
     torch._dynamo.reset()
@@ -264,3 +149,30 @@ def test_compile_fullgraph_dynamic(op):
 
 def test_small_route_constant_matches():
     assert SMALL_CPU_ELEMS < 160000  # the sizes above straddle the torch route's threshold
+
+
+def test_an_op_without_a_composite_raises_in_every_higher_mode():
+    from fastflow.ops._dispatch import custom_op
+
+    @custom_op("fastflow_test::square_no_composite")
+    def square(x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+    square.register_fake(lambda x: torch.empty_like(x))
+    square.register_autograd(lambda ctx, g: g * 2 * ctx.saved_tensors[0],
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+    x = torch.randn(4, dtype=torch.float64)
+    for transform in (torch.func.grad, torch.func.jacrev, torch.func.jacfwd):
+        with pytest.raises(HigherOrderError, match="square_no_composite: functorch"):
+            transform(lambda v: square(v).sum())(x)
+    with pytest.raises(HigherOrderError, match="square_no_composite: functorch"):
+        with fwAD.dual_level():
+            square(fwAD.make_dual(x, torch.ones_like(x)))
+    xx = x.clone().requires_grad_()
+    y = square(xx)
+    with pytest.raises(HigherOrderError, match="square_no_composite: double backward"):
+        torch.autograd.grad(y.sum(), xx, create_graph=True)
+    with pytest.raises(HigherOrderError, match="square_no_composite: batched gradients"):
+        torch.autograd.grad(y, xx, torch.eye(4, dtype=x.dtype), is_grads_batched=True)
+    (g,) = torch.autograd.grad(square(xx).sum(), xx)  # first order: the registered backward
+    torch.testing.assert_close(g, 2 * x)
