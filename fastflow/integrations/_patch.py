@@ -8,6 +8,7 @@ from importlib import metadata
 from typing import Callable
 
 _MISSING = object()
+OP = "rq_spline"
 
 
 class UntestedVersionWarning(UserWarning):
@@ -18,19 +19,24 @@ class Handle:
     """What ``accelerate()`` returns: ``close()`` (or leaving the ``with`` block) releases it.
 
     Attributes:
-        active: whether this handle holds a share of the patch (False after ``close()`` and when
-            nothing was patched, e.g. on an untested peer version).
+        active: whether this handle holds a share of the patch (False after ``close()``, after
+            ``restore()`` and when nothing was patched, e.g. on an untested peer version).
+        backend: the backend this handle asked for (None: the one fastflow picks per call). The
+            most recently opened handle still open decides the backend; closing it gives the
+            choice back to the one opened before it.
     """
 
-    def __init__(self, integration: "Integration", active: bool):
+    def __init__(self, integration: "Integration", active: bool, backend: str | None = None,
+                 missing: frozenset = frozenset()):
         self._integration = integration
         self.active = active
+        self.backend = backend
+        self._missing = missing  # the optional parameterisations ``backend`` has no kernels for
 
     def close(self) -> None:
         """Release this handle's share; the originals return when no handle holds one. Idempotent."""
         if self.active:
-            self.active = False
-            self._integration._release()
+            self._integration._release(self)
 
     restore = close
 
@@ -41,22 +47,33 @@ class Handle:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<fastflow.integrations.{self._integration.peer} handle active={self.active}>"
+        return (f"<fastflow.integrations.{self._integration.peer} handle active={self.active} "
+                f"backend={self.backend!r}>")
 
 
 class Integration:
-    """One peer library's patch: ``targets()`` lists ``(owner, attribute, replacement)``."""
+    """One peer library's patch: ``targets()`` lists ``(owner, attribute, replacement)``.
+
+    ``required`` are the spline parameterisations every patched call needs (a forced backend
+    without kernels for one is refused by ``accelerate()``); ``optional`` those only some calls
+    need (a forced backend without them sends those calls to the peer's own code: see
+    ``declines``)."""
 
     def __init__(self, peer: str, distribution: str, tested: Callable[[str], bool], tested_text: str,
-                 targets: Callable[[], list]):
+                 targets: Callable[[], list], required: tuple[str, ...] = ("nflows",),
+                 optional: tuple[str, ...] = ()):
         self.peer = peer
         self.distribution = distribution
         self.tested = tested
         self.tested_text = tested_text
         self.targets = targets
-        self.backend = None
+        self.required = required
+        self.optional = optional
+        # read by the patched functions on every call: kept in step with the open handles
+        self.backend: str | None = None
+        self._missing: frozenset = frozenset()
         self._lock = threading.RLock()
-        self._count = 0
+        self._handles: list[Handle] = []  # open handles, in the order they were opened
         self._saved: list = []  # (owner, name, what owner.__dict__ held or _MISSING)
 
     def version(self) -> str | None:
@@ -65,49 +82,95 @@ class Integration:
         except metadata.PackageNotFoundError:
             return None
 
+    def check_backend(self, backend) -> tuple[str | None, frozenset]:
+        """``backend`` normalised, and the optional parameterisations it has no kernels for.
+
+        Raises at once what the first patched call would raise: ``TypeError`` for a non-string,
+        ``UnknownBackendError`` for a name that is not a fastflow backend,
+        ``BackendUnavailableError`` (with the reason) for a backend that cannot run the spline
+        op here (its requirements missing, e.g. no CUDA device) or has no kernels for the
+        parameterisation this peer's splines need."""
+        from fastflow.backends import BACKENDS, BackendUnavailableError, check_backend_name, get_kernel
+
+        where = f"fastflow.integrations.{self.peer}.accelerate(backend=...)"
+        name = check_backend_name(backend, where)
+        if name is None:
+            return None, frozenset()
+        import fastflow.ops.rq_spline  # noqa: F401  (declares the spline kernels of every backend)
+
+        b = BACKENDS[name]
+        have: tuple = ()
+        reason = b.probe() if OP in b.kernels else f"backend {name!r} has no kernel for {OP!r}"
+        if reason is None:
+            have = getattr(get_kernel(OP, name), "PARAMETERIZATIONS", ("nflows",))
+            lacking = [p for p in self.required if p not in have]
+            if lacking:
+                reason = (f"backend {name!r} has no kernels for the {lacking[0]!r} spline parameterization "
+                          f"{self.peer} needs")
+        if reason:
+            raise BackendUnavailableError(f"{where}: backend {name!r} cannot run here: {reason}")
+        return name, frozenset(p for p in self.optional if p not in have)
+
     def accelerate(self, *, backend: str | None = None, force: bool = False) -> Handle:
         version = self.version()
         if version is None:
             raise ImportError(f"fastflow.integrations.{self.peer}: {self.distribution} is not installed "
                               f"(pip install 'fastflow[{self.peer}]')")
+        name, missing = self.check_backend(backend)
         if not self.tested(version):
             msg = (f"fastflow.integrations.{self.peer}: {self.distribution} {version} is not a version fastflow "
                    f"was tested with ({self.tested_text})")
             if not force:
                 warnings.warn(msg + "; nothing was patched (accelerate(force=True) patches anyway)",
                               UntestedVersionWarning, stacklevel=3)
-                return Handle(self, False)
+                return Handle(self, False, name, missing)
             warnings.warn(msg + "; patching anyway (force=True)", UntestedVersionWarning, stacklevel=3)
         with self._lock:
-            self.backend = backend
-            if self._count == 0:
+            if not self._handles:
                 saved = []
                 try:
-                    for owner, name, new in self.targets():
-                        saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
-                        setattr(owner, name, new)
+                    for owner, attr, new in self.targets():
+                        saved.append((owner, attr, owner.__dict__.get(attr, _MISSING)))
+                        setattr(owner, attr, new)
                 except BaseException:
                     self._undo(saved)
                     raise
                 self._saved = saved
-            self._count += 1
-        return Handle(self, True)
+            handle = Handle(self, True, name, missing)
+            self._handles.append(handle)
+            self._sync()
+        return handle
 
-    def _release(self) -> None:
+    def _sync(self) -> None:
+        # the backend of the most recently opened handle still open (None when none is)
+        top = self._handles[-1] if self._handles else None
+        self._missing = top._missing if top is not None else frozenset()
+        self.backend = top.backend if top is not None else None
+
+    def declines(self, parameterization: str) -> bool:
+        """Whether the backend in force has no kernels for this (optional) parameterisation."""
+        return parameterization in self._missing
+
+    def _release(self, handle: Handle) -> None:
         with self._lock:
-            if self._count == 0:
+            if not handle.active:
                 return
-            self._count -= 1
-            if self._count == 0:
+            handle.active = False
+            self._handles = [h for h in self._handles if h is not handle]
+            if not self._handles:
                 self._undo(self._saved)
                 self._saved = []
+            self._sync()
 
     def restore(self) -> None:
-        """Turn the acceleration off now, whatever handles are still open."""
+        """Turn the acceleration off now, whatever handles are still open (they become inactive)."""
         with self._lock:
-            self._count = 0
+            for h in self._handles:
+                h.active = False
+            self._handles = []
             self._undo(self._saved)
             self._saved = []
+            self._sync()
 
     @staticmethod
     def _undo(saved) -> None:
@@ -118,7 +181,7 @@ class Integration:
                 setattr(owner, name, old)
 
     def is_active(self) -> bool:
-        return self._count > 0
+        return bool(self._handles)
 
 
 def float_tensors(*ts) -> bool:

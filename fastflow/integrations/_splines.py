@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -13,17 +14,50 @@ def _number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def op_takes(inputs, uw, uh, ud, n_derivs: int, min_sizes=(), others=()) -> bool:
+    """Whether fastflow's spline op takes these arguments as they are (the checks of
+    ``fastflow.ops.rq_spline._check``, done here so that a call the op would refuse runs the
+    peer's own code instead): float32/float64 tensors of one dtype and device, a non-empty
+    input, ``2 <= K <= _MAX_BINS`` bins, ``K + n_derivs`` slopes, parameters' leading dims equal
+    to the input's shape or broadcastable to it, ``min_sizes`` (bin-size floors) and ``others``
+    (slope floors) finite non-negative numbers, with ``min_size * K < 1``."""
+    if not (float_tensors(inputs, uw, uh, ud) and inputs.numel() > 0 and uw.dim() >= 1 and uh.dim() >= 1
+            and ud.dim() >= 1):
+        return False
+    from fastflow.ops.rq_spline import _MAX_BINS
+
+    k = uw.shape[-1]
+    if not (2 <= k <= _MAX_BINS and uh.shape[-1] == k and ud.shape[-1] == k + n_derivs):
+        return False
+    for v in (*min_sizes, *others):
+        if not (_number(v) and 0 <= v < math.inf):
+            return False
+    if any(v * k >= 1 for v in min_sizes):
+        return False
+    lead = inputs.shape
+    for t in (uw, uh, ud):
+        if t.shape[:-1] != lead:
+            try:
+                if torch.broadcast_shapes(t.shape[:-1], lead) != lead:
+                    return False
+            except RuntimeError:
+                return False
+    return True
+
+
 def make_unconstrained(original, integration):
     """``unconstrained_rational_quadratic_spline`` on fastflow where it is the same function
-    (linear tails, a scalar tail bound, float32/float64); anything else runs ``original``."""
+    (linear tails, a scalar tail bound, float32/float64, arguments the op takes: see
+    ``op_takes``); anything else runs ``original``."""
 
     def unconstrained_rational_quadratic_spline(inputs, unnormalized_widths, unnormalized_heights,
                                                 unnormalized_derivatives, inverse=False, tails="linear",
                                                 tail_bound=1.0, min_bin_width=1e-3, min_bin_height=1e-3,
                                                 min_derivative=1e-3, **kwargs):
-        if (not kwargs and isinstance(tails, str) and tails == "linear" and _number(tail_bound) and tail_bound > 0
-                and float_tensors(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
-                and unnormalized_widths.shape[-1] >= 2 and inputs.numel() > 0):
+        if (not kwargs and isinstance(tails, str) and tails == "linear" and _number(tail_bound)
+                and 0 < tail_bound < math.inf
+                and op_takes(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, -1,
+                             (min_bin_width, min_bin_height), (min_derivative,))):
             from fastflow.ops.rq_spline import rq_spline
 
             # the peers slice these from their conditioner's output: made contiguous once here, the
@@ -42,17 +76,18 @@ def make_unconstrained(original, integration):
 
 
 def make_bounded(original, integration, domain_error=None):
-    """``rational_quadratic_spline`` (K+1 slopes on a box) on fastflow for scalar bounds and
-    float32/float64; ``domain_error`` (nflows: ``InputOutsideDomain``) is raised exactly where the
-    original raises it."""
+    """``rational_quadratic_spline`` (K+1 slopes on a box) on fastflow for scalar bounds,
+    float32/float64 and arguments the op takes (see ``op_takes``); anything else, or a forced
+    backend without kernels for this parameterisation, runs ``original``. ``domain_error``
+    (nflows: ``InputOutsideDomain``) is raised exactly where the original raises it."""
 
     def rational_quadratic_spline(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
                                   inverse=False, left=0.0, right=1.0, bottom=0.0, top=1.0, min_bin_width=1e-3,
                                   min_bin_height=1e-3, min_derivative=1e-3, **kwargs):
-        if (not kwargs and all(_number(v) for v in (left, right, bottom, top))
-                and float_tensors(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
-                and unnormalized_widths.shape[-1] >= 2 and inputs.numel() > 0
-                and left < right and bottom < top):
+        if (not kwargs and all(_number(v) and math.isfinite(v) for v in (left, right, bottom, top))
+                and left < right and bottom < top and not integration.declines("nflows_bounded")
+                and op_takes(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, 1,
+                             (min_bin_width, min_bin_height), (min_derivative,))):
             if domain_error is not None and (torch.min(inputs) < left or torch.max(inputs) > right):
                 raise domain_error()  # nflows' own check (it tests the inverse's inputs against left/right too)
             from fastflow.ops.rq_spline import rq_spline_bounded

@@ -7,9 +7,12 @@ transform with ``tails="linear"``) by :func:`fastflow.ops.rq_spline` and
 (``nflows.transforms.splines``, ``.splines.rational_quadratic``, ``.autoregressive``), so
 ``PiecewiseRationalQuadraticCouplingTransform``, ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform``
 and ``PiecewiseRationalQuadraticCDF`` use it, in models built before or after the call. Other
-arguments (other tails, tensor bounds, half precision) run nflows' own code; the bounded spline
-still raises nflows' ``InputOutsideDomain`` where nflows does. Unlike nflows, sampling never
-raises the negative-discriminant ``AssertionError`` (a rounding-negative discriminant is 0).
+arguments (other tails, tensor bounds, half precision) and anything the fused op declines (more
+than 1024 bins, a minimum bin size too large for the bins: nflows then raises its own error) run
+nflows' own code, as do bounded splines under a forced backend without their kernels
+(``cuda``); the bounded spline still raises nflows' ``InputOutsideDomain`` where nflows does.
+Unlike nflows, sampling never raises the negative-discriminant ``AssertionError`` (a
+rounding-negative discriminant is 0).
 
 Tested with nflows 0.14.
 """
@@ -48,7 +51,8 @@ def _targets():
     return out
 
 
-INTEGRATION = Integration("nflows", "nflows", _tested, TESTED, _targets)
+INTEGRATION = Integration("nflows", "nflows", _tested, TESTED, _targets,
+                          required=("nflows",), optional=("nflows_bounded",))
 
 
 def accelerate(*, backend: str | None = None, force: bool = False):

@@ -7,7 +7,9 @@
 (``CoupledRationalQuadraticSpline``, ``AutoregressiveRationalQuadraticSpline`` and their
 wrappers) look them up there at call time, so models built before or after the call use them.
 Circular tails and per-feature tail lists keep normflows' own wrapper, whose inner bounded
-spline then runs on fastflow; tensor bounds run normflows' own code.
+spline then runs on fastflow; tensor bounds, half precision and anything the fused op declines
+(more than 1024 bins, a minimum bin size too large for the bins: normflows then raises its own
+error) run normflows' own code.
 
 Tested with normflows 1.7.x.
 """
@@ -36,7 +38,8 @@ def _targets():
     ]
 
 
-INTEGRATION = Integration("normflows", "normflows", _tested, TESTED, _targets)
+INTEGRATION = Integration("normflows", "normflows", _tested, TESTED, _targets,
+                          required=("nflows",), optional=("nflows_bounded",))
 
 
 def accelerate(*, backend: str | None = None, force: bool = False):

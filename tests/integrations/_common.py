@@ -139,15 +139,17 @@ def check_training(make_model, batch_fn, accelerate, steps: int = 50):
     return dev
 
 
-def check_restore(module_mod, targets):
-    """accelerate() patches every target, is idempotent and reference-counted, and off restores
-    the very same objects."""
+def check_restore(module_mod, targets, patched=None):
+    """accelerate() patches every target (the first ``patched`` of them; the others must stay
+    untouched), is idempotent and reference-counted, and off restores the very same objects."""
     before = [(o, n, o.__dict__.get(n, "<missing>")) for o, n in targets]
     h1 = module_mod.accelerate(backend=BACKEND)
     h2 = module_mod.accelerate(backend=BACKEND)  # idempotent: one patch, two shares
     assert module_mod.is_accelerated()
+    k = len(targets) if patched is None else patched
     patched = [o.__dict__.get(n, "<missing>") for o, n in targets]
-    assert all(p is not b for p, (_, _, b) in zip(patched, before))
+    assert all(p is not b for p, (_, _, b) in zip(patched[:k], before[:k]))
+    assert all(p is b for p, (_, _, b) in zip(patched[k:], before[k:]))
     h1.close()
     h1.close()  # a handle releases its share once
     assert module_mod.is_accelerated()
@@ -176,3 +178,82 @@ def check_untested_version(module_mod, targets, monkeypatch):
         h = module_mod.accelerate()
     assert not h.active and not module_mod.is_accelerated()
     assert all(o.__dict__.get(n, "<missing>") is b for (o, n), b in zip(targets, before))
+
+
+def record_backends(monkeypatch) -> list:
+    """The ``backend`` argument of every backend resolution of the spline ops from now on."""
+    import importlib
+
+    rqs = importlib.import_module("fastflow.ops.rq_spline")  # the module (fastflow.ops.rq_spline is the function)
+    seen = []
+    real = rqs.resolve_backend
+
+    def spy(op, tensor, backend=None):
+        seen.append(backend)
+        return real(op, tensor, backend)
+
+    monkeypatch.setattr(rqs, "resolve_backend", spy)
+    return seen
+
+
+def check_nested_backend(module_mod, run, monkeypatch):
+    """A handle's backend is in force while it is the innermost handle open and again once an
+    inner one closes (in or out of order); nothing is left behind when the last one closes."""
+    seen = record_backends(monkeypatch)
+
+    def backends(fn=run):
+        seen.clear()
+        fn()
+        return set(seen)
+
+    outer_backend = BACKEND if BACKEND != "reference" else None
+    with module_mod.accelerate(backend=outer_backend) as outer:
+        assert backends() == {outer_backend}
+        with module_mod.accelerate(backend="reference") as inner:
+            assert backends() == {"reference"}
+        assert backends() == {outer_backend}  # the outer scope's own backend again
+        assert outer.active and not inner.active
+        assert outer.backend == outer_backend and inner.backend == "reference"
+        with module_mod.accelerate():
+            assert backends() == {None}
+        assert backends() == {outer_backend}
+    assert not module_mod.is_accelerated() and backends() == set()  # the peer's own code
+    a = module_mod.accelerate(backend="reference")
+    b = module_mod.accelerate(backend=outer_backend)
+    a.close()  # out of order: b is still the innermost open handle
+    assert backends() == {outer_backend}
+    c = module_mod.accelerate(backend="reference")
+    b.close()
+    assert backends() == {"reference"}
+    module_mod.restore()
+    assert not c.active and not module_mod.is_accelerated() and backends() == set()
+    c.close()  # after restore(): nothing left to release
+
+
+def check_backend_refused_at_once(module_mod):
+    """accelerate(backend=...) raises at once, and changes nothing, for a name that is no
+    backend, a non-string, a backend without spline kernels and one that cannot run here."""
+    import re
+
+    import pytest
+
+    from fastflow.backends import BACKENDS, BackendUnavailableError, UnknownBackendError
+
+    with module_mod.accelerate(backend=BACKEND) as outer:
+        with pytest.raises(UnknownBackendError, match="'nope'"):
+            module_mod.accelerate(backend="nope")
+        with pytest.raises(TypeError, match="backend"):
+            module_mod.accelerate(backend=5)
+        with pytest.raises(BackendUnavailableError, match="no kernel for 'rq_spline'"):
+            module_mod.accelerate(backend="torch")
+        for name in ("cuda", "triton"):
+            reason = BACKENDS[name].probe()
+            if reason is not None:  # e.g. no CUDA device here
+                with pytest.raises(BackendUnavailableError, match=re.escape(reason)):
+                    module_mod.accelerate(backend=name)
+        assert outer.active and module_mod.INTEGRATION.backend == BACKEND
+        assert len(module_mod.INTEGRATION._handles) == 1
+    assert not module_mod.is_accelerated()
+    with pytest.raises(UnknownBackendError):
+        module_mod.accelerate(backend="nope")
+    assert not module_mod.is_accelerated()

@@ -19,7 +19,8 @@ from nflows.transforms.coupling import PiecewiseRationalQuadraticCouplingTransfo
 from nflows.transforms.permutations import ReversePermutation  # noqa: E402
 from nflows.transforms.splines import rational_quadratic as nf_rq  # noqa: E402
 from tests.integrations._common import (  # noqa: E402
-    BACKEND, check_equal, check_restore, check_spline_f32, check_training, check_untested_version, perturb,
+    BACKEND, check_backend_refused_at_once, check_equal, check_nested_backend, check_restore, check_spline_f32,
+    check_training, check_untested_version, perturb,
 )
 
 D, C, N = 4, 3, 64
@@ -197,3 +198,46 @@ def test_restore_exactly():
 
 def test_untested_version_patches_nothing(monkeypatch):
     check_untested_version(ffn, _targets(), monkeypatch)
+
+
+def test_nested_backend_belongs_to_the_handle(monkeypatch):
+    flow = make_flow("coupling", 0).double()
+    x, _ = data(0)
+    check_nested_backend(ffn, lambda: flow.log_prob(x), monkeypatch)
+
+
+def test_backend_refused_at_accelerate_time():
+    check_backend_refused_at_once(ffn)
+
+
+def _spline_args(k, n=32, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * 2
+    w, h = (torch.randn(n, k, generator=g, dtype=torch.float64) for _ in range(2))
+    return x, w, h, torch.randn(n, k - 1, generator=g, dtype=torch.float64), torch.randn(n, k + 1, generator=g,
+                                                                                          dtype=torch.float64)
+
+
+def test_what_the_op_declines_runs_nflows_code():
+    """K=2000 bins (more than the fused op takes) runs nflows' own spline, in the functions and
+    in a model; a min_bin_width too large for K raises nflows' own error."""
+    un, bd = nf_rq.unconstrained_rational_quadratic_spline, nf_rq.rational_quadratic_spline
+    x, w, h, d, db = _spline_args(2000)
+    xb = torch.rand(x.shape, dtype=torch.float64)
+    kw = dict(min_bin_width=1e-4, min_bin_height=1e-4)
+    want = [un(x, w, h, d, tail_bound=3.0, **kw), bd(xb, w, h, db, **kw)]
+    with ffn.accelerate(backend=BACKEND):
+        got = [nf_rq.unconstrained_rational_quadratic_spline(x, w, h, d, tail_bound=3.0, **kw),
+               nf_rq.rational_quadratic_spline(xb, w, h, db, **kw)]
+        x6, w6, h6, d6, _ = _spline_args(6)
+        with pytest.raises(ValueError, match="Minimal bin width too large"):
+            nf_rq.unconstrained_rational_quadratic_spline(x6, w6, h6, d6, tail_bound=3.0, min_bin_width=0.2)
+    for a, b in zip(want, got):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.manual_seed(0)
+    layer = PiecewiseRationalQuadraticCouplingTransform(
+        mask=torch.arange(D) % 2 == 0, num_bins=2000, tails="linear", tail_bound=3.0, min_bin_width=1e-4,
+        min_bin_height=1e-4, transform_net_create_fn=lambda fi, fo: ResidualNet(fi, fo, 8, num_blocks=1))
+    flow = perturb(Flow(layer, StandardNormal([D])))
+    xs, _ = data(0)
+    check_equal(log_prob, flow, [xs[:16], None], ffn.accelerate, torch.float64)

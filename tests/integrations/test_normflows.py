@@ -10,7 +10,8 @@ nf = pytest.importorskip("normflows")
 import fastflow.integrations.normflows as ffm  # noqa: E402
 from normflows.utils import splines as nm_splines  # noqa: E402
 from tests.integrations._common import (  # noqa: E402
-    check_equal, check_restore, check_training, check_untested_version, perturb,
+    BACKEND, check_backend_refused_at_once, check_equal, check_nested_backend, check_restore, check_training,
+    check_untested_version, perturb,
 )
 
 D, C, N = 4, 3, 64
@@ -106,3 +107,36 @@ def test_restore_exactly():
 
 def test_untested_version_patches_nothing(monkeypatch):
     check_untested_version(ffm, _TARGETS, monkeypatch)
+
+
+def test_nested_backend_belongs_to_the_handle(monkeypatch):
+    model = make_model("coupling", 0).double()
+    x, _ = data(0)
+    check_nested_backend(ffm, lambda: model.log_prob(x), monkeypatch)
+
+
+def test_backend_refused_at_accelerate_time():
+    check_backend_refused_at_once(ffm)
+
+
+def test_what_the_op_declines_runs_normflows_code():
+    """K=2000 bins (more than the fused op takes) runs normflows' own spline; a min_bin_width
+    too large for K raises normflows' own error."""
+    g = torch.Generator().manual_seed(8)
+    n, k = 32, 2000
+    x = torch.randn(n, generator=g, dtype=torch.float64) * 2
+    xb = torch.rand(n, generator=g, dtype=torch.float64)
+    w, h = (torch.randn(n, k, generator=g, dtype=torch.float64) for _ in range(2))
+    d, db = (torch.randn(n, k + j, generator=g, dtype=torch.float64) for j in (-1, 1))
+    kw = dict(min_bin_width=1e-4, min_bin_height=1e-4)
+    un, bd = nm_splines.unconstrained_rational_quadratic_spline, nm_splines.rational_quadratic_spline
+    want = [un(x, w, h, d, tail_bound=3.0, **kw), bd(xb, w, h, db, **kw)]
+    with ffm.accelerate(backend=BACKEND):
+        got = [nm_splines.unconstrained_rational_quadratic_spline(x, w, h, d, tail_bound=3.0, **kw),
+               nm_splines.rational_quadratic_spline(xb, w, h, db, **kw)]
+        with pytest.raises(ValueError, match="Minimal bin width too large"):
+            nm_splines.unconstrained_rational_quadratic_spline(x, w[:, :6], h[:, :6], d[:, :5], tail_bound=3.0,
+                                                               min_bin_width=0.2)
+    for a, b in zip(want, got):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # (normflows' layers keep the 1e-3 minimum bin size, so no normflows model has more than 1000 bins)
