@@ -49,3 +49,13 @@ def check_positive_float(op: str, name: str, value, *, allow_zero: bool = False)
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{op}: {name} must be a finite {kind} number, got {value!r}")
     return v
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    """A flag that must be a real boolean: ``inverse="False"`` or ``[0]`` would otherwise be truthy
+    and silently select the other map."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{op}: {name} must be True or False, got {value!r} ({type(value).__name__})")

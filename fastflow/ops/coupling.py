@@ -26,7 +26,7 @@ import torch
 from fastflow.backends import SMALL_CPU_ELEMS, get_kernel, resolve_backend, routed_backend
 from fastflow.kernels.reference._precision import upcast
 from fastflow.kernels.reference.coupling import SCALES
-from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
+from fastflow.ops._checks import check_bool, check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import _eager as _dispatch_eager
 from fastflow.ops._dispatch import custom_op
 from fastflow.ops._layout import as_3d as _as_3d
@@ -286,10 +286,11 @@ def affine_coupling(
     if not isinstance(scale, str) or scale not in SCALES:
         raise ValueError(f"{op}: scale must be one of {list(SCALES)}, got {scale!r}")
     clamp = check_positive_float(op, "clamp", clamp)
+    inverse = check_bool(op, "inverse", inverse)
     name = _backend_for(op, backend, x, shift, raw_scale)
     if name == "torch":
-        return get_kernel(op, "torch").affine(x, shift, raw_scale, scale, clamp, bool(inverse))
-    return _affine_coupling_op(x, shift, raw_scale, scale, clamp, bool(inverse), name)
+        return get_kernel(op, "torch").affine(x, shift, raw_scale, scale, clamp, inverse)
+    return _affine_coupling_op(x, shift, raw_scale, scale, clamp, inverse, name)
 
 
 def additive_coupling(
@@ -306,10 +307,11 @@ def additive_coupling(
     """
     op = "additive_coupling"
     _check_batch(op, {"x": x, "shift": shift})
+    inverse = check_bool(op, "inverse", inverse)
     name = _backend_for(op, backend, x, shift)
     if name == "torch":
-        return get_kernel(op, "torch").additive(x, shift, bool(inverse))
-    return _additive_coupling_op(x, shift, bool(inverse), name)
+        return get_kernel(op, "torch").additive(x, shift, inverse)
+    return _additive_coupling_op(x, shift, inverse, name)
 
 
 def rescale(
@@ -341,10 +343,11 @@ def rescale(
     if not ok:
         raise ValueError(f"{op}: log_scale must have the event shape {tuple(event)} of x (or broadcast to it), "
                          f"got {describe(log_scale)}")
+    inverse = check_bool(op, "inverse", inverse)
     name = _backend_for(op, backend, x, log_scale)
     if name == "torch":
-        return get_kernel(op, "torch").rescale(x, log_scale.expand(event), bool(inverse))
-    return _rescale_op(x, log_scale.expand(event), bool(inverse), name)
+        return get_kernel(op, "torch").rescale(x, log_scale.expand(event), inverse)
+    return _rescale_op(x, log_scale.expand(event), inverse, name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from fastflow.backends import NUMBA_LU_MAX_CHANNELS, get_kernel, register_note, 
 from fastflow.kernels.reference import lu as ref
 from fastflow.kernels.torch.lu import compute_dtype as _compute_dtype
 from fastflow.kernels.torch.lu import tensor_version as _version
-from fastflow.ops._checks import check_same, check_tensor, describe
+from fastflow.ops._checks import check_bool, check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
 from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 
@@ -334,7 +334,8 @@ _ARGS_DOC = """
 def lu_linear(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
     _check("lu_linear", x, None, None, perm, lower, upper, log_s, sign, (2,))
     name = resolve_backend("lu_linear", x, backend)
-    return _lu_linear_op(x, perm, lower, upper, log_s, sign, bool(inverse), name)
+    inverse = check_bool("lu_linear", "inverse", inverse)
+    return _lu_linear_op(x, perm, lower, upper, log_s, sign, inverse, name)
 
 
 @_with_doc("""Glow's LU-parameterised invertible 1x1 convolution (Kingma & Dhariwal, 2018, sec. 3.2).
@@ -349,7 +350,8 @@ def lu_linear(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None
 def lu_conv1x1(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
     _check("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, (4,))
     name = resolve_backend("lu_conv1x1", x, backend)
-    return _lu_conv1x1_op(x, perm, lower, upper, log_s, sign, bool(inverse), name)
+    inverse = check_bool("lu_conv1x1", "inverse", inverse)
+    return _lu_conv1x1_op(x, perm, lower, upper, log_s, sign, inverse, name)
 
 
 @_with_doc("""One Glow step's ActNorm followed by its LU 1x1 convolution, fused into one affine map.
@@ -371,7 +373,8 @@ def lu_conv1x1(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=Non
 def actnorm_conv1x1(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
     _check("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, (2, 4))
     name = resolve_backend("actnorm_conv1x1", x, backend)
-    return _actnorm_conv1x1_op(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, bool(inverse), name)
+    inverse = check_bool("actnorm_conv1x1", "inverse", inverse)
+    return _actnorm_conv1x1_op(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import math
 import torch
 
 from fastflow.backends import BackendUnavailableError, env_backend, get_kernel, resolve_backend
-from fastflow.ops._checks import check_positive_float, check_same, check_tensor, describe
+from fastflow.ops._checks import check_bool, check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
 from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 
@@ -240,7 +240,8 @@ def rq_spline(
     )
     name = resolve_backend(OP, inputs, backend)
     params = _expand(inputs, (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
-    return _rq_spline_op(inputs, *params, bool(inverse), tail_bound, mbw, mbh, md, name)
+    inverse = check_bool(OP, "inverse", inverse)
+    return _rq_spline_op(inputs, *params, inverse, tail_bound, mbw, mbh, md, name)
 
 
 def _expand(inputs, params):
@@ -317,7 +318,8 @@ def rq_spline_bounded(
                          f"bottom={bottom}, top={top}")
     name = _param_backend(op, inputs, backend, "nflows_bounded")
     params = _expand(inputs, (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
-    return _rq_spline_op(inputs, *params, bool(inverse), 1.0, mbw, mbh, md, name, "nflows_bounded", *box)
+    inverse = check_bool(op, "inverse", inverse)
+    return _rq_spline_op(inputs, *params, inverse, 1.0, mbw, mbh, md, name, "nflows_bounded", *box)
 
 
 def rq_spline_zuko(
@@ -359,7 +361,8 @@ def rq_spline_zuko(
         raise ValueError(f"{op}: slope must be in (0, 1), got {slope}")
     name = _param_backend(op, inputs, backend, "zuko")
     params = _expand(inputs, (widths, heights, derivatives))
-    return _rq_spline_op(inputs, *params, bool(inverse), bound, 0.0, 0.0, slope, name, "zuko", -bound, bound, -bound,
+    inverse = check_bool(op, "inverse", inverse)
+    return _rq_spline_op(inputs, *params, inverse, bound, 0.0, 0.0, slope, name, "zuko", -bound, bound, -bound,
                          bound)
 
 

@@ -561,3 +561,17 @@ def test_vmap_of_every_transform(spec, backend, option, inverse):
             assert len(flat_got) == len(flat_want), name
             for g, w in zip(flat_got, flat_want):
                 _close(g[slot], w, dtype, f"vmap({name}) slice {slot}")
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in SPECS.values()])
+def test_inverse_takes_booleans_only(spec):
+    """``inverse="False"``, ``"no"``, ``"0"``, ``[0]`` used to be truthy and silently computed the
+    inverse map."""
+    import numpy as np
+
+    tensors, kwargs = _example(spec, spec.shapes[0], torch.float64, "cpu", spec.options[0])
+    for bad in ("False", "no", "0", [0], 0, 1, None, torch.tensor(False)):
+        with pytest.raises(TypeError, match=f"{spec.name}: inverse must be True or False"):
+            spec.fn(*tensors, inverse=bad, **kwargs)
+    for flag in (False, np.bool_(False)):
+        torch.testing.assert_close(spec.fn(*tensors, inverse=flag, **kwargs), spec.fn(*tensors, **kwargs))
