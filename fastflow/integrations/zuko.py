@@ -1,13 +1,19 @@
 """``fastflow.integrations.zuko``: zuko's spline transforms on fastflow's fused spline op.
 
 ``accelerate()`` patches ``zuko.transforms.MonotonicRQSTransform`` (used by ``zuko.flows.NSF``
-and, composed with a circular shift, ``NCSF``) so that it keeps its raw parameters and evaluates
-``__call__``, ``inv``, ``log_abs_det_jacobian`` and ``call_and_ladj`` with
-:func:`fastflow.ops.rq_spline.rq_spline_zuko` (the same function: soft-bounded raw values,
-softmax, exp slopes, identity outside ``[-bound, bound]``) instead of its chain of softmax,
-cumsum, gather and where kernels. Its attributes ``horizontal``, ``vertical`` and
-``derivatives`` are still there, computed by zuko's own formulas when first read. Inputs that
-the op does not take (half precision, mixed devices) go through zuko's own code.
+and, composed with a circular shift, ``NCSF``) so that ``__call__``, ``inv``,
+``log_abs_det_jacobian`` and ``call_and_ladj`` run :func:`fastflow.ops.rq_spline.rq_spline_zuko`
+(the same function: soft-bounded raw values, softmax, exp slopes, identity outside
+``[-bound, bound]``) instead of zuko's chain of searchsorted, gather and where kernels.
+
+A transform built while accelerated is zuko's own object: zuko's constructor runs and sets
+exactly its attributes (``horizontal``, ``vertical``, ``derivatives``), so it stays valid after
+``restore()``, ``copy.deepcopy`` and pickling. The raw ``widths, heights, derivatives, bound,
+slope`` the fused op needs are remembered beside it (a table keyed by the object, dropped with
+it), not on it; a patched method uses the fused op when the object's knots are still the ones
+zuko computed from those values, and zuko's own code otherwise (a transform built before the
+call, a copy, knots assigned since). Inputs or parameters the op does not take (half
+precision, mixed devices, more than 1024 bins, a tensor bound) go through zuko's own code too.
 
 Tested with zuko 1.6.x.
 """
@@ -15,6 +21,7 @@ Tested with zuko 1.6.x.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -23,81 +30,107 @@ from fastflow.integrations._patch import Integration, float_tensors
 __all__ = ["accelerate", "restore", "is_accelerated", "TESTED"]
 
 TESTED = "zuko 1.6.x"
-_LAZY = ("horizontal", "vertical", "derivatives")
+
+# id(transform) -> (weakref to it, its horizontal, vertical, derivatives as zuko's constructor
+# set them, and the raw widths, heights, derivatives, bound, slope it was built from)
+# (single dict operations, atomic under the GIL: no lock, which a weakref callback run by the
+# garbage collector inside a locked section would deadlock on)
+_RAW: dict = {}
 
 
 def _tested(version: str) -> bool:
     return version.split(".")[:2] == ["1", "6"]
 
 
+def _remember(t, widths, heights, derivatives, bound, slope) -> None:
+    key = id(t)
+
+    def forget(ref, key=key):
+        # called while ``t`` is freed, before its id can be reused
+        entry = _RAW.get(key)
+        if entry is not None and entry[0] is ref:
+            _RAW.pop(key, None)
+
+    d = t.__dict__
+    entry = (weakref.ref(t, forget), d.get("horizontal"), d.get("vertical"), d.get("derivatives"),
+             widths, heights, derivatives, bound, slope)
+    _RAW[key] = entry
+
+
+def _raw(t):
+    """The raw parameters ``t`` was built from, if its knots are still the ones zuko computed
+    from them (else None)."""
+    entry = _RAW.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    d = t.__dict__
+    if d.get("horizontal") is not entry[1] or d.get("vertical") is not entry[2] or \
+            d.get("derivatives") is not entry[3]:
+        return None
+    return entry[4:]
+
+
 def _spline(v, w, h, d, inverse, bound, slope):
-    """zuko's spline of ``v`` by fastflow's fused op: (values, log-det).
+    """zuko's spline of ``v`` by fastflow's fused op: (values, log-det); the arguments are
+    what the op takes (checked by ``evaluate``).
 
     zuko's parameters are views into its conditioner's output (``unpack`` splits the last dim),
     which the op copies into contiguous arrays; made contiguous here, once, the op's backward
-    reuses them instead of copying them again. Where the arguments are what the op takes (the
-    checks of :func:`fastflow.ops.rq_spline.rq_spline_zuko`, done here on what zuko passes),
-    the op is called without its public wrapper's argument checks (tens of microseconds per
-    call, several calls per step); anything else goes through ``rq_spline_zuko`` itself."""
-    from fastflow.ops.rq_spline import _MAX_BINS, _param_backend, _rq_spline_op, rq_spline_zuko
+    reuses them instead of copying them again. The op is called without its public wrapper's
+    argument checks (tens of microseconds per call, several calls per step)."""
+    from fastflow.ops.rq_spline import _param_backend, _rq_spline_op
+
+    name = _param_backend("rq_spline_zuko", v, INTEGRATION.backend, "zuko")
+    b, s = float(bound), float(slope)
+    w, h, d = w.contiguous(), h.contiguous(), d.contiguous()
+    return _rq_spline_op(v, w, h, d, bool(inverse), b, 0.0, 0.0, s, name, "zuko", -b, b, -b, b)
+
+
+def evaluate(t, v, inverse):
+    """(values, log-det) of transform ``t`` at ``v`` by fastflow, or None where zuko's own code
+    must run."""
+    raw = _raw(t)
+    if raw is None:
+        return None
+    w, h, d, bound, slope = raw
+    if not (isinstance(v, torch.Tensor) and type(bound) in (float, int) and type(slope) in (float, int)
+            and 0.0 < bound < math.inf and 0.0 < slope < 1.0 and float_tensors(w, h, d) and w.dim() >= 1
+            and h.dim() >= 1 and d.dim() >= 1 and v.numel() > 0):
+        return None
+    from fastflow.ops.rq_spline import _MAX_BINS
 
     k = w.shape[-1]
+    if not (2 <= k <= _MAX_BINS and h.shape[-1] == k and d.shape[-1] == k - 1):
+        return None
+    if v.dtype != w.dtype:
+        dtype = torch.promote_types(v.dtype, w.dtype)
+        if dtype not in (torch.float32, torch.float64) or v.device != w.device:
+            return None
+        v, w, h, d = v.to(dtype), w.to(dtype), h.to(dtype), d.to(dtype)
+    elif v.device != w.device:
+        return None
     lead = v.shape
-    b, s = bound, slope
-    if (type(b) in (float, int) and type(s) in (float, int) and 0.0 < b < math.inf and 0.0 < s < 1.0
-            and 2 <= k <= _MAX_BINS and h.shape[-1] == k and d.shape[-1] == k - 1
-            and w.shape[:-1] == lead and h.shape[:-1] == lead and d.shape[:-1] == lead):
-        name = _param_backend("rq_spline_zuko", v, INTEGRATION.backend, "zuko")
-        b, s = float(b), float(s)
-        w, h, d = w.contiguous(), h.contiguous(), d.contiguous()
-        return _rq_spline_op(v, w, h, d, bool(inverse), b, 0.0, 0.0, s, name, "zuko", -b, b, -b, b)
-    return rq_spline_zuko(v, w, h, d, inverse=inverse, bound=float(bound), slope=float(slope),
-                          backend=INTEGRATION.backend)
+    if w.shape[:-1] != lead or h.shape[:-1] != lead or d.shape[:-1] != lead:
+        try:
+            shape = torch.broadcast_shapes(lead, w.shape[:-1], h.shape[:-1], d.shape[:-1])
+        except RuntimeError:
+            return None  # zuko's own code raises its own error
+        if v.shape != shape:
+            v = v.expand(shape)
+        w, h, d = (p if p.shape[:-1] == shape else p.expand(*shape, p.shape[-1]) for p in (w, h, d))
+    return _spline(v, w, h, d, inverse, bound, slope)
 
 
 def _targets():
     from zuko.transforms import MonotonicRQSTransform as M
 
     orig = {name: M.__dict__[name] for name in ("__init__", "_call", "_inverse", "log_abs_det_jacobian",
-                                                "call_and_ladj", "bins")}
-    base_init = M.__mro__[1].__init__  # torch.distributions.Transform
+                                                "call_and_ladj")}
+    init = orig["__init__"]
 
     def __init__(self, widths, heights, derivatives, bound=5.0, slope=1e-3, **kwargs):
-        base_init(self, **kwargs)
-        self._fastflow = (widths, heights, derivatives, bound, slope)
-
-    def __getattr__(self, name):
-        # only reached when normal lookup fails: zuko's knots of a transform built accelerated
-        state = self.__dict__.get("_fastflow")
-        if state is None or name not in _LAZY:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        ref = M.__new__(M)
-        orig["__init__"](ref, *state)
-        for n in _LAZY:
-            self.__dict__[n] = ref.__dict__[n]
-        return self.__dict__[name]
-
-    def evaluate(self, v, inverse):
-        """(values, log-det) by fastflow, or None where zuko's own code must run."""
-        state = self.__dict__.get("_fastflow")
-        if state is None or "horizontal" in self.__dict__:
-            return None
-        w, h, d, bound, slope = state
-        if not (isinstance(v, torch.Tensor) and float_tensors(w, h, d) and w.shape[-1] >= 2):
-            return None
-        if v.dtype != w.dtype:
-            dtype = torch.promote_types(v.dtype, w.dtype)
-            if dtype not in (torch.float32, torch.float64) or v.device != w.device:
-                return None
-            v, w, h, d = v.to(dtype), w.to(dtype), h.to(dtype), d.to(dtype)
-        elif v.device != w.device:
-            return None
-        lead = v.shape
-        if w.shape[:-1] != lead or h.shape[:-1] != lead or d.shape[:-1] != lead:
-            shape = torch.broadcast_shapes(lead, w.shape[:-1], h.shape[:-1], d.shape[:-1])
-            if v.shape != shape:
-                v = v.expand(shape)
-        return _spline(v, w, h, d, inverse, bound, slope)
+        init(self, widths, heights, derivatives, bound, slope, **kwargs)  # zuko's object, exactly
+        _remember(self, widths, heights, derivatives, bound, slope)
 
     def _call(self, x):
         r = evaluate(self, x, False)
@@ -115,25 +148,16 @@ def _targets():
         r = evaluate(self, x, False)
         return orig["call_and_ladj"](self, x) if r is None else r
 
-    def bins(self):
-        state = self.__dict__.get("_fastflow")
-        return state[0].shape[-1] if state is not None else self.horizontal.shape[-1] - 1
-
     for f in (__init__, _call, _inverse, log_abs_det_jacobian, call_and_ladj):
         f.__qualname__ = f"MonotonicRQSTransform.{f.__name__}"
         f.__doc__ = getattr(orig[f.__name__], "__doc__", None)
-    return [
-        (M, "__init__", __init__),
-        (M, "__getattr__", __getattr__),
-        (M, "_call", _call),
-        (M, "_inverse", _inverse),
-        (M, "log_abs_det_jacobian", log_abs_det_jacobian),
-        (M, "call_and_ladj", call_and_ladj),
-        (M, "bins", property(bins)),
-    ]
+        f.__wrapped__ = orig[f.__name__]
+    return [(M, name, f) for name, f in (("__init__", __init__), ("_call", _call), ("_inverse", _inverse),
+                                         ("log_abs_det_jacobian", log_abs_det_jacobian),
+                                         ("call_and_ladj", call_and_ladj))]
 
 
-INTEGRATION = Integration("zuko", "zuko", _tested, TESTED, _targets)
+INTEGRATION = Integration("zuko", "zuko", _tested, TESTED, _targets, required=("zuko",))
 
 
 def accelerate(*, backend: str | None = None, force: bool = False):

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import gc
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 import torch
 
@@ -9,7 +16,8 @@ zuko = pytest.importorskip("zuko")
 
 import fastflow.integrations.zuko as ffz  # noqa: E402
 from tests.integrations._common import (  # noqa: E402
-    BACKEND, check_equal, check_restore, check_spline_f32, check_training, check_untested_version, perturb, rel,
+    BACKEND, check_backend_refused_at_once, check_equal, check_nested_backend, check_restore, check_spline_f32,
+    check_training, check_untested_version, perturb, rel,
 )
 from zuko.transforms import MonotonicRQSTransform  # noqa: E402
 
@@ -90,8 +98,11 @@ def test_training_trajectory():
     check_training(lambda: zuko.flows.NSF(D, C, transforms=2, hidden_features=(16, 16), bins=6), batch, ffz.accelerate)
 
 
-def test_transform_api_and_broadcasting():
+def test_transform_api_and_broadcasting(monkeypatch):
     """The accelerated transform behaves like MonotonicRQSTransform in what its API exposes."""
+    calls = []
+    fused = ffz._spline
+    monkeypatch.setattr(ffz, "_spline", lambda *args: calls.append(args[4]) or fused(*args))
     g = torch.Generator().manual_seed(3)
     w, h = (torch.randn(4, 1, 6, generator=g, dtype=torch.float64) * 2 for _ in range(2))
     d = torch.randn(4, 1, 5, generator=g, dtype=torch.float64)
@@ -100,7 +111,8 @@ def test_transform_api_and_broadcasting():
     with ffz.accelerate(backend=BACKEND):
         t = MonotonicRQSTransform(w, h, d, bound=4.0, slope=1e-2)
         y, ladj = t.call_and_ladj(x)
-        assert "horizontal" not in t.__dict__  # nothing of zuko's chain ran
+        assert calls == [False]  # the fused op ran, not zuko's chain
+        assert t.__dict__.keys() == ref.__dict__.keys()  # zuko's own object: exactly its attributes
         assert y.shape == (4, 3) and ladj.shape == (4, 3)
         y0, l0 = ref.call_and_ladj(x)
         assert rel(y, y0) <= 1e-12 and rel(ladj, l0) <= 1e-12
@@ -176,8 +188,9 @@ def test_no_nan_near_the_bounds():
 
 
 def test_restore_exactly():
-    check_restore(ffz, [(MonotonicRQSTransform, n) for n in ("__init__", "__getattr__", "_call", "_inverse",
-                                                            "log_abs_det_jacobian", "call_and_ladj", "bins")])
+    targets = [(MonotonicRQSTransform, n) for n in ("__init__", "_call", "_inverse", "log_abs_det_jacobian",
+                                                   "call_and_ladj")]
+    check_restore(ffz, targets + [(MonotonicRQSTransform, n) for n in ("__getattr__", "bins")], patched=len(targets))
 
 
 def test_untested_version_patches_nothing(monkeypatch):
@@ -211,3 +224,160 @@ def test_nsf_runs_the_fused_kernels(passes, monkeypatch):
         flow().sample((8,))
     passes = 2 if passes else D
     assert calls.count(False) == 2 and calls.count(True) == 2 * passes  # 2 transforms, inverse `passes` times each
+
+
+def test_nested_backend_belongs_to_the_handle(monkeypatch):
+    flow = nsf(0, 2).double()
+    x, _ = data(0)
+    check_nested_backend(ffz, lambda: flow().log_prob(x), monkeypatch)
+
+
+def test_backend_refused_at_accelerate_time():
+    check_backend_refused_at_once(ffz)
+    if BACKEND != "reference":
+        from fastflow.backends import BACKENDS, BackendUnavailableError
+
+        if BACKENDS["cuda"].probe() is None:  # a GPU: the cuda kernels have no zuko prologue
+            with pytest.raises(BackendUnavailableError, match="'zuko'"):
+                ffz.accelerate(backend="cuda")
+
+
+def _transform_args():
+    g = torch.Generator().manual_seed(6)
+    w, h = (torch.randn(8, 6, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    d = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(8, generator=g, dtype=torch.float64) * 3
+    return (w, h, d), dict(bound=4.0, slope=1e-2), x
+
+
+def _check_zukos_own(t, ref, x):
+    """``t`` is a valid zuko transform: zuko's own methods (or the patched ones) give zuko's results."""
+    assert t.__dict__.keys() == ref.__dict__.keys()
+    for name in ("horizontal", "vertical", "derivatives"):
+        assert torch.equal(t.__dict__[name], ref.__dict__[name])
+    y0, l0 = ref.call_and_ladj(x)
+    y, ladj = t.call_and_ladj(x)
+    assert rel(y, y0) <= 1e-12 and rel(ladj, l0) <= 1e-12
+    assert rel(t(x), y0) <= 1e-12 and rel(t.log_abs_det_jacobian(x, y0), l0) <= 1e-12
+    assert rel(t.inv(y0), ref.inv(y0)) <= 1e-10
+    assert t.bins == ref.bins and repr(t) == repr(ref)
+
+
+def test_built_accelerated_survives_restore_and_deepcopy():
+    """A transform built while accelerated is zuko's own object: after close(), restore() and
+    deepcopy (made while accelerated or after), zuko's own methods work on it."""
+    args, kw, x = _transform_args()
+    ref = MonotonicRQSTransform(*args, **kw)
+    with ffz.accelerate(backend=BACKEND):
+        t = MonotonicRQSTransform(*args, **kw)
+        copied = copy.deepcopy(t)
+        _check_zukos_own(t, ref, x)
+        _check_zukos_own(copied, ref, x)  # a copy runs zuko's code: still the same function
+    for obj in (t, copied, copy.deepcopy(t)):
+        _check_zukos_own(obj, ref, x)
+    ffz.accelerate(backend=BACKEND)
+    u = MonotonicRQSTransform(*args, **kw)
+    ffz.restore()
+    _check_zukos_own(u, ref, x)
+    # knots assigned since construction: the patched methods follow them (zuko's code), not the raw values
+    with ffz.accelerate(backend=BACKEND):
+        v = MonotonicRQSTransform(*(a.flip(0) for a in args), **kw)
+        v.horizontal, v.vertical, v.derivatives = ref.horizontal, ref.vertical, ref.derivatives
+        _check_zukos_own(v, ref, x)
+
+
+def test_built_accelerated_loads_in_a_fresh_process(tmp_path):
+    """torch.save of a transform built while accelerated, loaded by a process that never
+    imports fastflow: zuko's own object there."""
+    args, kw, x = _transform_args()
+    ref = MonotonicRQSTransform(*args, **kw)
+    with ffz.accelerate(backend=BACKEND):
+        torch.save(MonotonicRQSTransform(*args, **kw), tmp_path / "t.pt")
+    torch.save((x, *ref.call_and_ladj(x), ref.inv(x)), tmp_path / "expected.pt")
+    code = (
+        "import sys, torch\n"
+        "t = torch.load(sys.argv[1], weights_only=False)\n"
+        "x, y0, l0, x0 = torch.load(sys.argv[2])\n"
+        "y, ladj = t.call_and_ladj(x)\n"
+        "assert torch.equal(y, y0) and torch.equal(ladj, l0) and torch.equal(t.inv(x), x0)\n"
+        "assert torch.equal(t(x), y0) and t.bins == 6\n"
+        "assert not any(m.startswith('fastflow') for m in sys.modules), 'fastflow imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.pt"), str(tmp_path / "expected.pt")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_toggling_from_another_thread():
+    """accelerate()/close()/restore() in a loop on one thread while two others build
+    transforms and evaluate them, and evaluate flow().log_prob: every evaluation succeeds and
+    gives zuko's value (bounded time)."""
+    flow = nsf(C, 2).double()
+    x, c = data(C)
+    expected = flow(c).log_prob(x).detach()
+    args, kw, xt = _transform_args()
+    expected_t = MonotonicRQSTransform(*args, **kw).call_and_ladj(xt)
+    stop = time.monotonic() + 2.5
+    errors, counts, toggles = [], [0, 0], [0]
+
+    def work(i):
+        while time.monotonic() < stop:
+            try:
+                t = MonotonicRQSTransform(*args, **kw)
+                time.sleep(0)  # let the toggling thread run between building and evaluating
+                worst = max(rel(a, b) for a, b in zip(t.call_and_ladj(xt), expected_t))
+                worst = max(worst, rel(flow(c).log_prob(x), expected))
+                if not worst <= 1e-10:
+                    errors.append(f"off by {worst}")
+            except Exception as e:  # every failure is the finding
+                errors.append(f"{type(e).__name__}: {e}")
+            counts[i] += 1
+
+    def toggle():
+        while time.monotonic() < stop:
+            h = ffz.accelerate(backend=BACKEND)
+            time.sleep(0.0005)
+            h.close() if toggles[0] % 2 else ffz.restore()
+            toggles[0] += 1
+            time.sleep(0.0002)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)] + [threading.Thread(target=toggle)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+    finally:
+        ffz.restore()
+    assert not any(th.is_alive() for th in threads)
+    assert not errors, (len(errors), errors[:3])
+    assert min(counts) > 0 and toggles[0] > 0
+
+
+def test_remembered_parameters_go_with_their_transform():
+    args, kw, x = _transform_args()
+    gc.collect()
+    before = len(ffz._RAW)
+    with ffz.accelerate(backend=BACKEND):
+        for _ in range(50):
+            MonotonicRQSTransform(*args, **kw)(x)
+        kept = MonotonicRQSTransform(*args, **kw)
+    gc.collect()
+    assert len(ffz._RAW) == before + 1
+    del kept
+    gc.collect()
+    assert len(ffz._RAW) == before
+
+
+@pytest.mark.parametrize("passes", [2, None], ids=["coupling", "autoregressive"])
+def test_bins_beyond_the_op_run_zukos_code(passes, monkeypatch):
+    """NSF(bins=2000): more bins than the fused op takes; zuko's own code runs them."""
+    calls = []
+    fused = ffz._spline
+    monkeypatch.setattr(ffz, "_spline", lambda *args: calls.append(args[4]) or fused(*args))
+    torch.manual_seed(0)
+    flow = perturb(zuko.flows.NSF(3, 0, transforms=1, hidden_features=(8,), bins=2000, passes=passes))
+    x = data(0)[0][:16, :3]
+    check_equal(log_prob, flow, [x, None], ffz.accelerate, torch.float64)
+    check_equal(inverse, flow, [x, None], ffz.accelerate, torch.float64)
+    assert calls == []
