@@ -210,6 +210,7 @@ def register_kernel(op: str, backend: str, loader: Callable[[], object]) -> None
     numba/triton/cupy.
     """
     BACKENDS[backend].kernels[op] = functools.lru_cache(maxsize=None)(loader)
+    _RESOLVED.clear()
 
 
 def get_kernel(op: str, backend: str):
@@ -270,7 +271,26 @@ def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None = None) -
     """
     if torch.compiler.is_compiling():
         return _resolve_constant(op, str(tensor.device), str(tensor.dtype).replace("torch.", ""), backend)
-    return _resolve(op, tensor.device, tensor.dtype, backend)
+    # Resolution walks the order and runs probes (microseconds of Python per call); its answer
+    # depends only on these, so a successful one is remembered. Errors are never cached.
+    key = (op, tensor.device, tensor.dtype, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    try:
+        return _RESOLVED[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable backend argument, refused below
+        pass
+    name = _resolve(op, tensor.device, tensor.dtype, backend)
+    if len(_RESOLVED) > 4096:
+        _RESOLVED.clear()
+    _RESOLVED[key] = name
+    return name
+
+
+_RESOLVED: dict = {}
+
+
+def clear_resolution_cache() -> None:
+    """Forget remembered resolutions (after a probe's answer may have changed, e.g. in tests)."""
+    _RESOLVED.clear()
 
 
 def _version(module: str) -> str | None:

@@ -97,9 +97,10 @@ class SpectralNormLinear(nn.Module):
     def _power_iteration(self, n):
         w = self.weight.detach()
         u, v = self.u.to(w.dtype), self.v.to(w.dtype)
-        for _ in range(n):
-            v = F.normalize(w.t() @ u, dim=0, eps=1e-12)
-            u = F.normalize(w @ v, dim=0, eps=1e-12)
+        with torch.autocast(w.device.type, enabled=False):  # the bound needs the weight's precision
+            for _ in range(n):
+                v = F.normalize(w.t() @ u, dim=0, eps=1e-12)
+                u = F.normalize(w @ v, dim=0, eps=1e-12)
         self.u.copy_(u)
         self.v.copy_(v)
 
@@ -108,8 +109,11 @@ class SpectralNormLinear(nn.Module):
         # fixed-point inverse (``frozen``), whose iterates must all see the same weight.
         if self.training and not self.frozen and torch.is_grad_enabled():
             self._power_iteration(self.n_power_iterations)
-        sigma = torch.dot(self.u.to(self.weight.dtype), self.weight @ self.v.to(self.weight.dtype))
-        return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
+        # in the weight's dtype under autocast too: a bfloat16 sigma (0.4% off) could break the
+        # Lipschitz bound that makes the block invertible
+        with torch.autocast(self.weight.device.type, enabled=False):
+            sigma = torch.dot(self.u.to(self.weight.dtype), self.weight @ self.v.to(self.weight.dtype))
+            return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
 
     def forward(self, x):
         return F.linear(x, self.normalized_weight(), self.bias)
@@ -356,11 +360,15 @@ class ResidualBlock(Transform):
                 lin.frozen = False
 
     def _inverse(self, y, context):
-        x_star = self._fixed_point(y.detach(), None if context is None else context.detach())
+        # The fixed point and its implicit gradient run in full precision under autocast too: a
+        # bfloat16 g(x) carries a relative rounding noise of 2^-9, so the iteration could never
+        # meet rtol=1e-5 (the log-det below keeps autocast's precision, like the forward's).
+        with torch.autocast(y.device.type, enabled=False):
+            x_star = self._fixed_point(y.detach(), None if context is None else context.detach())
         if torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in self.parameters())
                                         or (context is not None and context.requires_grad)):
             x0 = x_star.detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(y.device.type, enabled=False):
                 g0 = self.net(x0, context)
             x = y - g0  # equals x_star; its graph gives dy and -dg/dtheta, the hook applies (I + J)^{-1}
             max_iter, atol = self.max_iter, self.atol

@@ -59,3 +59,48 @@ def check_bool(op: str, name: str, value) -> bool:
     if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
         return bool(value)
     raise TypeError(f"{op}: {name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+class CheckMemo:
+    """Remembers argument checks that passed, by everything they read: the tensors' shapes,
+    dtypes, devices and types and the other arguments' types and values.
+
+    An op's checks cost microseconds of Python per call, the same for every call of a training
+    loop; the key costs a fraction of that. Only successes are remembered (a failing call runs
+    the checks and raises each time); NaN never equals itself, so it never hits. Not used while
+    torch.compile traces (symbolic sizes; the checks run once there anyway).
+    """
+
+    __slots__ = ("_seen",)
+
+    def __init__(self):
+        self._seen: dict = {}
+
+    @staticmethod
+    def key(tensors, scalars):
+        if any(isinstance(v, torch.Tensor) for v in scalars):  # hashed by id: never remembered
+            return None
+        try:
+            return (tuple((type(t), t.shape, t.dtype, t.device) for t in tensors),
+                    tuple((type(v), v) for v in scalars))
+        except AttributeError:  # not a tensor: the checks will say so
+            return None
+
+    def get(self, key):
+        if key is None:
+            return None
+        try:
+            return self._seen.get(key)
+        except TypeError:  # an unhashable argument: the checks will say what is wrong with it
+            return None
+
+    def put(self, key, value):
+        if key is None:
+            return value
+        if len(self._seen) > 1024:
+            self._seen.clear()
+        try:
+            self._seen[key] = value
+        except TypeError:
+            pass
+        return value

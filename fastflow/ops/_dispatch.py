@@ -48,18 +48,24 @@ class HigherOrderError(NotImplementedError):
     """A derivative mode (forward-mode AD, double backward) that an op does not support."""
 
 
+try:
+    from torch._C import _are_functorch_transforms_active as _functorch_on
+    from torch._C import _get_tracing_state, _is_torch_function_mode_enabled, _len_torch_dispatch_stack
+    from torch.autograd import forward_ad as _fwad
+    _FAST_PROBES = True
+except ImportError:  # an unknown torch: take the registered op every time (see _eager)
+    _FAST_PROBES = False
+
+
 def _transformed(args) -> bool:
     """Whether this call is under a functorch transform (grad, vjp, jvp, vmap, jacrev, jacfwd)
     or has a dual-tensor input of ``torch.autograd.forward_ad``."""
-    try:
-        if torch._C._are_functorch_transforms_active():
-            return True
-        from torch.autograd import forward_ad
-
-        if forward_ad._current_level >= 0:
-            return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
-    except AttributeError:  # an unknown torch: assume plain reverse mode
+    if not _FAST_PROBES:
         return False
+    if _functorch_on():
+        return True
+    if _fwad._current_level >= 0:
+        return any(isinstance(a, torch.Tensor) and _fwad.unpack_dual(a).tangent is not None for a in args)
     return False
 
 
@@ -80,10 +86,7 @@ def _loop_vmap_rule(op):
 
 
 def _functorch_active() -> bool:
-    try:
-        return bool(torch._C._are_functorch_transforms_active())
-    except AttributeError:  # an unknown torch
-        return False
+    return bool(_FAST_PROBES and _functorch_on())
 
 
 def _is_batched(t) -> bool:
@@ -94,20 +97,10 @@ def _is_batched(t) -> bool:
         return False
 
 
-def _modes_active() -> bool:
-    try:
-        return bool(
-            torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active()
-        )
-    except AttributeError:  # an unknown torch: take the registered op every time
-        return True
-
-
 def _eager(args) -> bool:
     """True when ``args`` are ordinary eager tensors that the implementation can run on as is."""
-    if torch.compiler.is_compiling() or torch._C._get_tracing_state() or _modes_active():
+    if not _FAST_PROBES or torch.compiler.is_compiling() or _get_tracing_state() or _len_torch_dispatch_stack() \
+            or _is_torch_function_mode_enabled():
         return False
     for a in args:
         if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or not (a.is_cpu or a.is_cuda)):
@@ -193,6 +186,21 @@ class FusedOp:
         })
 
     def __call__(self, *args):
+        # The common case first, with each probe once: ordinary eager tensors, no transform, no
+        # dual tensors, no compile/trace/modes (a few C calls; this runs on every op call).
+        if _FAST_PROBES and not _functorch_on() and _fwad._current_level < 0 and not torch.compiler.is_compiling() \
+                and not _get_tracing_state() and not _len_torch_dispatch_stack() \
+                and not _is_torch_function_mode_enabled():
+            grad = False
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    if type(a) not in _PLAIN or not (a.is_cpu or a.is_cuda):
+                        return self.op(*args)  # subclasses, meta/fake or other devices
+                    grad = grad or a.requires_grad
+            if grad and torch.is_grad_enabled():
+                # without registered autograd, the op itself says that it has none
+                return self.op(*args) if self._function is None else self._function.apply(*args)
+            return self.impl(*args)
         if not torch.compiler.is_compiling() and _transformed(args):
             # functorch transforms and forward-mode AD: the composite's plain torch ops (the
             # reference maths), which every transform composes with
@@ -204,7 +212,6 @@ class FusedOp:
         if not _eager(args):
             return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            # without registered autograd, the op itself says that it has none
             return self.op(*args) if self._function is None else self._function.apply(*args)
         return self.impl(*args)
 

@@ -26,6 +26,7 @@ import torch
 from fastflow.backends import SMALL_CPU_ELEMS, get_kernel, resolve_backend, routed_backend
 from fastflow.kernels.reference._precision import upcast
 from fastflow.kernels.reference.coupling import SCALES
+from fastflow.ops._autocast import autocast_args
 from fastflow.ops._checks import check_bool, check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import _eager as _dispatch_eager
 from fastflow.ops._dispatch import custom_op
@@ -282,6 +283,7 @@ def affine_coupling(
     makes that sample's log-det NaN; other samples are untouched.
     """
     op = "affine_coupling"
+    x, shift, raw_scale = autocast_args(x, shift, raw_scale)  # float32 under autocast
     _check_batch(op, {"x": x, "shift": shift, "raw_scale": raw_scale})
     if not isinstance(scale, str) or scale not in SCALES:
         raise ValueError(f"{op}: scale must be one of {list(SCALES)}, got {scale!r}")
@@ -306,6 +308,7 @@ def additive_coupling(
         ``(outputs of x.shape, logabsdet zeros (B,))``.
     """
     op = "additive_coupling"
+    x, shift = autocast_args(x, shift)
     _check_batch(op, {"x": x, "shift": shift})
     inverse = check_bool(op, "inverse", inverse)
     name = _backend_for(op, backend, x, shift)
@@ -330,6 +333,7 @@ def rescale(
         (broadcast) event, the same for every sample (negated for the inverse).
     """
     op = "rescale"
+    x, log_scale = autocast_args(x, log_scale)
     for name, t in (("x", x), ("log_scale", log_scale)):
         check_tensor(name, t, op=op)
     check_same(op, {"x": x, "log_scale": log_scale})

@@ -50,6 +50,7 @@ from fastflow.backends import NUMBA_LU_MAX_CHANNELS, get_kernel, register_note, 
 from fastflow.kernels.reference import lu as ref
 from fastflow.kernels.torch.lu import compute_dtype as _compute_dtype
 from fastflow.kernels.torch.lu import tensor_version as _version
+from fastflow.ops._autocast import autocast_args
 from fastflow.ops._checks import check_bool, check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
 from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
@@ -332,6 +333,7 @@ _ARGS_DOC = """
         for the inverse), O(C). Gradients flow to ``x, lower, upper, log_s``.
     """)
 def lu_linear(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
+    x, lower, upper, log_s, sign = autocast_args(x, lower, upper, log_s, sign)  # float32 under autocast
     _check("lu_linear", x, None, None, perm, lower, upper, log_s, sign, (2,))
     name = resolve_backend("lu_linear", x, backend)
     inverse = check_bool("lu_linear", "inverse", inverse)
@@ -348,6 +350,7 @@ def lu_linear(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None
         (negated for the inverse). Gradients flow to ``x, lower, upper, log_s``.
     """)
 def lu_conv1x1(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
+    x, lower, upper, log_s, sign = autocast_args(x, lower, upper, log_s, sign)
     _check("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, (4,))
     name = resolve_backend("lu_conv1x1", x, backend)
     inverse = check_bool("lu_conv1x1", "inverse", inverse)
@@ -371,6 +374,8 @@ def lu_conv1x1(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=Non
         ``x, an_bias, an_logscale, lower, upper, log_s``.
     """)
 def actnorm_conv1x1(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
+    x, an_bias, an_logscale, lower, upper, log_s, sign = autocast_args(
+        x, an_bias, an_logscale, lower, upper, log_s, sign)
     _check("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, (2, 4))
     name = resolve_backend("actnorm_conv1x1", x, backend)
     inverse = check_bool("actnorm_conv1x1", "inverse", inverse)

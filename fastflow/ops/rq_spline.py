@@ -18,7 +18,8 @@ import math
 import torch
 
 from fastflow.backends import BackendUnavailableError, env_backend, get_kernel, resolve_backend
-from fastflow.ops._checks import check_bool, check_positive_float, check_same, check_tensor, describe
+from fastflow.ops._autocast import autocast_args
+from fastflow.ops._checks import CheckMemo, check_bool, check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
 from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 
@@ -39,16 +40,6 @@ def _box(parameterization, tail_bound, left, right, bottom, top):
     if parameterization == "nflows":
         return (-tail_bound, tail_bound, -tail_bound, tail_bound)
     return (left, right, bottom, top)
-
-
-def _flat(x, uw, uh, ud):
-    k = uw.shape[-1]
-    return (
-        x.reshape(-1).contiguous(),
-        uw.reshape(-1, k).contiguous(),
-        uh.reshape(-1, k).contiguous(),
-        ud.reshape(-1, ud.shape[-1]).contiguous(),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,11 +67,10 @@ def _rq_spline_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if inputs.numel() == 0:
         return torch.empty_like(inputs), torch.empty_like(inputs)
-    flat = _flat(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
     box = _box(parameterization, tail_bound, left, right, bottom, top)
-    out, lad = get_kernel(OP, backend).forward(*flat, inverse, parameterization, box, min_bin_width,
-                                               min_bin_height, min_derivative)
-    return out.view(inputs.shape), lad.view(inputs.shape)
+    return get_kernel(OP, backend).forward(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
+                                           inverse, parameterization, box, min_bin_width, min_bin_height,
+                                           min_derivative)
 
 
 _rq_spline_op.register_fake(fake_outputs(_INPUTS, ("like:inputs", "like:inputs")))
@@ -109,13 +99,10 @@ def _rq_spline_backward_op(
     params = (unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
     if inputs.numel() == 0:
         return torch.empty_like(inputs), *(torch.empty_like(p) for p in params)
-    flat = _flat(inputs, *params)
-    g_out = grad_outputs.reshape(-1).contiguous()
-    g_lad = grad_logabsdet.reshape(-1).contiguous()
     box = _box(parameterization, tail_bound, left, right, bottom, top)
-    g = get_kernel(OP, backend).backward(g_out, g_lad, *flat, inverse, parameterization, box, min_bin_width,
-                                         min_bin_height, min_derivative)
-    return g[0].view(inputs.shape), *(gi.view(p.shape) for gi, p in zip(g[1:], params))
+    return tuple(get_kernel(OP, backend).backward(grad_outputs, grad_logabsdet, inputs, *params, inverse,
+                                                  parameterization, box, min_bin_width, min_bin_height,
+                                                  min_derivative))
 
 
 _rq_spline_backward_op.register_fake(fake_outputs(("g_out", "g_lad") + _INPUTS, tuple(f"like:{n}" for n in _INPUTS)))
@@ -154,8 +141,21 @@ _rq_spline_op.register_autograd(_backward, setup_context=_setup_context, composi
 # --------------------------------------------------------------------------------------------
 
 
+_MEMO = CheckMemo()
+
+
 def _check(inputs, uw, uh, ud, tail_bound, mbw, mbh, md, op="rq_spline", n_derivs=-1,
            names=("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives")):
+    if torch.compiler.is_compiling():
+        return _check_all(inputs, uw, uh, ud, tail_bound, mbw, mbh, md, op, n_derivs, names)
+    key = _MEMO.key((inputs, uw, uh, ud), (tail_bound, mbw, mbh, md, op, n_derivs))
+    done = _MEMO.get(key)
+    if done is None:
+        done = _MEMO.put(key, _check_all(inputs, uw, uh, ud, tail_bound, mbw, mbh, md, op, n_derivs, names))
+    return done
+
+
+def _check_all(inputs, uw, uh, ud, tail_bound, mbw, mbh, md, op, n_derivs, names):
     named = {"inputs": inputs, names[0]: uw, names[1]: uh, names[2]: ud}
     for name, t in named.items():
         check_tensor(name, t, op=op)
@@ -234,6 +234,8 @@ def rq_spline(
         ``log|d outputs / d inputs|`` elementwise. A NaN input gives NaN in both at that element
         only; an empty input gives empty outputs.
     """
+    inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives = autocast_args(
+        inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives)  # float32 under autocast
     tail_bound, mbw, mbh, md = _check(
         inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
         tail_bound, min_bin_width, min_bin_height, min_derivative,
@@ -308,6 +310,8 @@ def rq_spline_bounded(
         ``(outputs, logabsdet)``, both of ``inputs.shape``.
     """
     op = "rq_spline_bounded"
+    inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives = autocast_args(
+        inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
     _, mbw, mbh, md = _check(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, 1.0,
                              min_bin_width, min_bin_height, min_derivative, op=op, n_derivs=1)
     box = tuple(v if isinstance(v, torch.SymFloat) else float(v) for v in (left, right, bottom, top))
@@ -354,6 +358,7 @@ def rq_spline_zuko(
         ``(outputs, logabsdet)``, both of ``inputs.shape``.
     """
     op = "rq_spline_zuko"
+    inputs, widths, heights, derivatives = autocast_args(inputs, widths, heights, derivatives)
     bound, _, _, _ = _check(inputs, widths, heights, derivatives, bound, 0.0, 0.0, 0.0, op=op,
                             names=("widths", "heights", "derivatives"))
     slope = float(slope)

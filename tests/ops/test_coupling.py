@@ -395,25 +395,30 @@ def test_numba_interleaved_params_read_as_pairs(inverse, monkeypatch):
     assert any(taken) and not all(taken)
 
 
-def test_numba_single_task_launch_uses_one_thread():
-    """A kernel with one parallel task runs on one thread (no pool wake-up); the caller's thread
-    count is restored, and multi-task kernels keep the pool."""
+def test_numba_single_task_launch_runs_the_serial_twin():
+    """A kernel with one parallel task runs its serial twin (the same function compiled without
+    ``parallel``: no parallel region, no pool wake-up) with the same results; the caller's thread
+    count is untouched, and multi-task kernels keep the pool."""
     import numba
     import numpy as np
 
-    from fastflow.kernels.numba._threads import launch
+    from fastflow.kernels.numba._threads import _TWINS, launch
 
     @numba.njit(parallel=True)
-    def team(a):
+    def team(a, out):
         for i in numba.prange(a.shape[0]):
-            a[i] = numba.get_num_threads()
+            out[i] = 2.0 * a[i] + 1.0
 
     before = numba.get_num_threads()
-    a = np.zeros(4)
-    launch(team, 1, a)
-    assert (a == 1).all() and numba.get_num_threads() == before
-    launch(team, 4, a)
-    assert (a == before).all()
+    a, out = np.arange(4.0), np.zeros(4)
+    launch(team, 1, a, out)
+    assert (out == 2.0 * a + 1.0).all() and numba.get_num_threads() == before
+    twin = _TWINS[team]
+    assert twin is not team and not twin.targetoptions.get("parallel")
+    assert twin.py_func.__qualname__.endswith("_serial")
+    out[:] = 0
+    launch(team, 4, a, out)
+    assert (out == 2.0 * a + 1.0).all() and team.signatures  # the parallel kernel itself ran
 
 
 @pytest.mark.parametrize("scale", ["exp", "softclamp", "sigmoid"])

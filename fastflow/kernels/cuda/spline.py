@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastflow.kernels.reference.spline import flat_rows
 from fastflow.kernels.cuda.loader import dtype_suffix, launch, ptr
 
 OP = "rq_spline"
@@ -76,9 +77,12 @@ def _nflows_only(parameterization):
 
 def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
     _nflows_only(parameterization)
-    return fwd(x, uw, uh, ud, inverse, box[1], mbw, mbh, md)
+    out, lad = fwd(*flat_rows(x, uw, uh, ud), inverse, box[1], mbw, mbh, md)
+    return out.view(x.shape), lad.view(x.shape)
 
 
 def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
     _nflows_only(parameterization)
-    return bwd(g_out, g_lad, x, uw, uh, ud, inverse, box[1], mbw, mbh, md)
+    g = bwd(g_out.reshape(-1).contiguous(), g_lad.reshape(-1).contiguous(), *flat_rows(x, uw, uh, ud), inverse,
+            box[1], mbw, mbh, md)
+    return tuple(gi.view(t.shape) for gi, t in zip(g, (x, uw, uh, ud)))

@@ -91,51 +91,51 @@ def _watch_layer() -> None:
 os.register_at_fork(after_in_child=_watch_layer)
 
 
-def _thread_count_functions():
-    """numba's raw getter/setter of the calling thread's team size (~0.5 us a call; the public
-    ``numba.get_num_threads``/``set_num_threads`` validate and re-check the pool, ~3 us)."""
-    try:
-        from numba.np.ufunc import parallel
-
-        get, set_ = parallel._get_num_threads, parallel._set_num_threads
-        parallel._launch_threads()  # the raw functions need the pool started
-        return get, set_
-    except Exception:  # pragma: no cover - another numba: the public API
-        import numba
-
-        return numba.get_num_threads, numba.set_num_threads
-
-
-_GET_SET = None
-
-
 def launch(kernel, tasks: int, *args):
     """Run a ``parallel=True`` kernel whose ``prange`` has ``tasks`` iterations.
 
-    With a single task, numba still wakes every worker of its pool for the region (with the
-    passive waiting above, a futex wake each): measured ~25 us on top of a 35 us kernel on the
-    2-core CI machine (affine coupling, 128 x 32). Single-task calls therefore run with one
-    thread; the caller's thread count is restored afterwards.
+    A single task runs the kernel's serial twin (the same function compiled without
+    ``parallel``, see :func:`serial_twin`) on the calling thread: no parallel region at all.
+    Numba opens a region even for one iteration, which wakes the pool (a futex wake per worker
+    with passive waiting, a queue round trip with ``workqueue``): measured ~20 us on top of a
+    22 us spline kernel of 256 elements on the 2-core CI machine, the largest fixed cost of a
+    small op call. The twin needs no lock under ``workqueue`` either.
     """
+    if tasks <= 1:
+        twin = _TWINS.get(kernel)
+        if twin is None:
+            twin = serial_twin(kernel)
+        return twin(*args)
     serial = _SERIAL
     if serial is not None:
         with serial:
-            return _launch(kernel, tasks, args)
-    return _launch(kernel, tasks, args)
+            return kernel(*args)
+    return kernel(*args)
 
 
-def _launch(kernel, tasks, args):
-    global _GET_SET
-    if tasks > 1:
-        return kernel(*args)
-    if _GET_SET is None:
-        _GET_SET = _thread_count_functions()
-    get, set_ = _GET_SET
-    n = get()
-    if n == 1:
-        return kernel(*args)
-    set_(1)
-    try:
-        return kernel(*args)
-    finally:
-        set_(n)
+_TWINS: dict = {}
+
+
+def serial_twin(kernel):
+    """``kernel`` (a numba dispatcher) compiled without ``parallel`` (``prange`` is ``range``),
+    with its other options (fastmath, error model, on-disk cache, the SLP vectoriser of
+    ``_compile.slp``); a separately named copy of the function, so that the two cache entries do
+    not collide."""
+    import types
+
+    import numba as nb
+
+    fn = kernel.py_func
+    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                               fn.__closure__)
+    clone.__qualname__ = fn.__qualname__ + "_serial"
+    clone.__module__ = fn.__module__
+    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("parallel", "nopython")}
+    cached = type(kernel._cache).__name__ != "NullCache"
+    twin = nb.njit(cache=cached, **options)(clone)
+    if getattr(kernel.compile, "__name__", "") == "compile" and not hasattr(kernel.compile, "__self__"):
+        from fastflow.kernels.numba._compile import slp  # the kernel was compiled with SLP on
+
+        twin = slp(twin)
+    _TWINS[kernel] = twin
+    return twin

@@ -587,13 +587,23 @@ def _kind(parameterization):
     return NFLOWS if parameterization == "nflows" else KINDS[parameterization]
 
 
+def _rows(t, k=0):
+    """``t`` as C-contiguous numpy rows ((N,) or (N, k)), sharing its memory when it can."""
+    a = (t.detach() if t.requires_grad else t).numpy()
+    a = a.reshape(-1, k) if k else a.reshape(-1)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
 def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-    arrays = (t.numpy() for t in (x, uw, uh, ud))
-    out, lad = rq_spline_fwd(*arrays, inverse, _kind(parameterization), box, mbw, mbh, md)
-    return torch.from_numpy(out), torch.from_numpy(lad)
+    k = uw.shape[-1]
+    out, lad = rq_spline_fwd(_rows(x), _rows(uw, k), _rows(uh, k), _rows(ud, ud.shape[-1]), inverse,
+                             _kind(parameterization), box, mbw, mbh, md)
+    shape = x.shape
+    return torch.from_numpy(out.reshape(shape)), torch.from_numpy(lad.reshape(shape))
 
 
 def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-    arrays = (t.numpy() for t in (g_out, g_lad, x, uw, uh, ud))
-    grads = rq_spline_bwd(*arrays, inverse, _kind(parameterization), box, mbw, mbh, md)
-    return tuple(torch.from_numpy(g) for g in grads)
+    k, kd = uw.shape[-1], ud.shape[-1]
+    g = rq_spline_bwd(_rows(g_out), _rows(g_lad), _rows(x), _rows(uw, k), _rows(uh, k), _rows(ud, kd), inverse,
+                      _kind(parameterization), box, mbw, mbh, md)
+    return tuple(torch.from_numpy(gi.reshape(t.shape)) for gi, t in zip(g, (x, uw, uh, ud)))

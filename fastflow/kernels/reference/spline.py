@@ -419,8 +419,11 @@ def rq_spline_param_reference_backward(
 
 
 # --------------------------------------------------------------------------------------------
-# The launcher interface every kernels/<backend>/spline.py implements (flat contiguous tensors
-# of one dtype and device in, new tensors out; x (N,), uw, uh (N, K), ud (N, K-1) or (N, K+1)):
+# The launcher interface every kernels/<backend>/spline.py implements (tensors of one dtype and
+# device, of any layout, in; new contiguous tensors out): x (...), uw, uh (..., K), ud (..., K-1)
+# or (..., K+1), the parameters' leading shape that of x (possibly expanded, stride 0); outputs
+# and gradients have their input's shape. Flattening to rows is the backend's business
+# (flat_rows below), so a backend that can take the shapes as they are skips it:
 #   PARAMETERIZATIONS: the prologues this backend has kernels for
 #   forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md) -> (out, lad)
 #   backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md)
@@ -437,9 +440,15 @@ def evaluate(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
     return rq_spline_param_reference(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md)
 
 
+def flat_rows(x, uw, uh, ud):
+    """The launcher's inputs as contiguous rows: x (N,), uw, uh (N, K), ud (N, K-1 or K+1)."""
+    return (x.reshape(-1).contiguous(), uw.reshape(-1, uw.shape[-1]).contiguous(),
+            uh.reshape(-1, uh.shape[-1]).contiguous(), ud.reshape(-1, ud.shape[-1]).contiguous())
+
+
 def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
     out, lad = evaluate(*upcast(x, uw, uh, ud), inverse, parameterization, box, mbw, mbh, md)
-    return out.to(x.dtype), lad.to(x.dtype)
+    return out.to(x.dtype).contiguous(), lad.to(x.dtype).contiguous()
 
 
 def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
@@ -448,4 +457,4 @@ def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, m
         grads = rq_spline_reference_backward(*ts, inverse, box[1], mbw, mbh, md)
     else:
         grads = rq_spline_param_reference_backward(*ts, inverse, parameterization, box, mbw, mbh, md)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (x, uw, uh, ud)))
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (x, uw, uh, ud)))

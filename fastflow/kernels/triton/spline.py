@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastflow.kernels.reference.spline import flat_rows
 from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, make_spec, ptr, unique
 
 
@@ -508,10 +509,15 @@ def _check_kind(parameterization, k, ud):
 
 
 def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-    _check_kind(parameterization, uw.shape[1], ud)
-    return _forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md)
+    rows = flat_rows(x, uw, uh, ud)
+    _check_kind(parameterization, rows[1].shape[1], rows[3])
+    out, lad = _forward(*rows, inverse, parameterization, box, mbw, mbh, md)
+    return out.view(x.shape), lad.view(x.shape)
 
 
 def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
-    _check_kind(parameterization, uw.shape[1], ud)
-    return _backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md)
+    rows = flat_rows(x, uw, uh, ud)
+    _check_kind(parameterization, rows[1].shape[1], rows[3])
+    g = _backward(g_out.reshape(-1).contiguous(), g_lad.reshape(-1).contiguous(), *rows, inverse, parameterization,
+                  box, mbw, mbh, md)
+    return tuple(gi.view(t.shape) for gi, t in zip(g, (x, uw, uh, ud)))
