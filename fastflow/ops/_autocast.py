@@ -20,9 +20,11 @@ Two paths carry it:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-__all__ = ["autocast_args", "autocast_enabled", "register_autocast", "LOW"]
+__all__ = ["autocast_args", "autocast_enabled", "no_autocast", "register_autocast", "LOW"]
 
 LOW = (torch.float16, torch.bfloat16)
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
@@ -59,3 +61,11 @@ def register_autocast(op) -> None:
     for device_type in ("cpu", "cuda"):
         if torch._C._is_autocast_available(device_type):
             op.register_autocast(device_type, torch.float32)
+
+
+def no_autocast(device_type: str):
+    """A context that disables autocast for ``device_type`` when it is on (else a no-op): the body
+    of an op called eagerly under autocast, whose own matmuls must not drop to 16 bits."""
+    if autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
