@@ -1,0 +1,154 @@
+"""Exporting a flow with ``torch.export``: programs that run without fastflow's model code.
+
+Two small modules wrap a flow so that ``torch.export.export`` sees tensors in and tensors out:
+
+- :class:`LogProb`: ``(x, context=None) -> log_prob (B,)``;
+- :class:`Sampler`: ``(eps, context=None) -> (x, log_prob)``, where ``eps (B, *shape)`` is standard
+  normal noise drawn by the caller (``torch.randn``). The noise is an input, not drawn inside the
+  graph: the program is then a pure function (reproducible, batch size from the input, no
+  generator state baked in). For the normal bases ``eps`` is exactly what the flow's own sampling
+  draws (``Sampler(flow)(torch.randn(n, *shape))`` equals ``flow.sample_and_log_prob(n)`` under
+  the same seed); for the logistic base (``nice``) it is mapped through the normal CDF and the
+  logistic quantile, which is a logistic sample too. With a context ``(B, F)`` each row of ``eps``
+  is sampled under its row of the context.
+
+:func:`export_flow` builds either and calls ``torch.export.export`` with a fixed or dynamic batch
+dimension. The exported program calls aten ops and ``fastflow::`` custom ops; running it needs only
+``import fastflow.ops`` (or :func:`fastflow.ops.load_exported`). The backend each fused op ran on at
+export time is a constant of the graph: export on the kind of device you deploy to.
+
+What exports: every model whose transforms are closed-form (nsf, nsf-ar, maf, iaf, realnvp,
+realnvp-image, nice, glow). Not yet: models with data-dependent Python control flow in the
+forward or the inverse (cnf's ODE solve checks, planar/radial's numerical inverse and finiteness
+checks, resflow's fixed point and autograd log-det); :func:`export_flow` says so by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastflow.flows.distributions import DiagonalNormal, StandardLogistic, StandardNormal
+from fastflow.flows.flow import Flow
+
+__all__ = ["LogProb", "Sampler", "export_flow", "NotExportableError", "NOT_EXPORTABLE", "WHAT"]
+
+WHAT = ("log_prob", "sample")
+# model name -> why torch.export cannot trace it today
+NOT_EXPORTABLE = {
+    "cnf": "the ODE solve checks its state for non-finite values in Python (data-dependent control flow)",
+    "planar": "the log-det and the numerical inverse branch on tensor values in Python",
+    "radial": "the log-det and the numerical inverse branch on tensor values in Python",
+    "resflow": "the log-det differentiates through autograd and the inverse is a data-dependent fixed point",
+}
+
+
+class NotExportableError(RuntimeError):
+    """This flow cannot be exported with ``torch.export`` (the reason names the part that stops it)."""
+
+
+class LogProb(nn.Module):
+    """``forward(x, context=None) -> flow.log_prob(x, context)``, ``(B, *shape) -> (B,)``."""
+
+    def __init__(self, flow: Flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.flow.log_prob(x, context)
+
+
+def _base_sample(base, eps: torch.Tensor, context):
+    """The base sample and its log-density for standard normal noise ``eps (B, *shape)``."""
+    if isinstance(base, DiagonalNormal):  # also ConditionalDiagonalNormal
+        loc, log_scale = base._params(context, eps.shape[0])
+        z = loc + torch.exp(log_scale) * eps
+        return z, base.log_prob(z, context)
+    if isinstance(base, StandardNormal):
+        return eps, base.log_prob(eps)
+    if isinstance(base, StandardLogistic):
+        # u = Phi(eps) is uniform; the logistic quantile log(u) - log(1 - u), written with log_ndtr
+        # for both tails so that |eps| up to ~37 stays finite in float32
+        z = torch.special.log_ndtr(eps) - torch.special.log_ndtr(-eps)
+        return z, base.log_prob(z)
+    raise NotExportableError(f"Sampler: base distribution {type(base).__name__} has no standard-normal "
+                             "reparameterisation here; export log_prob, or sample in Python")
+
+
+class Sampler(nn.Module):
+    """``forward(eps, context=None) -> (x, log_prob)``: samples of the flow from standard normal
+    noise ``eps (B, *shape)`` (see the module docstring), ``x (B, *shape)``, ``log_prob (B,)``."""
+
+    def __init__(self, flow: Flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, eps: torch.Tensor, context: torch.Tensor | None = None):
+        shape = eps.shape
+        z, log_pz = _base_sample(self.flow.base, eps.reshape(shape[0], *self.flow.base.shape), context)
+        x, lad = self.flow.transform.inverse(z, context=context)
+        return x.reshape(shape[0], *x.shape[1:]), log_pz - lad
+
+
+def _model_name(flow) -> str | None:
+    spec = getattr(flow, "spec", None) or {}
+    return spec.get("name") or spec.get("model")
+
+
+def export_flow(flow: Flow, what: str = "log_prob", batch: int = 2, dynamic_batch: bool = False,
+                context: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``flow``'s log-density or sampler.
+
+    Args:
+        flow: a fastflow flow (put it in eval mode first if it has training-only behaviour).
+        what: ``"log_prob"`` (:class:`LogProb`) or ``"sample"`` (:class:`Sampler`).
+        batch: the batch size of the example inputs (the fixed batch of a static export).
+        dynamic_batch: export the batch dimension as dynamic (any size >= 1).
+        context: an example context ``(batch, F)`` for a conditional flow (default: zeros).
+        dtype, device: of the example inputs (default: the flow's parameters').
+
+    Returns:
+        the ``ExportedProgram``; ``torch.export.save(program, path)`` writes it.
+
+    Raises:
+        ValueError: ``what`` is not one of :data:`WHAT`.
+        NotExportableError: the model has data-dependent control flow (:data:`NOT_EXPORTABLE`).
+    """
+    if what not in WHAT:
+        raise ValueError(f"export_flow: what={what!r}, expected one of {WHAT}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"export_flow: batch must be a positive integer, got {batch!r}")
+    name = _model_name(flow)
+    if name in NOT_EXPORTABLE:
+        raise NotExportableError(f"{name}: cannot be exported with torch.export yet: {NOT_EXPORTABLE[name]}")
+    p = next(flow.parameters(), None)
+    dtype = dtype or (p.dtype if p is not None else torch.float32)
+    device = device or (p.device if p is not None else "cpu")
+    shape = flow._event_shape()
+    cf = flow.context_features
+    if isinstance(cf, int) and context is None:
+        context = torch.zeros(batch, cf, dtype=dtype, device=device)
+    if what == "log_prob":
+        module, first = LogProb(flow), "x"
+        example = torch.randn(batch, *shape, dtype=dtype, device=device)
+    else:
+        module, first = Sampler(flow), "eps"
+        example = torch.randn(batch, math.prod(shape), dtype=dtype, device=device).reshape(batch, *shape)
+    args = (example, context)
+    dynamic_shapes = None
+    if dynamic_batch:
+        b = torch.export.Dim("batch", min=1)
+        dynamic_shapes = {first: {0: b}, "context": None if context is None else {0: b}}
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
+    except NotExportableError:
+        raise
+    except Exception as exc:  # torch's own message is long; keep its first line and say what failed
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NotExportableError(f"{name or type(flow).__name__}: torch.export of {what} "
+                                 f"({'dynamic' if dynamic_batch else 'fixed'} batch) failed: "
+                                 f"{type(exc).__name__}: {first_line}") from exc

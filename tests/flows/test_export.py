@@ -1,0 +1,231 @@
+"""``torch.export`` of every registered model's log-density and sampler (issue 28).
+
+In process: each exportable model, with and without context, log_prob and sampler, fixed and
+dynamic batch, against the eager adapter on the same inputs. Across processes: the programs are
+saved with ``torch.export.save`` and loaded in one fresh interpreter that imports only
+``fastflow.ops``, which must give the same numbers. Without ``fastflow.ops`` the load fails naming
+the custom op; ``fastflow.ops.load_exported`` names what is missing and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastflow.flows.export import NOT_EXPORTABLE, LogProb, NotExportableError, Sampler, export_flow
+from tests.flows._autocast_models import UNCONDITIONAL_ONLY, data, registered, shape_of, small_flow
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPORTABLE = [n for n in registered() if n not in NOT_EXPORTABLE]
+CONTEXT = 3
+# Known defect outside this test's files, kept visible (strict: fails once fixed): the affine
+# coupling's size route (backends.routed_backend) compares x.numel() with SMALL_CPU_ELEMS before
+# asking whether the call is eager, which under torch.export puts a guard on the batch size that
+# contradicts a dynamic batch dimension ("Constraints violated (batch)"). Fix: ask eager() first.
+AFFINE_ROUTE = {"glow", "iaf", "maf", "realnvp", "realnvp-image"}
+ROUTE_GUARD = pytest.mark.xfail(strict=True, raises=NotExportableError,
+                                reason="affine size route guards the batch size under export")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ctx(n, ctx, seed=2):
+    return None if ctx is None else torch.randn(n, ctx, generator=torch.Generator().manual_seed(seed))
+
+
+def _inputs(name, what, n, ctx, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    first = data(name, n, seed=seed) if what == "log_prob" else torch.randn(n, *shape_of(name), generator=g)
+    return first, _ctx(n, ctx, seed)
+
+
+def _eager(flow, what, first, c):
+    with torch.no_grad():
+        return (LogProb if what == "log_prob" else Sampler)(flow)(first, c)
+
+
+def _flow(name, ctx):
+    return small_flow(name, ctx).eval()
+
+
+def _cases():
+    out = []
+    for name in EXPORTABLE:
+        for ctx in (None, CONTEXT):
+            if ctx and name in UNCONDITIONAL_ONLY:
+                continue
+            for what in ("log_prob", "sample"):
+                for dynamic in (False, True):
+                    marks = [ROUTE_GUARD] if dynamic and name in AFFINE_ROUTE else []
+                    label = f"{name}-{'ctx' if ctx else 'noctx'}-{what}-{'dynamic' if dynamic else 'fixed'}"
+                    out.append(pytest.param(name, ctx, what, dynamic, marks=marks, id=label))
+    return out
+
+
+@pytest.mark.parametrize("name,ctx,what,dynamic", _cases())
+def test_export_matches_eager(name, ctx, what, dynamic):
+    flow = _flow(name, ctx)
+    program = export_flow(flow, what, batch=4, dynamic_batch=dynamic, context=_ctx(4, ctx))
+    run = program.module()
+    for n in ((3, 9) if dynamic else (4,)):
+        first, c = _inputs(name, what, n, ctx)
+        got, want = run(first, c), _eager(flow, what, first, c)
+        torch.testing.assert_close(got, want)
+        for t in (got if isinstance(got, tuple) else (got,)):
+            assert t.shape[0] == n and torch.isfinite(t).all()
+    if not dynamic:  # a fixed batch is a fixed batch
+        first, c = _inputs(name, what, 5, ctx)
+        with pytest.raises(Exception):
+            run(first, c)
+
+
+@pytest.mark.parametrize("name", ["nsf", "maf", "glow"])
+def test_sampler_is_the_flows_own_sampling_for_normal_bases(name):
+    flow = _flow(name, CONTEXT)
+    c = _ctx(6, CONTEXT)
+    torch.manual_seed(11)
+    want_x, want_lp = flow.sample_and_log_prob(1, c)  # (6, 1, *shape): one sample per context row
+    torch.manual_seed(11)
+    eps = torch.randn(6, *shape_of(name))
+    got_x, got_lp = _eager(flow, "sample", eps, c)
+    torch.testing.assert_close(got_x, want_x[:, 0])
+    torch.testing.assert_close(got_lp, want_lp[:, 0])
+
+
+def test_logistic_base_sampler_gives_logistic_noise():
+    flow = _flow("nice", None)
+    eps = torch.randn(20000, 4, generator=torch.Generator().manual_seed(0))
+    x, lp = _eager(flow, "sample", eps, None)
+    assert torch.isfinite(x).all() and torch.isfinite(lp).all()
+    # the base noise is standard logistic: mean 0, variance pi^2 / 3 (about 1% sampling error here)
+    z = flow.transform_to_noise(x)
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.var()) / (torch.pi ** 2 / 3) - 1) < 0.05
+    torch.testing.assert_close(lp, flow.log_prob(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(NOT_EXPORTABLE))
+def test_models_that_cannot_export_say_why(name):
+    flow = _flow(name, None)
+    with pytest.raises(NotExportableError, match=name):
+        export_flow(flow, "log_prob")
+
+
+def test_bad_arguments():
+    flow = _flow("nsf", None)
+    with pytest.raises(ValueError, match="what="):
+        export_flow(flow, "density")
+    with pytest.raises(ValueError, match="batch"):
+        export_flow(flow, "log_prob", batch=0)
+
+
+def _save_programs(tmp_path):
+    """Every exportable model once (log_prob, dynamic where it can be), and the samplers of a few,
+    with and without context; returns the manifest the fresh process checks."""
+    manifest = []
+    for i, name in enumerate(EXPORTABLE):
+        variants = [("log_prob", CONTEXT if i % 2 else None)]
+        if name in ("nsf", "nice", "glow"):
+            variants.append(("sample", None if i % 2 else CONTEXT))
+        for what, ctx in variants:
+            flow = _flow(name, ctx)
+            dynamic = name not in AFFINE_ROUTE
+            program = export_flow(flow, what, batch=4, dynamic_batch=dynamic, context=_ctx(4, ctx))
+            stem = f"{name}-{what}-{'ctx' if ctx else 'noctx'}"
+            torch.export.save(program, tmp_path / f"{stem}.pt2")
+            cases = []
+            for n in ((2, 7) if dynamic else (4,)):
+                first, c = _inputs(name, what, n, ctx)
+                cases.append({"inputs": (first, c), "expected": _eager(flow, what, first, c)})
+            torch.save(cases, tmp_path / f"{stem}.io.pt")
+            manifest.append(stem)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def _fresh(code, cwd):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exported")
+    return folder, _save_programs(folder)
+
+
+def test_every_exportable_model_round_trips_in_a_fresh_process(saved):
+    folder, manifest = saved
+    assert {stem.split("-log_prob")[0] for stem in manifest if "-log_prob" in stem} == set(EXPORTABLE)
+    result = _fresh("""
+        import json, sys
+        import torch
+        import fastflow.ops
+        checked = []
+        for stem in json.load(open("manifest.json")):
+            run = fastflow.ops.load_exported(stem + ".pt2").module()
+            for case in torch.load(stem + ".io.pt"):
+                torch.testing.assert_close(run(*case["inputs"]), case["expected"])
+            checked.append(stem)
+        print("CHECKED", len(checked))
+    """, folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"CHECKED {len(manifest)}" in result.stdout
+
+
+# Known defect outside this test's files (strict: fails once fixed): ``import fastflow.ops``
+# runs ``fastflow/__init__.py``, which imports ``fastflow.flows`` (the model classes) eagerly.
+# Fix: import ``fastflow.flows``' names lazily there (a module ``__getattr__``).
+@pytest.mark.xfail(strict=True, reason="fastflow/__init__.py imports fastflow.flows eagerly")
+def test_importing_the_ops_loads_no_model_code():
+    result = _fresh("""
+        import sys
+        import fastflow.ops
+        print(sorted(m for m in sys.modules if m.startswith(("fastflow.flows", "fastflow.nn"))))
+    """, ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_loading_without_the_ops_names_the_custom_op(saved):
+    folder, manifest = saved
+    result = _fresh(f"""
+        import sys
+        import torch
+        torch.export.load("{manifest[0]}.pt2")
+    """, folder)
+    assert result.returncode != 0
+    # torch's own message (our code is not imported there): it names the op and says to register it
+    assert "torch.ops.fastflow." in result.stderr and "register" in result.stderr
+
+
+def test_load_exported_names_ops_this_fastflow_lacks(tmp_path):
+    """A program from a newer fastflow (an op this one does not define) fails with the op's name
+    and what to do, not torch's generic deserialisation error."""
+    made = _fresh("""
+        import torch
+        @torch.library.custom_op("fastflow::op_from_the_future", mutates_args=())
+        def future(x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+        future.register_fake(lambda x: torch.empty_like(x))
+        class M(torch.nn.Module):
+            def forward(self, x):
+                return future(x) + 1
+        torch.export.save(torch.export.export(M(), (torch.randn(3),)), "future.pt2")
+    """, tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    import fastflow.ops
+
+    with pytest.raises(RuntimeError, match=r"fastflow::op_from_the_future.*import fastflow\.ops"):
+        fastflow.ops.load_exported(tmp_path / "future.pt2")
