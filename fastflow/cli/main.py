@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["info", "bench", "fit", "score", "sample"]
+SUBCOMMANDS = ["info", "bench", "fit", "score", "sample", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,7 +111,8 @@ def export_flow(flow: Flow, what: str = "log_prob", batch: int = 2, dynamic_batc
         dtype, device: of the example inputs (default: the flow's parameters').
 
     Returns:
-        the ``ExportedProgram``; ``torch.export.save(program, path)`` writes it.
+        the ``ExportedProgram``: ``program.module()(x)`` (``(x, context)`` for a conditional flow;
+        ``eps`` for the sampler); ``torch.export.save(program, path)`` writes it.
 
     Raises:
         ValueError: ``what`` is not one of :data:`WHAT`.
@@ -124,6 +125,8 @@ def export_flow(flow: Flow, what: str = "log_prob", batch: int = 2, dynamic_batc
     name = _model_name(flow)
     if name in NOT_EXPORTABLE:
         raise NotExportableError(f"{name}: cannot be exported with torch.export yet: {NOT_EXPORTABLE[name]}")
+    if dynamic_batch:
+        batch = max(batch, 2)  # torch.export specialises a size-1 example dimension to 1
     p = next(flow.parameters(), None)
     dtype = dtype or (p.dtype if p is not None else torch.float32)
     device = device or (p.device if p is not None else "cpu")
@@ -132,16 +135,17 @@ def export_flow(flow: Flow, what: str = "log_prob", batch: int = 2, dynamic_batc
     if isinstance(cf, int) and context is None:
         context = torch.zeros(batch, cf, dtype=dtype, device=device)
     if what == "log_prob":
-        module, first = LogProb(flow), "x"
+        module = LogProb(flow)
         example = torch.randn(batch, *shape, dtype=dtype, device=device)
     else:
-        module, first = Sampler(flow), "eps"
+        module = Sampler(flow)
         example = torch.randn(batch, math.prod(shape), dtype=dtype, device=device).reshape(batch, *shape)
-    args = (example, context)
+    # an unconditional program takes the one tensor (no None to pass at every call)
+    args = (example,) if context is None else (example, context)
     dynamic_shapes = None
     if dynamic_batch:
         b = torch.export.Dim("batch", min=1)
-        dynamic_shapes = {first: {0: b}, "context": None if context is None else {0: b}}
+        dynamic_shapes = tuple({0: b} for _ in args)
     try:
         with torch.no_grad():
             return torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
