@@ -13,7 +13,7 @@ from fastflow.ops import (  # noqa: E402
     rescale,
     rq_spline,
 )
-from fastflow.flows import Flow, build  # noqa: E402
+from fastflow.flows import CompiledFlow, Flow, build, compile  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -29,5 +29,7 @@ __all__ = [
     "lu_conv1x1",
     "actnorm_conv1x1",
     "Flow",
+    "CompiledFlow",
     "build",
+    "compile",
 ]

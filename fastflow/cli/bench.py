@@ -40,6 +40,25 @@ def _sweep(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _model_sizes(text: str) -> list[str]:
+    from fastflow.bench.models import parse_size_names
+
+    try:
+        return parse_size_names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _model_names(text: str) -> list[str]:
+    from fastflow.bench.models import MODELS
+
+    names = [t.strip() for t in text.split(",")]
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown model {bad[0]!r}; expected names from {', '.join(MODELS)}")
+    return names
+
+
 def add_parser(sub):
     from fastflow.bench import EXTRA_SUITES, SUITES
 
@@ -50,11 +69,16 @@ def add_parser(sub):
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--sizes", type=_sizes, default=None,
                    help="comma-separated element counts, e.g. 2**16,2**20 or 1e6 (parsed, never evaluated)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per case (default 5; models suite: rounds per size, default 15 sbi, 7 hpc)")
     p.add_argument("--bins", type=_bins, default=None,
                    help="spline suite: bin counts K timed at every size, e.g. 2,8,64 (default 8)")
     p.add_argument("--sweep", type=_sweep, action="append", default=[],
                    help="spline suite: extra cases BINS@SIZE, e.g. 2,16,64@2**18 (repeatable)")
+    p.add_argument("--model-sizes", type=_model_sizes, default=None,
+                   help="models suite: size names, e.g. sbi,hpc (default both; --quick: tiny)")
+    p.add_argument("--models", type=_model_names, default=None,
+                   help="models suite: which models, e.g. nsf-coupling,maf (default all)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     p.set_defaults(func=run)
 
@@ -122,14 +146,24 @@ def _run(args) -> int:
     if (bins or cases) and "spline" not in names:
         print("fastflow bench: --bins and --sweep apply to the spline suite only")
         return 2
+    if (getattr(args, "model_sizes", None) or getattr(args, "models", None)) and "models" not in names:
+        print("fastflow bench: --model-sizes and --models apply to the models suite only")
+        return 2
+    if "models" in names and args.sizes:
+        print("fastflow bench: the models suite takes size names with --model-sizes (sbi, hpc, tiny), not --sizes")
+        return 2
     print(f"fastflow bench on {env['device_name']} ({device}), torch {env['versions']['torch']}, {env['date']}")
     for name in names:
         suite = get_suite(name)
-        kwargs = {"device": device, "repeats": args.repeats, "quick": args.quick}
+        kwargs = {"device": device, "repeats": args.repeats or 5, "quick": args.quick}
         if args.sizes:
             kwargs["sizes"] = args.sizes
         if name == "spline":
             kwargs.update(bins=bins, cases=cases)
+        if name == "models":
+            kwargs.update(sizes=getattr(args, "model_sizes", None), models=getattr(args, "models", None),
+                          rounds=args.repeats)
+            kwargs.pop("repeats")
         rows = add_ratios(suite.run(**kwargs))
         payload = {"suite": name, "environment": env, "results": rows}
         stamp = env["date"].replace(":", "").replace("-", "")[:15]

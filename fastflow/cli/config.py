@@ -77,6 +77,8 @@ FIELDS: list[Field] = [
     Field("threads", int, 0, "torch CPU threads per process (0 = leave torch's default)", minimum=0, runtime=True,
           section="run"),
     Field("quiet", bool, False, "no progress bar", runtime=True, section="run"),
+    Field("compile", bool, False, "compile the training step with torch.compile (pays off on long runs: the first "
+          "step compiles for tens of seconds; see the docs' performance page)", runtime=True, section="run"),
     Field("overwrite", bool, False, "replace an existing run folder instead of resuming it (only the files fit "
           "wrote are removed)", runtime=True, section="run"),
     Field("recover", bool, False, "when checkpoint.pt is corrupt, resume from the verified checkpoint.prev.pt",

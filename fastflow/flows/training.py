@@ -8,7 +8,7 @@ import torch
 
 from fastflow.flows.flow import Flow
 
-__all__ = ["ml_loss", "ml_step", "reverse_kl_loss", "reverse_kl_step"]
+__all__ = ["adam", "ml_loss", "ml_step", "reverse_kl_loss", "reverse_kl_step"]
 
 
 def ml_loss(flow: Flow, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,3 +42,23 @@ def reverse_kl_step(flow: Flow, optimizer: torch.optim.Optimizer, target_log_pro
                     max_grad_norm: float | None = None) -> float:
     """One reverse-KL step against an unnormalised target log-density; returns the loss."""
     return _step(reverse_kl_loss(flow, target_log_prob, n, context, beta), flow, optimizer, max_grad_norm)
+
+
+def adam(params, lr: float = 1e-3, weight_decay: float = 0.0, decoupled: bool = False,
+         **kwargs) -> torch.optim.Optimizer:
+    """Adam (AdamW with ``decoupled=True``) with its fused implementation where torch has one for
+    every parameter's device and dtype (CPU and CUDA floating point), else the ``foreach`` one.
+
+    The default ``torch.optim.Adam`` on CPU updates parameter by parameter (a dozen small kernels
+    each); at the sizes flows are trained that is a sixth of a step. The fused update gives the same
+    numbers (tested against the default in ``tests/flows/test_compile.py``). ``kwargs`` go to
+    the optimizer (``betas``, ``eps``, ``amsgrad``...); an explicit ``fused``/``foreach`` wins.
+    """
+    params = list(params)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    if "fused" not in kwargs and "foreach" not in kwargs:
+        tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+        fusable = all(isinstance(p, torch.Tensor) and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                      for p in tensors)
+        kwargs["fused" if fusable else "foreach"] = True
+    return cls(params, lr=lr, weight_decay=weight_decay, **kwargs)

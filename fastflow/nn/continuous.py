@@ -217,6 +217,10 @@ class CNF(Transform):
             return self.features <= self.exact_max_features
         return route == "exact"
 
+    # read by fastflow.compile: the ODE solve (adaptive steps until the tolerance is met) runs eagerly
+    graph_breaks = "the ODE solve runs eagerly (adaptive step count)"
+
+    @torch.compiler.disable
     def _solve(self, x, context, t0, t1, trace=None):
         """The solve over the rows of ``x`` (and ``context``) that are finite; NaN in the others."""
         if trace not in (None, "none") + TRACES:

@@ -50,6 +50,10 @@ def _check_mode(inverse, who):
 class _Generative(Transform):
     """Shared shape checks; subclasses implement ``_generate`` (noise to data) and ``_solve``."""
 
+    # read by fastflow.compile: the numerical inverse iterates until converged (a data-dependent
+    # loop), so log_prob runs it eagerly between compiled graphs; sampling is closed form
+    graph_breaks = "log_prob: the numerical inverse (bisection until converged) runs eagerly"
+
     def __init__(self, features, inverse, who):
         super().__init__()
         if features < 1:
@@ -77,11 +81,15 @@ class _Generative(Transform):
                 "is not available; use sample_and_log_prob (reverse KL), or inverse='numerical'")
         if x.shape[0] == 0:
             return x.clone(), x.new_zeros(0)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{self._who}: x has non-finite values; the numerical inverse needs finite input")
-        z = self._solve(x)
+        z = self._numerical_inverse(x)
         _, lad = self._generate(z)
         return z, -lad
+
+    @torch.compiler.disable
+    def _numerical_inverse(self, x):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{self._who}: x has non-finite values; the numerical inverse needs finite input")
+        return self._solve(x)
 
 
 class PlanarFlow(_Generative):

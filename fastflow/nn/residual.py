@@ -297,6 +297,11 @@ class ResidualBlock(Transform):
             return ("exact" if self.features <= self.exact_max_features else "series"), self.eval_terms
         return self.eval_estimator, self.eval_terms
 
+    # read by fastflow.compile: the log-det estimators (a random number of series terms, power
+    # iterations) and the inverse's fixed point are data-dependent loops that run eagerly
+    graph_breaks = "the log-det estimator and the fixed-point inverse run eagerly"
+
+    @torch.compiler.disable
     def logabsdet(self, x, context=None, estimator=None, **kw):
         """``(B,)`` log|det dy/dx| at ``x`` by ``estimator`` (default: the mode's route); ``kw`` go to
         :func:`residual_logdet`. Returns ``(g(x), logdet)``."""
@@ -359,6 +364,7 @@ class ResidualBlock(Transform):
             for lin in linears:
                 lin.frozen = False
 
+    @torch.compiler.disable
     def _inverse(self, y, context):
         # The fixed point and its implicit gradient run in full precision under autocast too: a
         # bfloat16 g(x) carries a relative rounding noise of 2^-9, so the iteration could never
