@@ -13,7 +13,29 @@ from fastflow.ops import (  # noqa: E402
     rescale,
     rq_spline,
 )
-from fastflow.flows import CompiledFlow, Flow, build, compile  # noqa: E402
+
+# The models load on first use (``fastflow.build``...), so that ``import fastflow.ops`` -- all an
+# exported program needs -- does not import the model classes.
+_LAZY = {"Flow": "fastflow.flows", "build": "fastflow.flows", "compile": "fastflow.flows",
+         "CompiledFlow": "fastflow.flows"}
+_SUBPACKAGES = ("bench", "cli", "data", "flows", "integrations", "kernels", "nn", "testing")
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"fastflow.{name}")
+    else:
+        raise AttributeError(f"module 'fastflow' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
 __all__ = [
     "__version__",

@@ -197,7 +197,7 @@ def routed_backend(op: str, x: torch.Tensor, eager: Callable[[], bool]) -> str |
     for r in ROUTES:
         if r.op == op:
             n = r.max_elements()
-            if (n is None or x.numel() <= n) and eager():
+            if eager() and (n is None or x.numel() <= n):
                 return r.backend
             return None
     return None

@@ -158,6 +158,12 @@ class FusedOp:
             ctx.fastflow_args = tuple(_TENSOR if isinstance(a, torch.Tensor) else a for a in inputs)
 
         def backward_any_order(ctx, *grads):
+            if _any_autocast():  # a backward called inside an autocast region: the kernels' precision
+                with _autocast_off(grads):
+                    return _backward_any_order(ctx, *grads)
+            return _backward_any_order(ctx, *grads)
+
+        def _backward_any_order(ctx, *grads):
             # is_grads_batched / jacobian(vectorize=True): the gradients are (legacy) batched tensors
             batched = _functorch_active() or any(_is_batched(g) for g in grads if g is not None)
             if not batched and not torch.is_grad_enabled():
@@ -190,7 +196,7 @@ class FusedOp:
         # dual tensors, no compile/trace/modes (a few C calls; this runs on every op call).
         if _FAST_PROBES and not _functorch_on() and _fwad._current_level < 0 and not torch.compiler.is_compiling() \
                 and not _get_tracing_state() and not _len_torch_dispatch_stack() \
-                and not _is_torch_function_mode_enabled():
+                and not _is_torch_function_mode_enabled() and not _any_autocast():
             grad = False
             for a in args:
                 if isinstance(a, torch.Tensor):
@@ -201,6 +207,14 @@ class FusedOp:
                 # without registered autograd, the op itself says that it has none
                 return self.op(*args) if self._function is None else self._function.apply(*args)
             return self.impl(*args)
+        if not torch.compiler.is_compiling() and _any_autocast():
+            # The public functions already cast 16-bit arguments to float32 (ops/_autocast.py);
+            # the op's body must not run its own matmuls in 16 bits either (the torch LU maps)
+            with _autocast_off(args):
+                return self._call(args)
+        return self._call(args)
+
+    def _call(self, args):
         if not torch.compiler.is_compiling() and _transformed(args):
             # functorch transforms and forward-mode AD: the composite's plain torch ops (the
             # reference maths), which every transform composes with
@@ -214,6 +228,15 @@ class FusedOp:
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self.op(*args) if self._function is None else self._function.apply(*args)
         return self.impl(*args)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocast_off(args):
+    """Autocast off for the device of the first tensor in ``args``."""
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    return torch.autocast(device, enabled=False)
 
 
 class _TensorSlot:

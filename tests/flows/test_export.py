@@ -24,13 +24,6 @@ from tests.flows._autocast_models import UNCONDITIONAL_ONLY, data, registered, s
 ROOT = Path(__file__).resolve().parents[2]
 EXPORTABLE = [n for n in registered() if n not in NOT_EXPORTABLE]
 CONTEXT = 3
-# Known defect outside this test's files, kept visible (strict: fails once fixed): the affine
-# coupling's size route (backends.routed_backend) compares x.numel() with SMALL_CPU_ELEMS before
-# asking whether the call is eager, which under torch.export puts a guard on the batch size that
-# contradicts a dynamic batch dimension ("Constraints violated (batch)"). Fix: ask eager() first.
-AFFINE_ROUTE = {"glow", "iaf", "maf", "realnvp", "realnvp-image"}
-ROUTE_GUARD = pytest.mark.xfail(strict=True, raises=NotExportableError,
-                                reason="affine size route guards the batch size under export")
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +65,7 @@ def _cases():
                 continue
             for what in ("log_prob", "sample"):
                 for dynamic in (False, True):
-                    marks = [ROUTE_GUARD] if dynamic and name in AFFINE_ROUTE else []
+                    marks = []
                     label = f"{name}-{'ctx' if ctx else 'noctx'}-{what}-{'dynamic' if dynamic else 'fixed'}"
                     out.append(pytest.param(name, ctx, what, dynamic, marks=marks, id=label))
     return out
@@ -135,7 +128,7 @@ def test_bad_arguments():
 
 
 def _save_programs(tmp_path):
-    """Every exportable model once (log_prob, dynamic where it can be), and the samplers of a few,
+    """Every exportable model once (log_prob, dynamic batch), and the samplers of a few,
     with and without context; returns the manifest the fresh process checks."""
     manifest = []
     for i, name in enumerate(EXPORTABLE):
@@ -144,7 +137,7 @@ def _save_programs(tmp_path):
             variants.append(("sample", None if i % 2 else CONTEXT))
         for what, ctx in variants:
             flow = _flow(name, ctx)
-            dynamic = name not in AFFINE_ROUTE
+            dynamic = True
             program = export_flow(flow, what, batch=4, dynamic_batch=dynamic, context=_ctx(4, ctx))
             stem = f"{name}-{what}-{'ctx' if ctx else 'noctx'}"
             torch.export.save(program, tmp_path / f"{stem}.pt2")
@@ -188,10 +181,6 @@ def test_every_exportable_model_round_trips_in_a_fresh_process(saved):
     assert f"CHECKED {len(manifest)}" in result.stdout
 
 
-# Known defect outside this test's files (strict: fails once fixed): ``import fastflow.ops``
-# runs ``fastflow/__init__.py``, which imports ``fastflow.flows`` (the model classes) eagerly.
-# Fix: import ``fastflow.flows``' names lazily there (a module ``__getattr__``).
-@pytest.mark.xfail(strict=True, reason="fastflow/__init__.py imports fastflow.flows eagerly")
 def test_importing_the_ops_loads_no_model_code():
     result = _fresh("""
         import sys

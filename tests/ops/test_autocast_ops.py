@@ -37,27 +37,10 @@ def _runs(spec, backend):
                                                              ("nflows",))
 
 
-# Known defects in files this test does not own, kept visible (strict: they fail the run once fixed,
-# so the mark comes off with the fix):
-# - eager calls of the LU ops under autocast run their GEMMs in bfloat16: the op body (the torch
-#   backend's data pass, which numba borrows) executes inside the autocast region, because the
-#   eager path skips the dispatcher and with it the autocast kernel that would exclude autocast;
-#   the reference (float64) is not affected. Fix: run the eager op with autocast disabled
-#   (``fastflow.ops._autocast.no_autocast``) in ``FusedOp.__call__`` or the LU public functions.
-# - the torch backend's coupling kernels (``kernels/torch/coupling.py``) compute 16-bit storage
-#   in 16 bits (the registry lists float16/bfloat16 for it): forced ``backend="torch"`` is several
-#   ulps off; ``backend=None`` is not affected (the routes take float32/float64 only).
-LU_EAGER_AUTOCAST = pytest.mark.xfail(strict=True, reason="LU GEMMs run in bfloat16 under eager autocast")
-TORCH_COUPLING_16BIT = pytest.mark.xfail(strict=True, reason="kernels/torch/coupling.py computes in 16 bits")
-_KNOWN = {
-    "autocast": {(op, b): LU_EAGER_AUTOCAST for op in ("lu_linear", "lu_conv1x1", "actnorm_conv1x1")
-                 for b in (None, "numba", "torch")},
-    # (rescale computes exp(log s) and the product in 16 bits too: two roundings, which land
-    # beyond one ulp at float16 for none of the example's elements, hence bfloat16 only)
-    "storage": {("affine_coupling", "torch", torch.bfloat16): TORCH_COUPLING_16BIT,
-                ("affine_coupling", "torch", torch.float16): TORCH_COUPLING_16BIT,
-                ("rescale", "torch", torch.bfloat16): TORCH_COUPLING_16BIT},
-}
+# Defects these tests found, fixed with them: eager LU ops under autocast ran their GEMMs in
+# bfloat16 (FusedOp.__call__ now runs an op's body with autocast off); the torch backend's coupling
+# kernels computed 16-bit storage in 16 bits (kernels/torch/coupling.py now computes in float32).
+_KNOWN = {"autocast": {}, "storage": {}}
 
 
 def _cases(backends=(None, *_RUN), known=None, dtypes=None):
