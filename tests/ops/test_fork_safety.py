@@ -38,8 +38,9 @@ def _check(proc):
 
 
 def test_dataloader_workers_run_numba_ops_after_the_parent_did():
-    """GNU OpenMP (numba's default layer on Linux) kills a forked child that calls a parallel
-    kernel once the parent started its pool; fastflow starts a fork-safe layer instead."""
+    """GNU OpenMP (numba's default layer on Linux) kills a forked child that opens a parallel
+    region once the parent started its pool; fastflow's kernels run their serial twins in such a
+    child, with the parent's results."""
     proc = _run("""
         from torch.utils.data import DataLoader, Dataset
 
@@ -53,16 +54,21 @@ def test_dataloader_workers_run_numba_ops_after_the_parent_did():
         before = call(1 << 16)  # the parent runs the pool first
         batches = list(DataLoader(Data(), batch_size=2, num_workers=2, multiprocessing_context="fork"))
         assert len(batches) == 4 and all(torch.isfinite(b).all() for b in batches)
+        want = torch.stack([call(4096 + 16 * i) for i in range(8)]).reshape(4, 2)
+        torch.testing.assert_close(torch.stack(batches), want)  # (the sums: order may differ in the last bits)
         assert torch.equal(call(1 << 16), before)
         print("layer", numba.threading_layer())
         print("DONE")
     """)
     _check(proc)
+    assert "layer workqueue" not in proc.stdout  # the fast default layer, not the slow fork-safe one
 
 
-def test_concurrent_threads_calling_kernels():
-    """The fork-safe ``workqueue`` layer aborts the process when two threads enter a parallel
-    region at once; fastflow's kernels are serialised while it is the layer."""
+@pytest.mark.parametrize("layer", [None, "workqueue"])
+def test_concurrent_threads_calling_kernels(layer):
+    """Threads calling kernels at once, on the default layer and on ``workqueue`` (which aborts
+    the process when two threads enter a parallel region at once; fastflow's kernels are
+    serialised while it is the layer)."""
     proc = _run("""
         call(1 << 12)
         errors = []
@@ -80,9 +86,12 @@ def test_concurrent_threads_calling_kernels():
         for t in threads:
             t.join()
         assert not errors, errors
+        print("layer", numba.threading_layer())
         print("DONE")
-    """)
+    """, **({"NUMBA_THREADING_LAYER": layer} if layer else {}))
     _check(proc)
+    if layer:
+        assert f"layer {layer}" in proc.stdout
 
 
 @pytest.mark.parametrize("layer", ["omp", "workqueue"])

@@ -17,16 +17,16 @@ process) nothing changes.
 
 Fork safety. Numba's OpenMP layer on Linux is GNU OpenMP, which cannot survive ``fork()``: a
 child of a process whose pool was started (a ``DataLoader(num_workers>0)`` worker, a
-``multiprocessing`` fork) is killed by numba the moment it calls a parallel kernel
-("Terminating: fork() called from a process already using GNU OpenMP"). Unless the user has
-chosen a layer (``NUMBA_THREADING_LAYER`` or ``NUMBA_THREADING_LAYER_PRIORITY`` in the
-environment, or ``numba.config.THREADING_LAYER`` set before fastflow's first kernel), the pool
-is started with numba's ``"forksafe"`` selection: TBB when it is installed (fork- and
-thread-safe), else numba's own ``workqueue`` (on Linux; elsewhere OpenMP, which is fork-safe
-there). ``workqueue`` cannot run two parallel regions at once and aborts the process when two
-threads try, so while it is the layer :func:`launch` runs fastflow's kernels one at a time (a
-lock; concurrent callers wait). Measured on the 2-core CI machine against OpenMP, see
-``CHANGELOG.md``.
+``multiprocessing`` fork) is killed by numba the moment it opens a parallel region
+("Terminating: fork() called from a process already using GNU OpenMP"). So in a forked child
+of a process running the OpenMP layer, :func:`launch` runs every kernel's serial twin (no
+parallel region; DataLoader workers run torch on one thread too). The pool itself is numba's
+default (TBB when installed, else OpenMP, else ``workqueue``) unless the user chose one
+(``NUMBA_THREADING_LAYER``...). The fork-safe ``workqueue`` layer was measured as the default and
+dropped: its launches cost 1.5-2x OpenMP's on the 2-core machine (spline forward+backward, 2^17
+elements: 24-26 ms against 12.5-17 ms). ``workqueue`` cannot run two parallel regions at once
+and aborts the process when two threads try, so while it is the layer (a user's choice)
+:func:`launch` runs fastflow's kernels one at a time (a lock; concurrent callers wait).
 """
 
 from __future__ import annotations
@@ -35,19 +35,13 @@ import os
 import threading
 
 _USER_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-_LAYER_VARS = ("NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY")
 # Held around every kernel while the layer is ``workqueue`` (not thread-safe); None otherwise.
 _SERIAL: threading.Lock | None = None
 
 
-def _user_chose_layer(config) -> bool:
-    """True when the user picked numba's threading layer (environment or ``numba.config``)."""
-    return any(os.environ.get(v) for v in _LAYER_VARS) or str(config.THREADING_LAYER).lower() != "default"
-
-
 def start() -> bool:
-    """Start numba's threading layer (a fork-safe one unless the user chose, OpenMP with passive
-    waiting); True if this call set the wait policy."""
+    """Start numba's threading layer (numba's default order unless the user chose; OpenMP with
+    passive waiting); True if this call set the wait policy."""
     try:
         from numba.np.ufunc import parallel
     except ImportError:  # pragma: no cover - numba always ships it
@@ -56,39 +50,46 @@ def start() -> bool:
     if launch is None or getattr(parallel, "_is_initialized", True):
         _watch_layer()
         return False
-    from numba.core import config
-
-    layer = None if _user_chose_layer(config) else "forksafe"
     passive = not any(v in os.environ for v in _USER_VARS)
     if passive:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    if layer:
-        config.THREADING_LAYER = layer
     try:
         launch()
     finally:
         if passive:
             os.environ.pop("OMP_WAIT_POLICY", None)
-        if layer:
-            config.THREADING_LAYER = "default"
         _watch_layer()
     return passive
+
+
+def _layer_name():
+    try:
+        from numba.np.ufunc import parallel
+
+        return getattr(parallel, "_threading_layer", None) if getattr(parallel, "_is_initialized", False) else None
+    except ImportError:  # pragma: no cover
+        return None
+
+
+# True in a forked child of a process whose OpenMP pool was running: serial twins only.
+_FORKED_OMP = False
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED_OMP
+    if _layer_name() == "omp":
+        _FORKED_OMP = True
+    _watch_layer()
 
 
 def _watch_layer() -> None:
     """Serialise fastflow's kernels when the running layer is ``workqueue``."""
     global _SERIAL
-    try:
-        from numba.np.ufunc import parallel
-
-        name = getattr(parallel, "_threading_layer", None) if getattr(parallel, "_is_initialized", False) else None
-    except ImportError:  # pragma: no cover
-        name = None
-    _SERIAL = threading.Lock() if name == "workqueue" else None
+    _SERIAL = threading.Lock() if _layer_name() == "workqueue" else None
 
 
 # A fork while another thread held the lock would leave the child's copy locked forever.
-os.register_at_fork(after_in_child=_watch_layer)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def launch(kernel, tasks: int, *args):
@@ -101,7 +102,7 @@ def launch(kernel, tasks: int, *args):
     22 us spline kernel of 256 elements on the 2-core CI machine, the largest fixed cost of a
     small op call. The twin needs no lock under ``workqueue`` either.
     """
-    if tasks <= 1:
+    if tasks <= 1 or _FORKED_OMP:
         twin = _TWINS.get(kernel)
         if twin is None:
             twin = serial_twin(kernel)
