@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
@@ -95,3 +96,26 @@ def test_plot_speedups_draws_every_group_from_the_rows(tmp_path):
     assert bars == {"numba": [(i, 2.0) for i in range(4)], "compile": [(i, 0.5) for i in range(4)]}
     path = plot_speedups(rows, tmp_path / "chart.png", "eager", "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_overhead_fit_recovers_a_known_line():
+    from fastflow.bench.overhead import fit_line
+
+    ns = [256, 512, 1024, 2048]
+    a, b, worst = fit_line(ns, [30e-6 + 20e-9 * n for n in ns])
+    assert abs(a - 30e-6) < 1e-12 and abs(b - 20e-9) < 1e-15 and worst < 1e-9
+
+
+def test_overhead_suite_rows():
+    """Every declared op gets timed rows at each size and a fixed-cost row per mode."""
+    from fastflow.bench import overhead
+    from fastflow.ops._spec import SPECS
+
+    rows = overhead.run(quick=True, ops=("rq_spline", "lu_linear"))
+    assert {r["op"] for r in rows} == {"rq_spline", "lu_linear"} and set(SPECS) >= {"rq_spline", "lu_linear"}
+    for op in ("rq_spline", "lu_linear"):
+        for mode in ("forward", "forward+backward"):
+            timed = [r for r in rows if r["op"] == op and r["mode"] == mode]
+            assert len(timed) == 2 and all(r["median_s"] > 0 and "error" not in r for r in timed)
+            fixed = [r for r in rows if r["op"] == op and r["mode"] == f"{mode} fixed"]
+            assert len(fixed) == 1 and math.isfinite(fixed[0]["fixed_cost_us"])
