@@ -192,7 +192,14 @@ def routed_backend(op: str, x: torch.Tensor, eager: Callable[[], bool]) -> str |
     """The backend a route sends this call to (``backend=None``), or None for the default order.
     ``eager()``: whether the caller's inputs are ordinary eager tensors (no compile, tracing or
     transforms); asked last, as it is the costliest test."""
-    if os.environ.get(ENV_VAR) or not (x.is_cpu and x.numel() > 0 and x.dtype in _F):
+    if os.environ.get(ENV_VAR) or not (x.is_cpu and x.dtype in _F):
+        return None
+    if torch.compiler.is_compiling():
+        # Under torch.compile/export every route's plain torch ops are traced: inductor fuses
+        # them with the model around them (no opaque kernel call), at any size, and no size test
+        # puts a guard on the batch dimension
+        return next((r.backend for r in ROUTES if r.op == op), None)
+    if x.numel() == 0:
         return None
     for r in ROUTES:
         if r.op == op:

@@ -168,6 +168,54 @@ def _families(payload) -> list[str]:
             *_table(["data", *fams], [[d, *[ll.get((d, f)) for f in fams]] for d in datas])]
 
 
+MODEL_IMPLS = ("fastflow", "fastflow + compile", "zuko", "zuko + compile", "nflows", "nflows + compile", "floor")
+
+
+def _ms(v) -> str:
+    return "" if not v else (f"{1e3 * v:.1f} ms" if v < 1 else f"{v:.2f} s")
+
+
+def _models(name, payload) -> list[str]:
+    rows = [r for r in payload.get("results", []) if r.get("impl") in MODEL_IMPLS]
+    groups = list(dict.fromkeys((r["size"], r["model"], r["case"]) for r in rows))
+    by = {(r["size"], r["model"], r["case"], r["impl"]): r for r in rows}
+    table = []
+    for g in groups:
+        cells = [*g]
+        for i in MODEL_IMPLS:
+            r = by.get((*g, i), {})
+            cells.append(_ms(r.get("median_s")) or ("failed" if r.get("error") else ""))
+        for i in ("fastflow", "fastflow + compile", "floor"):
+            v = by.get((*g, i), {}).get("paired_speedup_vs_zuko_compile")
+            cells.append("" if v is None else f"{v:.2f}x")
+        table.append(cells)
+    graphs = [[r["size"], r["model"], r["case"], r["impl"], r.get("graphs"), r.get("graph_breaks")]
+              for r in rows if r.get("compiled") and r.get("graphs") is not None]
+    return ["## Whole models: train step and sampling", "", _env(payload, name), "",
+            "Each library's own model of the same architecture (parameter counts equal; `fastflow bench models`, "
+            "whose module docstring gives the structures), float32. A train step is zero_grad + mean NLL + backward "
+            "+ Adam (the same `torch.optim.Adam` for every row); sampling is `sample(batch)` under no_grad. "
+            "Medians of interleaved rounds; the speed-ups are medians of per-round ratios to zuko + torch.compile. "
+            "`floor` is the fastflow model with its elementwise laws replaced by a no-op: what the conditioners, "
+            "permutations, base density and optimizer cost, a bound on what faster laws can gain.", "",
+            *_table(["size", "model", "case", "fastflow", "fastflow + compile", "zuko", "zuko + compile", "nflows",
+                     "nflows + compile", "floor", "fastflow vs zuko+c", "fastflow+c vs zuko+c", "floor vs zuko+c"],
+                    table),
+            "Graphs and graph breaks of each compiled function (`torch._dynamo.explain`):", "",
+            *_table(["size", "model", "case", "implementation", "graphs", "breaks"], graphs)]
+
+
+def _overhead(name, payload) -> list[str]:
+    rows = [r for r in payload.get("results", []) if str(r.get("mode", "")).endswith(" fixed")]
+    return ["## Fixed per-call cost of each op", "", _env(payload, name), "",
+            "`fastflow bench overhead`: each op eager with `backend=None`, float32, timed at 2^8..2^12 elements; the "
+            "fixed cost is the intercept of a least-squares line through the medians (forward; forward+backward "
+            "with gradients for every input that takes one).", "",
+            *_table(["op", "mode", "fixed cost (us)", "per element (ns)", "largest residual of the line"],
+                    [[r["op"], r["mode"].replace(" fixed", ""), r.get("fixed_cost_us"), r.get("per_element_ns"),
+                      r.get("max_rel_residual")] for r in rows])]
+
+
 def _page() -> tuple[str, dict]:
     images: dict[str, bytes] = {}
     out = ["# Performance", "",
@@ -178,6 +226,12 @@ def _page() -> tuple[str, dict]:
         got = _latest(suite)
         if got:
             out += _speedups(suite, *got, images)
+    got = _latest("models")
+    if got:
+        out += _models(*got)
+    got = _latest("overhead")
+    if got:
+        out += _overhead(*got)
     got = _latest("logdet")
     if got:
         out += _logdet(*got, images)

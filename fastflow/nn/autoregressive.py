@@ -85,6 +85,29 @@ class MADE(nn.Module):
             h = layer(self.act(h))
         return self.out(self.act(h)).reshape(x.shape[0], self.features, self.params_per_feature)
 
+    def fixed(self, context=None):
+        """``x -> self(x, context)`` with what does not depend on ``x`` computed once: the masked
+        weights and the context's term. For the ``D`` passes of an inverse (sampling), which
+        call the MADE with the same weights and context ``D`` times."""
+        hidden = [(layer.weight * layer.mask, layer.bias) for layer in self.hidden]
+        out_w, out_b = self.out.weight * self.out.mask, self.out.bias
+        ctx = None
+        if self.ctx is not None:
+            if context is None:
+                raise ValueError(f"MADE was built with context_features={self.context_features} but got no context")
+            ctx = self.ctx(context.to(out_w.dtype))
+        shape = (self.features, self.params_per_feature)
+
+        def run(x):
+            h = F.linear(x, *hidden[0])
+            if ctx is not None:
+                h = h + ctx
+            for w, b in hidden[1:]:
+                h = F.linear(self.act(h), w, b)
+            return F.linear(self.act(h), out_w, out_b).reshape(x.shape[0], *shape)
+
+        return run
+
 
 class MaskedAutoregressive(Transform):
     """An autoregressive layer: ``y_d = f(x_d; theta_d(x_<d))`` for any elementwise law ``f``,
@@ -122,9 +145,10 @@ class MaskedAutoregressive(Transform):
         self._check(y)
         x = torch.zeros_like(y)
         lad = y.new_zeros(y.shape[0])
+        made = self.made.fixed(context)  # the masked weights and the context's term, once for D passes
         # After pass k the first k features (in autoregressive order) are exact.
         for _ in range(self.features):
-            x, lad = self._elementwise(y, self.made(x, context), inverse=True)
+            x, lad = self._elementwise(y, made(x), inverse=True)
         return x, lad
 
     def _elementwise(self, x, params, inverse):

@@ -26,6 +26,7 @@ import torch
 from fastflow.backends import SMALL_CPU_ELEMS, get_kernel, resolve_backend, routed_backend
 from fastflow.kernels.reference._precision import upcast
 from fastflow.kernels.reference.coupling import SCALES
+from fastflow.kernels.torch import coupling as _torch_laws  # plain torch ops: imported here, traced by dynamo
 from fastflow.ops._autocast import autocast_args
 from fastflow.ops._checks import check_bool, check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import _eager as _dispatch_eager
@@ -291,7 +292,7 @@ def affine_coupling(
     inverse = check_bool(op, "inverse", inverse)
     name = _backend_for(op, backend, x, shift, raw_scale)
     if name == "torch":
-        return get_kernel(op, "torch").affine(x, shift, raw_scale, scale, clamp, inverse)
+        return _torch_laws.affine(x, shift, raw_scale, scale, clamp, inverse)
     return _affine_coupling_op(x, shift, raw_scale, scale, clamp, inverse, name)
 
 
@@ -313,7 +314,7 @@ def additive_coupling(
     inverse = check_bool(op, "inverse", inverse)
     name = _backend_for(op, backend, x, shift)
     if name == "torch":
-        return get_kernel(op, "torch").additive(x, shift, inverse)
+        return _torch_laws.additive(x, shift, inverse)
     return _additive_coupling_op(x, shift, inverse, name)
 
 
@@ -350,7 +351,7 @@ def rescale(
     inverse = check_bool(op, "inverse", inverse)
     name = _backend_for(op, backend, x, log_scale)
     if name == "torch":
-        return get_kernel(op, "torch").rescale(x, log_scale.expand(event), inverse)
+        return _torch_laws.rescale(x, log_scale.expand(event), inverse)
     return _rescale_op(x, log_scale.expand(event), inverse, name)
 
 
