@@ -10,10 +10,14 @@ cannot eat the others' time), in at most ~8 minutes wall:
 3. ``bench``: every op x backend against torch eager, torch.compile, nflows and zuko, through
    ``fastflow bench spline coupling lu`` at 2^20 .. 2^26 elements;
 4. ``model``: ``fastflow bench gpu-model`` (the prediction) and a roofline PNG of the measured
-   spline/coupling times against it.
+   spline/coupling times against it;
+5. ``train``: ``benchmarks/gpu_train.py``: no host synchronisation inside any op
+   (``torch.cuda.set_sync_debug_mode("error")``), the train step under autocast float16 (with a
+   GradScaler) and bfloat16 against float32, and step times eager, ``fastflow.compile`` and with
+   CUDA graphs.
 
-At most 8 files land in OUTDIR: ``env.json``, ``tests.log``, ``bench_<suite>.json`` (3),
-``model.json``, ``roofline.png``, ``suite.log``. ``--dry-run`` runs every phase on the CPU at
+At most 8 files land in OUTDIR: ``env.json``, ``tests.log``, ``bench.json`` (the three suites),
+``model.json``, ``roofline.png``, ``train.json``, ``suite.log``. ``--dry-run`` runs every phase on the CPU at
 tiny sizes (the triton backend through ``TRITON_INTERPRET=1``), so CI exercises every step.
 """
 
@@ -28,9 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Timeout of each phase on the device, in seconds: 455 s of an 8-minute wall (the rest is
+# Timeout of each phase on the device, in seconds: 475 s of an 8.5-minute wall (the rest is
 # process start-up). The bench share is split evenly over the suites.
-PHASES = {"env": 30, "tests": 130, "bench": 240, "model": 40, "plot": 15}
+PHASES = {"env": 30, "tests": 130, "bench": 200, "model": 40, "plot": 15, "train": 60}
 BENCH_SUITES = ("spline", "coupling", "lu")
 SIZES = "2**20,2**22,2**24,2**26"
 DRY_SIZES = "2**6"
@@ -125,11 +129,11 @@ def phase_plot(out: Path) -> None:
     for r in model:
         if r["impl"] == "triton" and r.get("k") in (8, None) and r["dtype"] == "float32":
             pred[(r["op"].split("[")[0], r["mode"])] = r["roofline"][gpu]["pred_s"] / r["n"] * 1e9
+    suites = json.loads((out / "bench.json").read_text())["suites"] if (out / "bench.json").exists() else {}
     for name in BENCH_SUITES:
-        path = out / f"bench_{name}.json"
-        if not path.exists():
+        if name not in suites:
             continue
-        rows = [r for r in json.loads(path.read_text())["results"] if r.get("ns_per_element")]
+        rows = [r for r in suites[name]["results"] if r.get("ns_per_element")]
         for impl in sorted({r["impl"] for r in rows}):
             for mode in ("forward", "forward+backward"):
                 pts = sorted((r["n"], r["ns_per_element"]) for r in rows if r["impl"] == impl and r["mode"] == mode
@@ -155,12 +159,15 @@ def phase_plot(out: Path) -> None:
 
 
 def _merge_bench(out: Path, name: str, parts: list[Path]) -> None:
-    """One bench_<name>.json from the per-size result files (rows concatenated, first environment)."""
+    """The suite's entry in bench.json from its per-size result files (rows concatenated, first
+    environment): ``{"suites": {name: {"suite", "environment", "results"}}}``."""
     payloads = [json.loads(p.read_text()) for p in parts]
     if payloads:
-        merged = {"suite": name, "environment": payloads[0]["environment"],
-                  "results": [r for p in payloads for r in p["results"]]}
-        (out / f"bench_{name}.json").write_text(json.dumps(merged, indent=2))
+        path = out / "bench.json"
+        merged = json.loads(path.read_text()) if path.exists() else {"suites": {}}
+        merged["suites"][name] = {"suite": name, "environment": payloads[0]["environment"],
+                                  "results": [r for p in payloads for r in p["results"]]}
+        path.write_text(json.dumps(merged, indent=2))
 
 
 def _clean(tmp: Path) -> None:
@@ -237,6 +244,9 @@ def main(argv=None) -> int:
         found[-1].replace(out / "model.json")
     _clean(tmp)
     results.append(_run(out, "plot", [py, me, str(out), "--phase", "plot"], budget["plot"], env))
+    # train: whole models on the device (sync check, autocast float16/bfloat16, compiled steps)
+    results.append(_run(out, "train", [py, str(ROOT / "benchmarks" / "gpu_train.py"), str(out / "train.json")]
+                        + (["--dry-run"] if dry else []), budget["train"], env))
     _log(out, "summary: " + json.dumps(results))
     print("\n| phase | rc | seconds |\n|---|---|---|")
     for r in results:

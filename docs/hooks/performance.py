@@ -175,8 +175,16 @@ def _ms(v) -> str:
     return "" if not v else (f"{1e3 * v:.1f} ms" if v < 1 else f"{v:.2f} s")
 
 
-def _models(name, payload) -> list[str]:
-    rows = [r for r in payload.get("results", []) if r.get("impl") in MODEL_IMPLS]
+def _models(files: list[Path]) -> list[str]:
+    """Every models_*.json (one per size run); a later file's rows replace an earlier one's."""
+    merged: dict = {}
+    for f in files:
+        payload = json.loads(f.read_text())
+        for r in payload.get("results", []):
+            if r.get("impl") in MODEL_IMPLS:
+                merged[(r["size"], r["model"], r["case"], r["impl"])] = r
+    rows = list(merged.values())
+    envs = [_env(json.loads(f.read_text()), f.name) for f in files]
     groups = list(dict.fromkeys((r["size"], r["model"], r["case"]) for r in rows))
     by = {(r["size"], r["model"], r["case"], r["impl"]): r for r in rows}
     table = []
@@ -191,7 +199,7 @@ def _models(name, payload) -> list[str]:
         table.append(cells)
     graphs = [[r["size"], r["model"], r["case"], r["impl"], r.get("graphs"), r.get("graph_breaks")]
               for r in rows if r.get("compiled") and r.get("graphs") is not None]
-    return ["## Whole models: train step and sampling", "", _env(payload, name), "",
+    return ["## Whole models: train step and sampling", "", *[e + "\n" for e in envs], "",
             "Each library's own model of the same architecture (parameter counts equal; `fastflow bench models`, "
             "whose module docstring gives the structures), float32. A train step is zero_grad + mean NLL + backward "
             "+ Adam (the same `torch.optim.Adam` for every row); sampling is `sample(batch)` under no_grad. "
@@ -210,10 +218,13 @@ def _overhead(name, payload) -> list[str]:
     return ["## Fixed per-call cost of each op", "", _env(payload, name), "",
             "`fastflow bench overhead`: each op eager with `backend=None`, float32, timed at 2^8..2^12 elements; the "
             "fixed cost is the intercept of a least-squares line through the medians (forward; forward+backward "
-            "with gradients for every input that takes one).", "",
-            *_table(["op", "mode", "fixed cost (us)", "per element (ns)", "largest residual of the line"],
-                    [[r["op"], r["mode"].replace(" fixed", ""), r.get("fixed_cost_us"), r.get("per_element_ns"),
-                      r.get("max_rel_residual")] for r in rows])]
+            "with gradients for every input that takes one). The baseline row is one plain torch op through "
+            "the same harness (call, sums, autograd graph, `torch.autograd.grad`); *over baseline* is what the "
+            "op adds to that.", "",
+            *_table(["op", "mode", "fixed cost (us)", "over baseline (us)", "per element (ns)",
+                     "largest residual of the line"],
+                    [[r["op"], r["mode"].replace(" fixed", ""), r.get("fixed_cost_us"), r.get("over_baseline_us"),
+                      r.get("per_element_ns"), r.get("max_rel_residual")] for r in rows])]
 
 
 def _page() -> tuple[str, dict]:
@@ -226,9 +237,9 @@ def _page() -> tuple[str, dict]:
         got = _latest(suite)
         if got:
             out += _speedups(suite, *got, images)
-    got = _latest("models")
-    if got:
-        out += _models(*got)
+    model_files = sorted(RESULTS.glob("models_*_[0-9]*T[0-9]*.json"))
+    if model_files:
+        out += _models(model_files)
     got = _latest("overhead")
     if got:
         out += _overhead(*got)

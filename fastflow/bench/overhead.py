@@ -11,6 +11,11 @@ dispatch, backend resolution, allocation, launches) and its per-element cost at 
 both are in a summary row per op and mode (``mode``: ``forward fixed`` / ``forward+backward
 fixed``), with the fit's largest relative residual.
 
+A baseline row, ``torch exp (baseline)``, times one plain torch elementwise op (``x.exp()``,
+``x * 0``) through the same harness: what any op pays for the call, the two sums, the autograd
+graph and ``torch.autograd.grad`` at these sizes. ``over_baseline_us`` is an op's fixed cost
+minus the baseline's.
+
 Inputs come from each op's own ``example`` builder (the conformance suite's valid inputs), its
 first variant, with the first input's leading dimension scaled to the size.
 """
@@ -25,7 +30,8 @@ from fastflow.bench import time_interleaved
 
 SUITE = "overhead"
 SIZES = (256, 512, 1024, 2048, 4096)
-TABLE_COLUMNS = ["op", "mode", "impl", "n", "median_s", "fixed_cost_us", "per_element_ns", "max_rel_residual"]
+TABLE_COLUMNS = ["op", "mode", "n", "median_s", "fixed_cost_us", "over_baseline_us", "per_element_ns",
+                 "max_rel_residual"]
 
 
 def _inputs(spec, n: int, seed: int = 0):
@@ -71,6 +77,25 @@ def fit_line(ns, ts) -> tuple[float, float, float]:
     return a, b, worst
 
 
+class _Baseline:
+    """A stand-in spec: one plain torch elementwise op, timed through the same harness."""
+
+    inputs = grad_inputs = ("x",)
+    shapes = ((64, 16),)
+    options = ({},)
+
+    @staticmethod
+    def example(shape, dtype, device, generator):
+        return [torch.randn(*shape, dtype=dtype, generator=generator).to(device)], {}
+
+    @staticmethod
+    def fn(x):
+        return x.exp(), x * 0
+
+
+BASELINE = "torch exp (baseline)"
+
+
 def run(device="cpu", sizes=None, repeats=5, quick=False, ops=None, **_):
     """Rows per (op, mode, size) and a fixed-cost row per (op, mode)."""
     if torch.device(device).type != "cpu":
@@ -80,15 +105,17 @@ def run(device="cpu", sizes=None, repeats=5, quick=False, ops=None, **_):
     sizes = tuple(sizes or ((256, 1024) if quick else SIZES))
     rounds = 3 if quick else max(int(repeats or 5), 15)
     rows = []
-    for name, spec in SPECS.items():
-        if ops and name not in ops:
+    base_fixed = {}
+    for name, spec in [(BASELINE, _Baseline), *SPECS.items()]:
+        if ops and name not in ops and name != BASELINE:
             continue
+        impl = "torch" if name == BASELINE else "fastflow (backend=None)"
         for mode, calls in _calls(spec, sizes).items():
             stats = time_interleaved({str(n): fn for n, fn in calls.items()}, "cpu", repeats=rounds, warmup=3)
             ns, ts = [], []
             for n in calls:
                 st = stats[str(n)]
-                row = {"op": name, "mode": mode, "impl": "fastflow (backend=None)", "n": n, "dtype": "float32"}
+                row = {"op": name, "mode": mode, "impl": impl, "n": n, "dtype": "float32"}
                 if "error" in st:
                     rows.append({**row, "error": st["error"]})
                     continue
@@ -97,7 +124,10 @@ def run(device="cpu", sizes=None, repeats=5, quick=False, ops=None, **_):
                 ts.append(st["median_s"])
             if len(ns) >= 2:
                 a, b, worst = fit_line(ns, ts)
-                rows.append({"op": name, "mode": f"{mode} fixed", "impl": "fastflow (backend=None)",
+                if name == BASELINE:
+                    base_fixed[mode] = a
+                rows.append({"op": name, "mode": f"{mode} fixed", "impl": impl,
                              "n": f"{min(ns)}..{max(ns)}", "fixed_cost_s": a, "fixed_cost_us": 1e6 * a,
-                             "per_element_ns": 1e9 * b, "max_rel_residual": worst, "sizes": ns})
+                             "per_element_ns": 1e9 * b, "max_rel_residual": worst, "sizes": ns,
+                             "over_baseline_us": 1e6 * (a - base_fixed[mode]) if mode in base_fixed else None})
     return rows

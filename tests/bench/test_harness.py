@@ -112,10 +112,14 @@ def test_overhead_suite_rows():
     from fastflow.ops._spec import SPECS
 
     rows = overhead.run(quick=True, ops=("rq_spline", "lu_linear"))
-    assert {r["op"] for r in rows} == {"rq_spline", "lu_linear"} and set(SPECS) >= {"rq_spline", "lu_linear"}
-    for op in ("rq_spline", "lu_linear"):
+    assert {r["op"] for r in rows} == {"rq_spline", "lu_linear", overhead.BASELINE}
+    assert set(SPECS) >= {"rq_spline", "lu_linear"}
+    for op in ("rq_spline", "lu_linear", overhead.BASELINE):
         for mode in ("forward", "forward+backward"):
             timed = [r for r in rows if r["op"] == op and r["mode"] == mode]
             assert len(timed) == 2 and all(r["median_s"] > 0 and "error" not in r for r in timed)
             fixed = [r for r in rows if r["op"] == op and r["mode"] == f"{mode} fixed"]
             assert len(fixed) == 1 and math.isfinite(fixed[0]["fixed_cost_us"])
+            assert math.isclose(fixed[0]["over_baseline_us"] + next(
+                r["fixed_cost_us"] for r in rows if r["op"] == overhead.BASELINE and r["mode"] == f"{mode} fixed"),
+                fixed[0]["fixed_cost_us"], rel_tol=1e-9)

@@ -26,14 +26,19 @@ def test_gpu_suite_dry_run(tmp_path):
     assert res.returncode == 0, log[-6000:]
     files = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert len(files) <= 8, files  # the device tool returns at most 8 files
-    expected = {"env.json", "tests.log", "bench_spline.json", "bench_coupling.json", "bench_lu.json", "model.json",
-                "roofline.png", "suite.log"}
+    expected = {"env.json", "tests.log", "bench.json", "model.json", "roofline.png", "train.json", "suite.log"}
     assert set(files) == expected, files
     env_json = json.loads((tmp_path / "env.json").read_text())
     assert env_json["dry_run"] and env_json["copy_probe"]["bytes_per_s"] > 0
+    suites = json.loads((tmp_path / "bench.json").read_text())["suites"]
     for name in ("spline", "coupling", "lu"):
-        rows = json.loads((tmp_path / f"bench_{name}.json").read_text())["results"]
+        rows = suites[name]["results"]
         impls = {r["impl"] for r in rows if r.get("median_s")}
         assert "triton" in impls, (name, impls)  # the interpreter ran the kernels
     model = json.loads((tmp_path / "model.json").read_text())["results"]
     assert model and all(r["registers"] > 0 for r in model)
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert train["dry_run"] and {r["model"] for r in train["precision"]} == {"nsf", "realnvp", "maf"}
+    assert all(r.get("ok", True) and r.get("finite", True) for r in train["precision"]), train["precision"]
+    assert any(r["precision"] == "autocast bfloat16" for r in train["precision"])
+    assert train["timings"] and all(r.get("median_s", 0) > 0 for r in train["timings"]), train["timings"]
