@@ -36,12 +36,15 @@ from fastflow.flows.flow import Flow
 __all__ = ["LogProb", "Sampler", "export_flow", "NotExportableError", "NOT_EXPORTABLE", "WHAT"]
 
 WHAT = ("log_prob", "sample")
-# model name -> why torch.export cannot trace it today
+# model name -> {what: why torch.export cannot trace it today}
 NOT_EXPORTABLE = {
-    "cnf": "the ODE solve checks its state for non-finite values in Python (data-dependent control flow)",
-    "planar": "the log-det and the numerical inverse branch on tensor values in Python",
-    "radial": "the log-det and the numerical inverse branch on tensor values in Python",
-    "resflow": "the log-det differentiates through autograd and the inverse is a data-dependent fixed point",
+    "cnf": {w: "the ODE solve checks its state for non-finite values in Python (data-dependent control flow)"
+            for w in WHAT},
+    # the samplers are closed form (x = z + u_hat tanh(...)): they export
+    "planar": {"log_prob": "the numerical inverse (bisection until converged) branches on tensor values"},
+    "radial": {"log_prob": "the numerical inverse (bisection until converged) branches on tensor values"},
+    "resflow": {w: "the log-det differentiates through autograd and the inverse is a data-dependent fixed point"
+                for w in WHAT},
 }
 
 
@@ -123,8 +126,9 @@ def export_flow(flow: Flow, what: str = "log_prob", batch: int = 2, dynamic_batc
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"export_flow: batch must be a positive integer, got {batch!r}")
     name = _model_name(flow)
-    if name in NOT_EXPORTABLE:
-        raise NotExportableError(f"{name}: cannot be exported with torch.export yet: {NOT_EXPORTABLE[name]}")
+    why = NOT_EXPORTABLE.get(name, {}).get(what)
+    if why:
+        raise NotExportableError(f"{name}: its {what} cannot be exported with torch.export yet: {why}")
     if dynamic_batch:
         batch = max(batch, 2)  # torch.export specialises a size-1 example dimension to 1
     p = next(flow.parameters(), None)
