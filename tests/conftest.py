@@ -8,6 +8,17 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test: with tiny tensors the threads only add
+    synchronisation (10x slower on a busy 2-core box). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     """A test parametrised over the backends present here has no cases when none is (e.g. GPU
     backends on a CPU machine): deselect it rather than report a skip that looks like a pass."""

@@ -147,6 +147,21 @@ def _version(mod: str) -> str | None:
         return None
 
 
+def source() -> dict:
+    """The code measured: the git commit and the files under fastflow/ that differ from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastflow"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.split("\n")
+        return {"git_head": head or None, "uncommitted": [line[3:] for line in dirty if line.strip()]}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_head": None}
+
+
 def environment(device: str) -> dict:
     """Device name, versions and date recorded with every result file."""
     import fastflow

@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from fastflow.bench import paired_ratio, time_interleaved
+from fastflow.bench import paired_ratio, source, time_interleaved
 
 FEATURES, TRANSFORMS, HIDDEN, BINS, BATCH = 8, 5, 64, 8, 512
 MIN_ROUNDS, WARMUP = 15, 3
@@ -336,27 +336,11 @@ def _sbi_rows(quick):
     return rows
 
 
-def _source() -> dict:
-    """The code measured: git commit and the files under fastflow/ that differ from it."""
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastflow"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.split("\n")
-        return {"git_head": head or None, "uncommitted": [line[3:] for line in dirty if line.strip()]}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_head": None}
-
-
 def run(device="cpu", repeats=MIN_ROUNDS, quick=False, peers=None, compile=True, sbi=True, **_):
     if torch.device(device).type != "cpu":
         raise ValueError("fastflow bench integrations: CPU only (the peers' models, float32, one process)")
     rounds = 3 if quick else max(int(repeats), MIN_ROUNDS)
-    rows = [{"op": "source", "mode": "-", "n": 0, "impl": "-", **_source()}]
+    rows = [{"op": "source", "mode": "-", "n": 0, "impl": "-", **source()}]
     for peer in peers or PEERS:
         for kind in ("coupling", "autoregressive"):
             rows += _peer_rows(peer, kind, rounds, compile and not quick)

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastflow.bench import format_table, paired_ratio, time_interleaved
+from fastflow.bench import format_table, paired_ratio, source, time_interleaved
 
 SUITE = "models"
 SIZES = {
@@ -398,18 +397,6 @@ def _check(name: str, case: str, impl: Impl, fn: Callable, arg, x) -> dict:
 
 
 # ----------------------------------------------------------------------------- the suite
-def _source() -> dict:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastflow"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.split("\n")
-        return {"git_head": head or None, "uncommitted": [line[3:] for line in dirty if line.strip()]}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_head": None}
-
-
 def _load() -> dict:
     try:
         with open("/proc/loadavg") as f:
@@ -441,7 +428,7 @@ def run(device="cpu", sizes=None, repeats=None, quick=False, rounds=None, models
         parse_size_names(n)
     rounds = rounds or repeats
     t_start = time.perf_counter()
-    rows = [{"op": "source", "mode": "-", "n": 0, "impl": "-", **_source(), "load_before": _load(),
+    rows = [{"op": "source", "mode": "-", "n": 0, "impl": "-", **source(), "load_before": _load(),
              "sizes": {n: {k: v for k, v in SIZES[n].items() if k != "rounds"} for n in names}}]
     for size in names:
         cfg = SIZES[size]

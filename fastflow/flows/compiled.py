@@ -34,6 +34,7 @@ import numbers
 
 import torch
 
+from fastflow.flows.continuous import ContinuousFlow
 from fastflow.flows.flow import Flow
 
 __all__ = ["compile", "CompiledFlow", "eager_parts"]
@@ -123,8 +124,6 @@ class CompiledFlow:
 
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """``flow.sample(n, context)``, compiled (the same graph as :meth:`sample_and_log_prob`)."""
-        from fastflow.flows.continuous import ContinuousFlow
-
         if isinstance(self.flow, ContinuousFlow):  # its sampler skips the trace integral
             with self.flow.cnf.without_trace():
                 return self.sample_and_log_prob(n, context)[0]

@@ -36,13 +36,7 @@ U = 2.0 ** -8  # bfloat16 unit round-off (8 significand bits)
 CONTEXT = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _cases():

@@ -27,12 +27,7 @@ SAMPLER_ONLY = [n for n in registered() if n in NOT_EXPORTABLE and "sample" not 
 CONTEXT = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _ctx(n, ctx, seed=2):

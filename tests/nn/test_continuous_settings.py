@@ -13,12 +13,7 @@ from fastflow.nn.continuous import CNF, ODESolverError
 from fastflow.nn.residual import ConvergenceError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _flow(**kw):

@@ -18,13 +18,7 @@ from fastflow.testing import jacobian_logabsdet
 CLASSES = [PlanarFlow, RadialFlow]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add synchronisation (10x slower on a busy 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _layer(cls, d=3, scale=1.5, seed=0):

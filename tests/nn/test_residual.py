@@ -20,13 +20,7 @@ from fastflow.testing import jacobian_logabsdet
 D = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add synchronisation (10x slower on a busy 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _strong_block(d=D, context=None, coeff=0.9, num_hidden=1, seed=0):
