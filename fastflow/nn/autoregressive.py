@@ -76,19 +76,12 @@ class MADE(nn.Module):
             nn.init.zeros_(self.out.bias)
 
     def forward(self, x, context=None):
-        h = self.hidden[0](x)
-        if self.ctx is not None:
-            if context is None:
-                raise ValueError(f"MADE was built with context_features={self.context_features} but got no context")
-            h = h + self.ctx(context.to(x.dtype))
-        for layer in self.hidden[1:]:
-            h = layer(self.act(h))
-        return self.out(self.act(h)).reshape(x.shape[0], self.features, self.params_per_feature)
+        return self.fixed(context)(x)
 
     def fixed(self, context=None):
         """``x -> self(x, context)`` with what does not depend on ``x`` computed once: the masked
-        weights and the context's term. For the ``D`` passes of an inverse (sampling), which
-        call the MADE with the same weights and context ``D`` times."""
+        weights and the context's term. ``forward`` is one call of it; the ``D`` passes of an
+        inverse (sampling) call the MADE with the same weights and context ``D`` times."""
         hidden = [(layer.weight * layer.mask, layer.bias) for layer in self.hidden]
         out_w, out_b = self.out.weight * self.out.mask, self.out.bias
         ctx = None
