@@ -17,10 +17,16 @@ dimension. The exported program calls aten ops and ``fastflow::`` custom ops; ru
 ``import fastflow.ops`` (or :func:`fastflow.ops.load_exported`). The backend each fused op ran on at
 export time is a constant of the graph: export on the kind of device you deploy to.
 
-What exports: every model whose transforms are closed-form (nsf, nsf-ar, maf, iaf, realnvp,
-realnvp-image, nice, glow). Not yet: models with data-dependent Python control flow in the
-forward or the inverse (cnf's ODE solve checks, planar/radial's numerical inverse and finiteness
-checks, resflow's fixed point and autograd log-det); :func:`export_flow` says so by name.
+What exports: every model whose transforms are closed form (nsf, nsf-ar, maf, iaf, realnvp,
+realnvp-image, nice, glow), and those with iterative solves written as while loops (``torch.while_loop``), which
+``torch.export`` traces as loops that run until converged, the same iteration as eager: planar's
+bisection inverse (radial's is closed form), resflow's fixed-point inverse (its log-det is the
+slogdet of the closed-form Jacobian of the Lipschitz MLP; the series estimators draw random
+probes and use autograd in the forward, so resflow exports in eval mode with the exact route,
+``D <= exact_max_features``). Inside an exported program there is no host sync, so where eager
+raises on data (a non-finite input to a numerical inverse, a fixed point that does not converge)
+the program returns the non-finite row or the last iterate instead. Not yet: cnf;
+:func:`export_flow` says so by name.
 """
 
 from __future__ import annotations
@@ -40,11 +46,6 @@ WHAT = ("log_prob", "sample")
 NOT_EXPORTABLE = {
     "cnf": {w: "the ODE solve checks its state for non-finite values in Python (data-dependent control flow)"
             for w in WHAT},
-    # the samplers are closed form (x = z + u_hat tanh(...)): they export
-    "planar": {"log_prob": "the numerical inverse (bisection until converged) branches on tensor values"},
-    "radial": {"log_prob": "the numerical inverse (bisection until converged) branches on tensor values"},
-    "resflow": {w: "the log-det differentiates through autograd and the inverse is a data-dependent fixed point"
-                for w in WHAT},
 }
 
 

@@ -34,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from fastflow.nn._loop import while_loop
 
 from fastflow.nn.base import Transform
 
@@ -81,7 +82,9 @@ class _Generative(Transform):
                 "is not available; use sample_and_log_prob (reverse KL), or inverse='numerical'")
         if x.shape[0] == 0:
             return x.clone(), x.new_zeros(0)
-        z = self._numerical_inverse(x)
+        # torch.export traces the solve itself (a while_loop, no host sync); a non-finite row then
+        # gives a non-finite result for that row instead of the eager path's error
+        z = self._solve(x) if torch.compiler.is_exporting() else self._numerical_inverse(x)
         _, lad = self._generate(z)
         return z, -lad
 
@@ -135,14 +138,21 @@ class PlanarFlow(_Generative):
         def residual(a):
             return a + s * torch.tanh(a + self.b) - c
 
+        eps = 4 * torch.finfo(x.dtype).eps
+
+        def unfinished(i, lo, hi):
+            return (i < self.max_iter) & ((hi - lo) > eps * (1 + (0.5 * (lo + hi)).abs())).any()
+
+        def halve(i, lo, hi):
+            mid = 0.5 * (lo + hi)
+            pos = residual(mid) > 0
+            return i + 1, torch.where(pos, lo, mid), torch.where(pos, mid, hi)
+
         with torch.no_grad():
-            lo, hi = c - s.abs() - 1e-12, c + s.abs() + 1e-12
-            for _ in range(self.max_iter):
-                mid = 0.5 * (lo + hi)
-                pos = residual(mid) > 0
-                hi, lo = torch.where(pos, mid, hi), torch.where(pos, lo, mid)
-                if bool(((hi - lo) <= 4 * torch.finfo(x.dtype).eps * (1 + mid.abs())).all()):
-                    break
+            # a while_loop rather than a Python loop with a break: eager runs it as a loop, and
+            # torch.export traces it as one (the exported log_prob halves until converged too)
+            start = (torch.zeros((), dtype=torch.int64, device=x.device), c - s.abs() - 1e-12, c + s.abs() + 1e-12)
+            _, lo, hi = while_loop(unfinished, halve, start)
             a0 = 0.5 * (lo + hi)
         # One Newton step at the root: the same value, and autograd sees da = -dF / F'(a) (implicit gradient).
         a = a0 - residual(a0) / (1 + s * (1 - torch.tanh(a0 + self.b).pow(2)))

@@ -35,6 +35,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from fastflow.nn._loop import while_loop
+from fastflow.ops._autocast import no_autocast
 
 from fastflow.nn.base import Transform
 
@@ -60,6 +62,12 @@ class LipSwish(nn.Module):
 
     def forward(self, x):
         return x * torch.sigmoid(F.softplus(self.b) * x) / 1.1
+
+    def value_and_derivative(self, x):
+        """``(f(x), f'(x))``, ``f' = (s + beta x s (1 - s)) / 1.1`` with ``s = sigmoid(beta x)``."""
+        beta = F.softplus(self.b)
+        s = torch.sigmoid(beta * x)
+        return x * s / 1.1, (s + beta * x * s * (1 - s)) / 1.1
 
 
 class SpectralNormLinear(nn.Module):
@@ -97,7 +105,7 @@ class SpectralNormLinear(nn.Module):
     def _power_iteration(self, n):
         w = self.weight.detach()
         u, v = self.u.to(w.dtype), self.v.to(w.dtype)
-        with torch.autocast(w.device.type, enabled=False):  # the bound needs the weight's precision
+        with no_autocast(w.device.type):  # the bound needs the weight's precision
             for _ in range(n):
                 v = F.normalize(w.t() @ u, dim=0, eps=1e-12)
                 u = F.normalize(w @ v, dim=0, eps=1e-12)
@@ -111,7 +119,7 @@ class SpectralNormLinear(nn.Module):
             self._power_iteration(self.n_power_iterations)
         # in the weight's dtype under autocast too: a bfloat16 sigma (0.4% off) could break the
         # Lipschitz bound that makes the block invertible
-        with torch.autocast(self.weight.device.type, enabled=False):
+        with no_autocast(self.weight.device.type):
             sigma = torch.dot(self.u.to(self.weight.dtype), self.weight @ self.v.to(self.weight.dtype))
             return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
 
@@ -145,16 +153,34 @@ class LipschitzMLP(nn.Module):
             self.linears[-1].weight.mul_(0.1)
             self.linears[-1].bias.zero_()
 
-    def forward(self, x, context=None):
+    def _first(self, x, context):
         h = self.linears[0](x)
         if self.ctx is not None:
             if context is None:
                 raise ValueError(f"LipschitzMLP was built with context_features={self.context_features} "
                                  "but got no context")
             h = h + self.ctx(context.to(h.dtype))
+        return h
+
+    def forward(self, x, context=None):
+        h = self._first(x, context)
         for lin, act in zip(self.linears[1:], self.acts):
             h = lin(act(h))
         return h
+
+    def value_and_jacobian(self, x, context=None):
+        """``(g(x), dg/dx)`` with the Jacobian ``(B, D, D)`` in closed form, the chain rule written
+        out: ``W_L diag(f'(h_{L-1})) ... W_1 diag(f'(h_0)) W_0``. One pass with batched matrix
+        products instead of ``D`` vector-Jacobian products, differentiable (parameters and ``x``),
+        and free of autograd calls, so ``torch.export``/``torch.compile`` trace it."""
+        h = self._first(x, context)
+        jac = self.linears[0].normalized_weight().expand(x.shape[0], -1, -1)
+        for lin, act in zip(self.linears[1:], self.acts):
+            a, da = act.value_and_derivative(h)
+            w = lin.normalized_weight()
+            h = F.linear(a, w, lin.bias)
+            jac = torch.matmul(w, da.unsqueeze(-1) * jac)
+        return h, jac
 
     @torch.no_grad()
     def lipschitz_bound(self) -> float:
@@ -301,12 +327,27 @@ class ResidualBlock(Transform):
     # iterations) and the inverse's fixed point are data-dependent loops that run eagerly
     graph_breaks = "the log-det estimator and the fixed-point inverse run eagerly"
 
-    @torch.compiler.disable
     def logabsdet(self, x, context=None, estimator=None, **kw):
         """``(B,)`` log|det dy/dx| at ``x`` by ``estimator`` (default: the mode's route); ``kw`` go to
-        :func:`residual_logdet`. Returns ``(g(x), logdet)``."""
+        :func:`residual_logdet`. Returns ``(g(x), logdet)``.
+
+        ``"exact"`` is the slogdet of ``I + J`` with ``J`` from :meth:`LipschitzMLP.value_and_jacobian`
+        (closed form: traceable by ``torch.export``); the estimators need autograd inside the
+        forward and random probes, so they run eagerly and cannot be exported."""
         route, n = self._route()
         estimator = estimator or route
+        if estimator == "exact" and not kw:
+            gx, jac = self.net.value_and_jacobian(x, context)
+            eye = torch.eye(self.features, dtype=jac.dtype, device=jac.device)
+            return gx, torch.linalg.slogdet(eye + jac)[1]
+        if torch.compiler.is_exporting():
+            raise ValueError(f"ResidualBlock: the log-det route {estimator!r} draws random probes and uses autograd "
+                             "in the forward, so it cannot be exported; put the model in eval mode with "
+                             "eval_estimator='exact' (or D <= exact_max_features)")
+        return self._estimate(x, context, estimator, n, **kw)
+
+    @torch.compiler.disable
+    def _estimate(self, x, context, estimator, n, **kw):
         need_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             # a fresh node: the vector-Jacobian products stop here (never at hooks on ``x``)
@@ -328,21 +369,31 @@ class ResidualBlock(Transform):
         return x + gx, lad
 
     def _fixed_point(self, y, context):
-        x = y.detach().clone()
-        it, delta = 0, math.inf
+        # x <- y - g(x) until every finite row's update is within atol + rtol |x| (or max_iter). A
+        # while_loop, not a Python loop with a break: eager runs it as a loop, and torch.export
+        # traces it as one (the exported sampler iterates until converged too). A non-finite row
+        # (NaN noise) stays non-finite without holding the others back; eager then reports it.
+        def unfinished(it, x, delta, converged, finite):
+            return (it < self.max_iter) & ~converged
+
+        def step(it, x, delta, converged, finite):
+            x_new = y - self.net(x, context)
+            diff = (x_new - x).abs()
+            rows = torch.isfinite(x_new).all(1, keepdim=True)
+            converged = ((diff <= self.atol + self.rtol * x_new.abs()) | ~rows).all()
+            return it + 1, x_new, torch.where(rows, diff, 0).max(), converged, rows.all()
+
         with torch.no_grad():
-            for it in range(1, self.max_iter + 1):
-                x_new = y - self.net(x, context)
-                diff = (x_new - x).abs()
-                tol = self.atol + self.rtol * x_new.abs()
-                x = x_new
-                delta = float(diff.max()) if diff.numel() else 0.0
-                if not bool(torch.isfinite(x).all()):
-                    break
-                if bool((diff <= tol).all()):
-                    self.last_inverse_info = {"iterations": it, "max_update": delta, "converged": True}
-                    return x
-        self.last_inverse_info = {"iterations": it, "max_update": delta, "converged": False}
+            start = (torch.zeros((), dtype=torch.int64, device=y.device), y.detach().clone(),
+                     y.new_full((), math.inf), torch.zeros((), dtype=torch.bool, device=y.device),
+                     torch.ones((), dtype=torch.bool, device=y.device))
+            it, x, delta, converged, finite = while_loop(unfinished, step, start)
+        if torch.compiler.is_exporting():  # no host sync in a traced program: the iterate as it is
+            return x
+        it, delta, converged = int(it), float(delta), bool(converged & finite)
+        self.last_inverse_info = {"iterations": it, "max_update": delta, "converged": converged}
+        if converged:
+            return x
         msg = (f"ResidualBlock.inverse: the fixed-point iteration did not converge in max_iter={self.max_iter} "
                f"iterations (last max update {delta:.3g}, atol={self.atol}, rtol={self.rtol}); "
                f"Lip(g) may be too close to 1")
@@ -369,12 +420,12 @@ class ResidualBlock(Transform):
         # The fixed point and its implicit gradient run in full precision under autocast too: a
         # bfloat16 g(x) carries a relative rounding noise of 2^-9, so the iteration could never
         # meet rtol=1e-5 (the log-det below keeps autocast's precision, like the forward's).
-        with torch.autocast(y.device.type, enabled=False):
+        with no_autocast(y.device.type):
             x_star = self._fixed_point(y.detach(), None if context is None else context.detach())
         if torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in self.parameters())
                                         or (context is not None and context.requires_grad)):
             x0 = x_star.detach().requires_grad_(True)
-            with torch.enable_grad(), torch.autocast(y.device.type, enabled=False):
+            with torch.enable_grad(), no_autocast(y.device.type):
                 g0 = self.net(x0, context)
             x = y - g0  # equals x_star; its graph gives dy and -dg/dtheta, the hook applies (I + J)^{-1}
             max_iter, atol = self.max_iter, self.atol
