@@ -1,7 +1,8 @@
-"""``fastflow bench integrations``: the peers' own NSF models, plain vs accelerated by
+"""``fastflow bench integrations``: the peers' own models, plain vs accelerated by
 ``fastflow.integrations`` (vs the peer under ``torch.compile`` for the zuko coupling step).
 
-Per peer (zuko, nflows, normflows) and structure (coupling, autoregressive), the issue's
+Per peer (zuko, nflows, normflows, glasflow) and structure (coupling, autoregressive; glasflow's
+own ``CouplingNSF``, rational-quadratic autoregressive flow and ``RealNVP``), the issue's
 configuration: 8 features, 5 transforms, hidden (64, 64), 8 bins, batch 512, float32, one
 process. Two cases, each one call:
 
@@ -9,9 +10,11 @@ process. Two cases, each one call:
   gradients; no optimizer update);
 - ``sample``: one call drawing 512 samples under ``no_grad``.
 
-For zuko a diagnostic third column, ``floor: spline a no-op``: the accelerated model with the
-spline replaced by the identity (zero log-det, gradients still reaching the conditioner), i.e.
-what everything but the spline costs; no spline work can make the accelerated model faster.
+Every model with a fused law gets a diagnostic third column, ``floor: spline a no-op``: the
+accelerated model with the fused spline replaced by the identity (zero log-det, gradients still
+reaching the conditioner), i.e. what everything but the spline costs; no spline work can make
+the accelerated model faster. A model without one (``RealNVP``, sbi's ``maf``...) is the peer's
+own code either way: its rows show that (about 1x) and have no floor.
 
 Timing: each implementation is warmed up (``WARMUP`` calls), then ``rounds`` rounds (at least
 ``MIN_ROUNDS``; ``--repeats`` below that is raised) each time every implementation once, the order
@@ -20,21 +23,23 @@ acceleration on and off happens between the timed calls, not inside them. Rows c
 min, max, the per-round times, the ratio of medians and the median of the per-round ratios
 (``paired_speedup``).
 
-Every peer/structure also gets a ``loss_trajectory`` row: 50 Adam steps (lr 1e-3, a fixed batch
-stream) from the same initialisation plain and accelerated in float32, and the peer's own in
+Every accelerated model also gets a ``loss_trajectory`` row: 50 Adam steps (lr 1e-3, a fixed
+batch stream) from the same initialisation plain and accelerated in float32, and the peer's own in
 float64; the largest relative deviations of the losses (the issue's <= 1e-4) accelerated vs plain
 and each against float64 (which of the two float32 runs drifted).
 
-Optional ``sbi`` case (skipped with a message when sbi is absent): an NPE training run
-(``sbi.inference.NPE(density_estimator="nsf")``, sbi's nflows NSF) on a small simulator, a fixed
-number of epochs, plain vs accelerated from the same seed, whole runs alternating; wall time and
-whether the per-epoch training and validation losses match.
+sbi (skipped with a message when sbi is absent): every density estimator of
+``fastflow.integrations.sbi.ESTIMATORS`` at sbi's defaults (5 transforms, hidden 50, 10 bins for
+the nflows splines, z-scoring) on 3 parameters and 5 data dimensions, accelerated by
+``fastflow.integrations.sbi``: ``train_step`` on a batch of 200 (sbi's training batch size),
+``sample`` (512 draws for one observation), the loss trajectory, and for the spline estimators
+and sbi's default ``maf`` a whole NPE training run (``NPE(...).train()``, a fixed number of
+epochs on a small nonlinear simulator, whole runs alternating; wall time and whether the
+per-epoch training and validation losses match).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
 
@@ -43,7 +48,9 @@ from fastflow.bench import paired_ratio, source, time_interleaved
 FEATURES, TRANSFORMS, HIDDEN, BINS, BATCH = 8, 5, 64, 8, 512
 MIN_ROUNDS, WARMUP = 15, 3
 TRAJECTORY_STEPS = 50
-SBI_EPOCHS, SBI_SIMULATIONS, SBI_RUNS = 10, 2000, 5
+SBI_EPOCHS, SBI_SIMULATIONS, SBI_RUNS = 10, 2000, 3
+SBI_THETA, SBI_X, SBI_BATCH = 3, 5, 200
+UNCHANGED_ROUNDS = 5  # models accelerate() leaves as they are: a sanity row, not a measurement
 
 
 def _zuko(kind):
@@ -99,7 +106,72 @@ def _normflows(kind):
     return model, (lambda x: -model.log_prob(x).mean()), (lambda n: model.sample(n)[0]), integ
 
 
-PEERS = {"zuko": _zuko, "nflows": _nflows, "normflows": _normflows}
+def _glasflow(kind):
+    from glasflow import CouplingNSF, RealNVP
+    from glasflow.flows.autoregressive import MaskedPiecewiseRationalQuadraticAutoregressiveFlow
+
+    import fastflow.integrations.glasflow as integ
+
+    if kind == "coupling":
+        flow = CouplingNSF(FEATURES, TRANSFORMS, n_neurons=HIDDEN, num_bins=BINS, tail_bound=5.0)
+    elif kind == "autoregressive":
+        flow = MaskedPiecewiseRationalQuadraticAutoregressiveFlow(FEATURES, TRANSFORMS, n_neurons=HIDDEN,
+                                                                  num_bins=BINS, tails="linear", tail_bound=5.0)
+    else:
+        flow = RealNVP(FEATURES, TRANSFORMS, n_neurons=HIDDEN)
+    return flow, (lambda x: -flow.log_prob(x).mean()), (lambda n: flow.sample(n)), integ
+
+
+PEERS = {"zuko": _zuko, "nflows": _nflows, "normflows": _normflows, "glasflow": _glasflow}
+# the structures timed per peer, and the model named in the rows
+KINDS = {"glasflow": {"coupling": "CouplingNSF", "autoregressive": "MaskedPiecewiseRationalQuadraticAutoregressiveFlow",
+                      "realnvp": "RealNVP"}}
+FUSED = {("glasflow", "realnvp"): False}  # models with no fused law (default: they have one)
+
+
+def _sbi(name):
+    """sbi's estimator ``name`` at sbi's defaults; the loss and sampler take an (n, 8) batch:
+    3 parameters and the 5 data dimensions they are conditioned on."""
+    from sbi.neural_nets import posterior_nn
+
+    import fastflow.integrations.sbi as integ
+
+    g = torch.Generator().manual_seed(2)
+    theta, x = _simulate(256, g)
+    est = posterior_nn(model=name)(theta, x)
+    obs = x[:1]
+    return (est, (lambda b: est.loss(b[:, :SBI_THETA], b[:, SBI_THETA:]).mean()),
+            (lambda n: est.sample((n,), obs)), integ)
+
+
+def _simulate(n, g):
+    """A small nonlinear simulator: theta ~ U(-2, 2)^3, x (5 values) its features plus noise."""
+    theta = torch.rand(n, SBI_THETA, generator=g) * 4 - 2
+    feats = torch.cat([theta, theta[:, :1] * theta[:, 1:2], theta[:, 2:].pow(2)], 1)
+    return theta, feats + 0.1 * torch.randn(n, SBI_X, generator=g)
+
+
+class _Floor:
+    """The fused spline a no-op wherever the integrations call it (values through, zero log-det,
+    gradients still reaching the conditioner): ``on()``/``off()`` outside the timed calls."""
+
+    def __init__(self):
+        import importlib
+
+        self.zuko = importlib.import_module("fastflow.integrations.zuko")
+        self.ops = importlib.import_module("fastflow.ops.rq_spline")  # the module, not the function
+        self.fused = (self.zuko._spline, self.ops.rq_spline, self.ops.rq_spline_bounded)
+
+    @staticmethod
+    def _noop(v, w, h, d, *args, **kwargs):
+        z = (w.sum(-1) + h.sum(-1) + d.sum(-1)) * 0
+        return v + z, z
+
+    def on(self):
+        self.zuko._spline = self.ops.rq_spline = self.ops.rq_spline_bounded = self._noop
+
+    def off(self):
+        self.zuko._spline, self.ops.rq_spline, self.ops.rq_spline_bounded = self.fused
 
 
 class _Switch:
@@ -128,13 +200,13 @@ def interleave(impls: dict, rounds: int, warmup: int = WARMUP) -> dict:
                 else st) for n, st in stats.items()}
 
 
-def _trajectory(make, switch, steps=TRAJECTORY_STEPS):
+def _trajectory(make, switch, width=FEATURES, steps=TRAJECTORY_STEPS):
     """Loss trajectories over ``steps`` Adam steps from one initialisation and batch stream: plain
     and accelerated in float32, and the peer's own in float64 (the yardstick for both). Returns
     the largest relative deviations accelerated vs plain, plain vs float64, accelerated vs
     float64, and whether the accelerated losses are finite."""
     g = torch.Generator().manual_seed(1)
-    data = torch.randn(steps, 128, FEATURES, generator=g)
+    data = torch.randn(steps, 128, width, generator=g)
     losses = []
     for on, dtype in ((False, torch.float32), (True, torch.float32), (False, torch.float64)):
         switch.on() if on else switch.off()
@@ -160,8 +232,13 @@ def _trajectory(make, switch, steps=TRAJECTORY_STEPS):
 
 
 def _row(peer, kind, case, impl, version, **extra):
-    return {"op": f"{peer} NSF {kind}", "mode": case, "n": BATCH, "impl": impl, "peer": peer, "version": version,
-            "model": f"NSF {kind}", "case": case, "batch": BATCH, "features": FEATURES, "transforms": TRANSFORMS,
+    if peer == "sbi":
+        return {"op": f"sbi {kind}", "mode": case, "n": SBI_BATCH, "impl": impl, "peer": "sbi", "version": version,
+                "model": kind, "case": case, "batch": SBI_BATCH, "theta_dim": SBI_THETA, "x_dim": SBI_X,
+                "dtype": "float32", "config": "sbi defaults (posterior_nn(model=...))", **extra}
+    model = KINDS.get(peer, {}).get(kind, f"NSF {kind}")
+    return {"op": f"{peer} {model}", "mode": case, "n": BATCH, "impl": impl, "peer": peer, "version": version,
+            "model": model, "case": case, "batch": BATCH, "features": FEATURES, "transforms": TRANSFORMS,
             "hidden": [HIDDEN, HIDDEN], "bins": BINS, "dtype": "float32", **extra}
 
 
@@ -177,16 +254,19 @@ def _timed_rows(peer, kind, case, stats, version, what):
     return rows
 
 
-def _peer_rows(peer, kind, rounds, compile):
+def _peer_rows(peer, kind, rounds, compile, make=None, fused=True):
+    """The rows of one model: ``make()`` -> (model, nll(batch), sample(n), integration module)."""
+    make = make or (lambda: PEERS[peer](kind))
     try:
         torch.manual_seed(0)
-        make = lambda: PEERS[peer](kind)  # noqa: E731
         model, nll, sample, integ = make()
     except ImportError as exc:
         return [_row(peer, kind, "-", "-", None, error=f"ImportError: {exc}")]
     version = integ.INTEGRATION.version()
-    switch = _Switch(integ)
-    x = torch.randn(BATCH, FEATURES, generator=torch.Generator().manual_seed(0))
+    switch, floor = _Switch(integ), _Floor()
+    width = SBI_THETA + SBI_X if peer == "sbi" else FEATURES
+    batch = SBI_BATCH if peer == "sbi" else BATCH
+    x = torch.randn(batch, width, generator=torch.Generator().manual_seed(0))
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -196,30 +276,17 @@ def _peer_rows(peer, kind, rounds, compile):
         with torch.no_grad():
             return sample(BATCH)
 
-    rows = []
-    plain, fast = switch.off, switch.on
-    floor = None
-    if peer == "zuko":
-        # a diagnostic, not an implementation: the accelerated model with the spline itself a
-        # no-op (values through, zero log-det, gradients still reaching the conditioner), i.e.
-        # what the rest of zuko costs; restored before every other implementation's call
-        fused = integ._spline
+    def plain():
+        floor.off()
+        switch.off()
 
-        def noop(v, w, h, d, inverse, bound, slope):
-            z = (w.sum(-1) + h.sum(-1) + d.sum(-1)) * 0
-            return v + z, z
+    def fast():
+        floor.off()
+        switch.on()
 
-        def plain():
-            integ._spline = fused
-            switch.off()
-
-        def fast():
-            integ._spline = fused
-            switch.on()
-
-        def floor():
-            integ._spline = noop
-            switch.on()
+    def noop():
+        floor.on()
+        switch.on()
 
     cases = {
         "train_step": ({"plain": (plain, step), "accelerated": (fast, step)},
@@ -227,9 +294,11 @@ def _peer_rows(peer, kind, rounds, compile):
         "sample": ({"plain": (plain, draw), "accelerated": (fast, draw)},
                    f"one call drawing {BATCH} samples under no_grad"),
     }
-    if floor is not None:
+    if fused:
         for impls, _ in cases.values():
-            impls["floor: spline a no-op"] = (floor, impls["accelerated"][1])
+            impls["floor: spline a no-op"] = (noop, impls["accelerated"][1])
+    else:
+        rounds = min(rounds, UNCHANGED_ROUNDS)
     if compile and peer == "zuko" and kind == "coupling":
         compiled = torch.compile(nll)
 
@@ -238,25 +307,26 @@ def _peer_rows(peer, kind, rounds, compile):
             compiled(x).backward()
 
         cases["train_step"][0]["torch.compile"] = (plain, compiled_step)
+    rows = []
     try:
         for case, (impls, what) in cases.items():
             torch.manual_seed(0)
-            rows += _timed_rows(peer, kind, case, interleave(impls, rounds), version, what)
-        plain()  # the fused spline back in place (zuko: the floor's no-op may be the last set)
-        dev, plain64, fast64, finite = _trajectory(make, switch)
-        rows.append(_row(peer, kind, "loss_trajectory", "accelerated", version, steps=TRAJECTORY_STEPS,
-                         max_rel_deviation=dev, finite=finite, within_1e_4=dev <= 1e-4,
-                         plain_vs_float64=plain64, accelerated_vs_float64=fast64,
-                         timed="none: 50 Adam steps (lr 1e-3, batch 128) plain and accelerated in float32 and "
-                               "plain in float64, same seed and batches"))
+            rows += _timed_rows(peer, kind, case, interleave(impls, rounds, WARMUP), version, what)
+        plain()
+        if fused:
+            dev, plain64, fast64, finite = _trajectory(make, switch, width, TRAJECTORY_STEPS)
+            rows.append(_row(peer, kind, "loss_trajectory", "accelerated", version, steps=TRAJECTORY_STEPS,
+                             max_rel_deviation=dev, finite=finite, within_1e_4=dev <= 1e-4,
+                             plain_vs_float64=plain64, accelerated_vs_float64=fast64,
+                             timed="none: 50 Adam steps (lr 1e-3, batch 128) plain and accelerated in float32 "
+                                   "and plain in float64, same seed and batches"))
     finally:
-        if peer == "zuko":
-            integ._spline = fused
+        floor.off()
         switch.off()
     return rows
 
 
-class _NullTracker:
+class NullTracker:
     """sbi's training tracker, logging nothing (sbi's default writes TensorBoard files)."""
 
     log_dir = None
@@ -277,62 +347,80 @@ class _NullTracker:
         pass
 
 
-def _sbi_rows(quick):
-    """An sbi NPE training run (nflows NSF), plain vs accelerated, whole runs alternating."""
+NPE_ESTIMATORS = ("nsf", "zuko_nsf", "maf_rqs", "zuko_ncsf", "maf")  # the spline ones and sbi's default
+
+
+def _npe_rows(name, quick, rounds):
+    """A whole sbi NPE training run with estimator ``name``: plain, accelerated and the floor,
+    whole runs alternating (the order rotating), each from the same seed."""
+    import sbi
+    from sbi.inference import NPE
+    from sbi.utils import BoxUniform
+
+    import fastflow.integrations.sbi as integ
+
+    epochs = 2 if quick else SBI_EPOCHS
+    sims = 500 if quick else SBI_SIMULATIONS
+    theta, xs = _simulate(sims, torch.Generator().manual_seed(0))
+    prior = BoxUniform(-2 * torch.ones(SBI_THETA), 2 * torch.ones(SBI_THETA))
+    switch, floor = _Switch(integ), _Floor()
+    summaries = {}
+
+    def train(impl):
+        def go():
+            torch.manual_seed(0)
+            npe = NPE(prior=prior, density_estimator=name, tracker=NullTracker(), show_progress_bars=False)
+            npe.append_simulations(theta, xs)
+            npe.train(max_num_epochs=epochs, stop_after_epochs=10**6, training_batch_size=SBI_BATCH)
+            summaries.setdefault(impl, {k: list(npe._summary[k]) for k in ("training_loss", "validation_loss")})
+        return go
+
+    fused = integ.ESTIMATORS[name].op is not None
+    impls = {"plain": (lambda: (floor.off(), switch.off()), train("plain")),
+             "accelerated": (lambda: (floor.off(), switch.on()), train("accelerated"))}
+    if fused:
+        impls["floor: spline a no-op"] = (lambda: (floor.on(), switch.on()), train("floor"))
     try:
-        import sbi
-        from sbi.inference import NPE
-        from sbi.utils import BoxUniform
+        stats = interleave(impls, rounds, warmup=1)
+    finally:
+        floor.off()
+        switch.off()
+    dev = None
+    if "plain" in summaries and "accelerated" in summaries:
+        a = {k: torch.tensor(v, dtype=torch.float64) for k, v in summaries["plain"].items()}
+        b = {k: torch.tensor(v, dtype=torch.float64) for k, v in summaries["accelerated"].items()}
+        dev = max(float(((a[k] - b[k]).abs() / a[k].abs()).max()) for k in a)
+    what = (f"npe.train(): {epochs} epochs (fixed) on {sims} simulations, training batch {SBI_BATCH}, "
+            f"sbi's {name} at its defaults")
+    rows = []
+    for row in _timed_rows("sbi", name, "npe_run", stats, sbi.__version__, what):
+        row.update(n=sims, epochs=epochs, simulations=sims, training_batch_size=SBI_BATCH)
+        if row["impl"] != "floor: spline a no-op":
+            row.update(loss_max_rel_deviation=dev, losses=summaries.get(row["impl"]))
+        rows.append(row)
+    return rows
+
+
+def _sbi_rows(quick, rounds):
+    """Every sbi estimator: train step, sampling, loss trajectory; NPE runs for NPE_ESTIMATORS."""
+    try:
+        import sbi  # noqa: F401
+
+        import fastflow.integrations.sbi as integ
     except ImportError as exc:
         msg = f"sbi not installed ({exc}); pip install sbi to run this case"
         print(f"integrations: skipping the sbi case: {msg}")
-        return [{"op": "sbi NPE nsf", "mode": "train_run", "n": SBI_SIMULATIONS, "impl": "-", "peer": "sbi",
-                 "skipped": msg}]
-    import fastflow.integrations.nflows as integ
-
-    dim, epochs = 3, 2 if quick else SBI_EPOCHS
-    sims = 500 if quick else SBI_SIMULATIONS
-    g = torch.Generator().manual_seed(0)
-    prior = BoxUniform(-2 * torch.ones(dim), 2 * torch.ones(dim))
-    theta = torch.rand(sims, dim, generator=g) * 4 - 2
-    xs = theta + 0.1 * torch.randn(sims, dim, generator=g) + 0.2 * theta.pow(2)  # a small nonlinear simulator
-    switch = _Switch(integ)
-    runs = {"plain": [], "accelerated": []}
-    summaries = {}
-
-    def train():
-        torch.manual_seed(0)
-        npe = NPE(prior=prior, density_estimator="nsf", tracker=_NullTracker(), show_progress_bars=False)
-        npe.append_simulations(theta, xs)
-        t0 = time.perf_counter()
-        npe.train(max_num_epochs=epochs, stop_after_epochs=10**6, training_batch_size=200)
-        dt = time.perf_counter() - t0
-        return dt, {k: list(npe._summary[k]) for k in ("training_loss", "validation_loss")}
-
-    try:
-        for r in range(2 if quick else SBI_RUNS):
-            for impl in (("plain", "accelerated") if r % 2 == 0 else ("accelerated", "plain")):
-                switch.on() if impl == "accelerated" else switch.off()
-                dt, summary = train()
-                runs[impl].append(dt)
-                summaries.setdefault(impl, summary)
-    finally:
-        switch.off()
-    a = {k: torch.tensor(v, dtype=torch.float64) for k, v in summaries["plain"].items()}
-    b = {k: torch.tensor(v, dtype=torch.float64) for k, v in summaries["accelerated"].items()}
-    dev = max(float(((a[k] - b[k]).abs() / a[k].abs()).max()) for k in a)
+        return [{"op": "sbi", "mode": "-", "n": SBI_BATCH, "impl": "-", "peer": "sbi", "skipped": msg}]
     rows = []
-    base = statistics.median(runs["plain"])
-    for impl, ts in runs.items():
-        med = statistics.median(ts)
-        rows.append({"op": "sbi NPE nsf", "mode": "train_run", "n": sims, "impl": impl, "peer": "sbi",
-                     "version": sbi.__version__, "case": "train_run", "epochs": epochs, "simulations": sims,
-                     "theta_dim": dim, "training_batch_size": 200, "dtype": "float32",
-                     "timed": f"npe.train(): {epochs} epochs (fixed), nflows NSF (sbi defaults: 5 transforms, "
-                              "hidden 50, 10 bins)",
-                     "median_s": med, "min_s": min(ts), "max_s": max(ts), "rounds": len(ts), "times": ts,
-                     "speedup_vs_plain": base / med, "paired_speedup": paired_ratio(runs["plain"], ts),
-                     "loss_max_rel_deviation": dev, "losses": summaries[impl]})
+    names = ("nsf", "zuko_nsf") if quick else tuple(integ.ESTIMATORS)
+    for name in names:
+        rows += _peer_rows("sbi", name, rounds, False, make=lambda name=name: _sbi(name),
+                           fused=integ.ESTIMATORS[name].op is not None)
+    for name in NPE_ESTIMATORS[:1] if quick else NPE_ESTIMATORS:
+        try:
+            rows += _npe_rows(name, quick, 2 if quick else SBI_RUNS)
+        except Exception as exc:  # sbi's API moves between versions: a result, not a lost run
+            rows.append(_row("sbi", name, "npe_run", "-", None, error=f"{type(exc).__name__}: {exc}"))
     return rows
 
 
@@ -342,14 +430,10 @@ def run(device="cpu", repeats=MIN_ROUNDS, quick=False, peers=None, compile=True,
     rounds = 3 if quick else max(int(repeats), MIN_ROUNDS)
     rows = [{"op": "source", "mode": "-", "n": 0, "impl": "-", **source()}]
     for peer in peers or PEERS:
-        for kind in ("coupling", "autoregressive"):
-            rows += _peer_rows(peer, kind, rounds, compile and not quick)
+        for kind in KINDS.get(peer, ("coupling", "autoregressive")):
+            rows += _peer_rows(peer, kind, rounds, compile and not quick, fused=FUSED.get((peer, kind), True))
     if sbi:
-        try:
-            rows += _sbi_rows(quick)
-        except Exception as exc:  # sbi's API moves between versions: a result, not a lost run
-            rows.append({"op": "sbi NPE nsf", "mode": "train_run", "n": SBI_SIMULATIONS, "impl": "-", "peer": "sbi",
-                         "error": f"{type(exc).__name__}: {exc}"})
+        rows += _sbi_rows(quick, rounds)
     return rows
 
 

@@ -1,5 +1,6 @@
-"""Accelerate the models people already have: ``fastflow.integrations.nflows``, ``.zuko`` and
-``.normflows``.
+"""Accelerate the models people already have: ``fastflow.integrations.nflows``, ``.zuko``,
+``.normflows``, ``.glasflow`` (glasflow's vendored nflows) and ``.sbi`` (every sbi density
+estimator: the nflows and zuko integrations under one handle).
 
 Each submodule has ``accelerate(backend=None)``, which routes that library's rational-quadratic
 spline evaluation to fastflow's fused spline op (``fastflow::rq_spline`` with the library's own
@@ -22,4 +23,4 @@ version that was not tested it warns and patches nothing (``force=True`` patches
 Importing a submodule does not import the peer.
 """
 
-__all__ = ["nflows", "zuko", "normflows"]
+__all__ = ["nflows", "zuko", "normflows", "glasflow", "sbi"]

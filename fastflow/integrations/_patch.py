@@ -32,9 +32,11 @@ class Handle:
         self.active = active
         self.backend = backend
         self._missing = missing  # the optional parameterisations ``backend`` has no kernels for
+        self.children: list[Handle] = []  # the handles of the integrations this one delegates to
 
     def close(self) -> None:
-        """Release this handle's share; the originals return when no handle holds one. Idempotent."""
+        """Release this handle's share (and its delegates' shares); the originals return when no
+        handle holds one. Idempotent."""
         if self.active:
             self._integration._release(self)
 
@@ -57,11 +59,17 @@ class Integration:
     ``required`` are the spline parameterisations every patched call needs (a forced backend
     without kernels for one is refused by ``accelerate()``); ``optional`` those only some calls
     need (a forced backend without them sends those calls to the peer's own code: see
-    ``declines``)."""
+    ``declines``). ``delegates()`` lists the other integrations whose patches this one's
+    handles also hold (a peer built on other peers: sbi on nflows and zuko, glasflow in its
+    ``USE_NFLOWS`` mode on nflows): each handle opens one handle of each, with its backend,
+    and closing or restoring it closes those. ``before_undo()`` runs when the last share is
+    released, after the integration reads as inactive and before the originals come back
+    (zuko: the knots of the transforms built while accelerated are computed there)."""
 
     def __init__(self, peer: str, distribution: str, tested: Callable[[str], bool], tested_text: str,
                  targets: Callable[[], list], required: tuple[str, ...] = ("nflows",),
-                 optional: tuple[str, ...] = ()):
+                 optional: tuple[str, ...] = (), delegates: Callable[[], list] = list,
+                 before_undo: Callable[[], None] | None = None):
         self.peer = peer
         self.distribution = distribution
         self.tested = tested
@@ -69,6 +77,8 @@ class Integration:
         self.targets = targets
         self.required = required
         self.optional = optional
+        self.delegates = delegates
+        self.before_undo = before_undo
         # read by the patched functions on every call: kept in step with the open handles
         self.backend: str | None = None
         self._missing: frozenset = frozenset()
@@ -125,6 +135,24 @@ class Integration:
                               UntestedVersionWarning, stacklevel=3)
                 return Handle(self, False, name, missing)
             warnings.warn(msg + "; patching anyway (force=True)", UntestedVersionWarning, stacklevel=3)
+        children: list[Handle] = []
+        try:
+            for other in self.delegates():
+                children.append(other.accelerate(backend=backend, force=force))
+        except BaseException:
+            for h in children:
+                h.close()
+            raise
+        try:
+            handle = self._open(name, missing)
+        except BaseException:
+            for h in children:
+                h.close()
+            raise
+        handle.children = children
+        return handle
+
+    def _open(self, name, missing) -> Handle:
         with self._lock:
             if not self._handles:
                 saved = []
@@ -158,19 +186,33 @@ class Integration:
             handle.active = False
             self._handles = [h for h in self._handles if h is not handle]
             if not self._handles:
-                self._undo(self._saved)
-                self._saved = []
+                self._finish()
             self._sync()
+        for h in handle.children:
+            h.close()
 
     def restore(self) -> None:
-        """Turn the acceleration off now, whatever handles are still open (they become inactive)."""
+        """Turn the acceleration off now, whatever handles are still open (they become inactive),
+        and release the delegates' handles they hold."""
         with self._lock:
-            for h in self._handles:
+            handles = self._handles
+            for h in handles:
                 h.active = False
             self._handles = []
+            self._finish()
+            self._sync()
+        for h in handles:
+            for c in h.children:
+                c.close()
+
+    def _finish(self) -> None:
+        # called under the lock once no handle is open: the originals back
+        try:
+            if self._saved and self.before_undo is not None:
+                self.before_undo()
+        finally:
             self._undo(self._saved)
             self._saved = []
-            self._sync()
 
     @staticmethod
     def _undo(saved) -> None:

@@ -105,3 +105,22 @@ def make_bounded(original, integration, domain_error=None):
     rational_quadratic_spline.__doc__ = original.__doc__
     rational_quadratic_spline.__wrapped__ = original
     return rational_quadratic_spline
+
+
+def module_targets(rq, modules, integration, domain_error=None) -> list:
+    """The ``(module, attribute, drop-in)`` patch targets of an nflows-style library: in each of
+    the modules named by ``modules`` that holds ``rq``'s (the library's ``rational_quadratic``
+    module) own ``unconstrained_rational_quadratic_spline`` or ``rational_quadratic_spline``,
+    that function replaced by its drop-in (``make_unconstrained``, ``make_bounded``)."""
+    import importlib
+
+    unconstrained = make_unconstrained(rq.unconstrained_rational_quadratic_spline, integration)
+    bounded = make_bounded(rq.rational_quadratic_spline, integration, domain_error)
+    out = []
+    for name in modules:
+        mod = importlib.import_module(name)
+        for attr, new in (("unconstrained_rational_quadratic_spline", unconstrained),
+                          ("rational_quadratic_spline", bounded)):
+            if getattr(mod, attr, None) is new.__wrapped__:
+                out.append((mod, attr, new))
+    return out

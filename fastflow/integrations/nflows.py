@@ -20,7 +20,7 @@ Tested with nflows 0.14.
 from __future__ import annotations
 
 from fastflow.integrations._patch import Integration
-from fastflow.integrations._splines import make_bounded, make_unconstrained
+from fastflow.integrations._splines import module_targets
 
 __all__ = ["accelerate", "restore", "is_accelerated", "TESTED"]
 
@@ -34,21 +34,10 @@ def _tested(version: str) -> bool:
 
 
 def _targets():
-    import importlib
-
     from nflows.transforms.base import InputOutsideDomain
     from nflows.transforms.splines import rational_quadratic as rq
 
-    unconstrained = make_unconstrained(rq.unconstrained_rational_quadratic_spline, INTEGRATION)
-    bounded = make_bounded(rq.rational_quadratic_spline, INTEGRATION, InputOutsideDomain)
-    out = []
-    for name in _MODULES:
-        mod = importlib.import_module(name)
-        for attr, new in (("unconstrained_rational_quadratic_spline", unconstrained),
-                          ("rational_quadratic_spline", bounded)):
-            if getattr(mod, attr, None) is new.__wrapped__:
-                out.append((mod, attr, new))
-    return out
+    return module_targets(rq, _MODULES, INTEGRATION, InputOutsideDomain)
 
 
 INTEGRATION = Integration("nflows", "nflows", _tested, TESTED, _targets,

@@ -27,6 +27,16 @@ def perturb(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.
     return model
 
 
+def flow_data(n: int, d: int, context: int, bounded: bool = False):
+    """``n`` float64 points of ``d`` features (in [0, 1) when ``bounded``, else N(0, 1.5^2)) and
+    ``context`` context features (None if 0), from a fixed seed."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, d, generator=g, dtype=torch.float64) if bounded else \
+        torch.randn(n, d, generator=g, dtype=torch.float64) * 1.5
+    c = torch.randn(n, context, generator=g, dtype=torch.float64) if context else None
+    return x, c
+
+
 def evaluate(fn, model, inputs, seed: int = 0):
     """``fn(model, *inputs)`` -> tensors; returns them and the gradients of a fixed random
     combination of them with respect to the model's parameters and the float inputs."""

@@ -39,3 +39,34 @@ def test_quick_run_rows():
         traj = next(r for r in rows if r["op"] == f"zuko NSF {kind}" and r["mode"] == "loss_trajectory")
         assert traj["finite"] and {"max_rel_deviation", "plain_vs_float64", "accelerated_vs_float64"} <= set(traj)
     assert all("paired_speedup" in r for r in rows if r["mode"] in ("train_step", "sample"))
+
+
+def test_glasflow_and_sbi_rows(monkeypatch):
+    """Floors where a fused law is (and only there), the trajectories within 1e-4, an NPE run
+    per estimator with the same per-epoch losses accelerated."""
+    pytest.importorskip("glasflow")
+    pytest.importorskip("sbi")
+    import fastflow.integrations.sbi as ffs
+
+    monkeypatch.setattr(bench, "WARMUP", 1)
+    monkeypatch.setattr(bench, "TRAJECTORY_STEPS", 10)
+
+    rows = bench._peer_rows("glasflow", "coupling", 1, False)
+    rows += bench._peer_rows("glasflow", "realnvp", 1, False, fused=False)
+    for name in ("zuko_nsf", "zuko_maf"):
+        rows += bench._peer_rows("sbi", name, 1, False, make=lambda name=name: bench._sbi(name),
+                                 fused=ffs.ESTIMATORS[name].op is not None)
+    rows += bench._npe_rows("nsf", quick=True, rounds=1)
+    impls = {(r["op"], r["mode"], r["impl"]) for r in rows}
+    floor = "floor: spline a no-op"
+    for op, fused in (("glasflow CouplingNSF", True), ("glasflow RealNVP", False), ("sbi zuko_nsf", True),
+                      ("sbi zuko_maf", False)):
+        for case in ("train_step", "sample"):
+            assert {(op, case, "plain"), (op, case, "accelerated")} <= impls
+            assert ((op, case, floor) in impls) == fused
+        traj = [r for r in rows if r["op"] == op and r["mode"] == "loss_trajectory"]
+        assert (len(traj) == 1 and traj[0]["within_1e_4"]) if fused else not traj
+    npe = {r["impl"]: r for r in rows if r["mode"] == "npe_run"}
+    assert set(npe) == {"plain", "accelerated", floor}
+    assert npe["accelerated"]["loss_max_rel_deviation"] <= 1e-4 and npe["plain"]["epochs"] == 2
+    assert not [r for r in rows if "error" in r]

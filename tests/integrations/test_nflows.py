@@ -20,7 +20,7 @@ from nflows.transforms.permutations import ReversePermutation  # noqa: E402
 from nflows.transforms.splines import rational_quadratic as nf_rq  # noqa: E402
 from tests.integrations._common import (  # noqa: E402
     BACKEND, check_backend_refused_at_once, check_equal, check_nested_backend, check_restore, check_spline_f32,
-    check_training, check_untested_version, perturb,
+    check_training, check_untested_version, flow_data, perturb,
 )
 
 D, C, N = 4, 3, 64
@@ -44,12 +44,8 @@ def make_flow(kind: str, context: int, tails="linear", seed: int = 0, scale: flo
     return perturb(flow, scale) if scale else flow
 
 
-def data(context: int, bounded=False):
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(N, D, generator=g, dtype=torch.float64) if bounded else \
-        torch.randn(N, D, generator=g, dtype=torch.float64) * 1.5
-    c = torch.randn(N, context, generator=g, dtype=torch.float64) if context else None
-    return x, c
+def data(context: int, bounded: bool = False):
+    return flow_data(N, D, context, bounded)
 
 
 def log_prob(flow, x, c):

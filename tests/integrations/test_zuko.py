@@ -112,7 +112,8 @@ def test_transform_api_and_broadcasting(monkeypatch):
         t = MonotonicRQSTransform(w, h, d, bound=4.0, slope=1e-2)
         y, ladj = t.call_and_ladj(x)
         assert calls == [False]  # the fused op ran, not zuko's chain
-        assert t.__dict__.keys() == ref.__dict__.keys()  # zuko's own object: exactly its attributes
+        # zuko's own object less its knots, which only zuko's chain reads: computed on first access
+        assert t.__dict__.keys() | set(ffz._KNOTS) == ref.__dict__.keys() and "horizontal" not in t.__dict__
         assert y.shape == (4, 3) and ladj.shape == (4, 3)
         y0, l0 = ref.call_and_ladj(x)
         assert rel(y, y0) <= 1e-12 and rel(ladj, l0) <= 1e-12
@@ -120,8 +121,12 @@ def test_transform_api_and_broadcasting(monkeypatch):
         assert rel(t.inv(y0), ref.inv(y0)) <= 1e-10
         assert t.bins == ref.bins == 6 and repr(t) == repr(ref)
         assert t.sign == 1 and t.bijective
-        # zuko's attributes are still there, by zuko's formulas
+        # zuko's attributes are there on access, by zuko's formulas: then exactly zuko's object,
+        # and the fused op still runs it
         assert torch.equal(t.horizontal, ref.horizontal) and torch.equal(t.derivatives, ref.derivatives)
+        assert torch.equal(t.vertical, ref.vertical) and t.__dict__.keys() == ref.__dict__.keys()
+        calls.clear()
+        assert rel(t.call_and_ladj(x)[1], l0) <= 1e-12 and calls == [False]
         # a distribution through it (torch.distributions semantics)
         base = torch.distributions.Normal(torch.zeros(4, 3, dtype=torch.float64), 1.0)
         td = torch.distributions.TransformedDistribution(base, [MonotonicRQSTransform(w, h, d, bound=4.0, slope=1e-2)])
@@ -189,8 +194,9 @@ def test_no_nan_near_the_bounds():
 
 def test_restore_exactly():
     targets = [(MonotonicRQSTransform, n) for n in ("__init__", "_call", "_inverse", "log_abs_det_jacobian",
-                                                   "call_and_ladj")]
-    check_restore(ffz, targets + [(MonotonicRQSTransform, n) for n in ("__getattr__", "bins")], patched=len(targets))
+                                                   "call_and_ladj", "__getattr__", "__getstate__")]
+    targets.append((zuko.nn.MaskedLinear, "forward"))
+    check_restore(ffz, targets + [(MonotonicRQSTransform, n) for n in ("bins", "__repr__")], patched=len(targets))
 
 
 def test_untested_version_patches_nothing(monkeypatch):
@@ -381,3 +387,74 @@ def test_bins_beyond_the_op_run_zukos_code(passes, monkeypatch):
     check_equal(log_prob, flow, [x, None], ffz.accelerate, torch.float64)
     check_equal(inverse, flow, [x, None], ffz.accelerate, torch.float64)
     assert calls == []
+
+
+def test_knots_computed_on_first_access_as_zuko_computes_them(monkeypatch):
+    """While accelerated a transform's knots are computed when first read, under the grad mode
+    of its construction; restore() computes them for every live one before zuko's methods
+    return; a knot assigned before that is kept (and zuko's code then runs the transform)."""
+    calls = []
+    fused = ffz._spline
+    monkeypatch.setattr(ffz, "_spline", lambda *args: calls.append(args[4]) or fused(*args))
+    (w, h, d), kw, x = _transform_args()
+    w, h, d = (p.clone().requires_grad_() for p in (w, h, d))
+    ref = MonotonicRQSTransform(w, h, d, **kw)
+    with torch.no_grad():
+        ref_ng = MonotonicRQSTransform(w, h, d, **kw)
+    with ffz.accelerate(backend=BACKEND):
+        with torch.no_grad():
+            t_ng = MonotonicRQSTransform(w, h, d, **kw)
+        t = MonotonicRQSTransform(w, h, d, **kw)
+        left = MonotonicRQSTransform(w, h, d, **kw)  # never read: restore() computes its knots
+        part = MonotonicRQSTransform(w, h, d, **kw)
+        part.horizontal = ref.horizontal * 1  # an assigned knot: zuko's code, with it
+        assert all("horizontal" not in o.__dict__ for o in (t_ng, t, left))
+        assert t_ng.vertical.requires_grad is False and t.vertical.requires_grad is True
+        assert rel(part(x), ref(x)) <= 1e-12 and calls == []
+        assert part.__dict__["horizontal"] is not ref.horizontal and "vertical" in part.__dict__
+    assert "__getattr__" not in MonotonicRQSTransform.__dict__
+    for obj, r in ((t_ng, ref_ng), (t, ref), (left, ref)):
+        assert obj.__dict__.keys() == r.__dict__.keys()
+        for n in ffz._KNOTS:
+            assert torch.equal(obj.__dict__[n], r.__dict__[n])
+            assert obj.__dict__[n].requires_grad == r.__dict__[n].requires_grad
+        assert rel(obj.call_and_ladj(x)[1], r.call_and_ladj(x)[1]) <= 1e-12
+
+
+def test_masked_linear_keeps_its_converted_mask_bit_for_bit():
+    """zuko's MaskedLinear accelerated: the same outputs and gradients bit for bit, the mask
+    converted once per (mask, version, dtype), a mask changed in place or a model moved to
+    another dtype followed at once, inference mode run by zuko's own forward."""
+    torch.manual_seed(0)
+    layer = zuko.nn.MaskedLinear(torch.rand(16, 5) < 0.5)
+    x = torch.randn(32, 5)
+
+    def run(m, x):
+        x = x.clone().requires_grad_()
+        y = m(x)
+        grads = torch.autograd.grad((y * torch.arange(y.numel()).view(y.shape).to(y.dtype)).sum(),
+                                    [x, m.weight, m.bias])
+        return [y.detach(), *grads]
+
+    for dtype in (torch.float32, torch.float64):
+        layer.to(dtype)
+        xs = x.to(dtype)
+        plain = run(layer, xs)
+        with ffz.accelerate(backend=BACKEND):
+            fast = [run(layer, xs), run(layer, xs)]
+            converted = ffz._MASKS[id(layer.mask)][4]
+            assert converted.dtype == dtype
+            with torch.no_grad():
+                layer.mask[0] = ~layer.mask[0]  # in place: a new version
+            changed = run(layer, xs)
+            with torch.inference_mode():
+                inf = layer(xs)
+        want = run(layer, xs)  # zuko's own, with the changed mask
+        with torch.no_grad():
+            layer.mask[0] = ~layer.mask[0]
+        assert all(torch.equal(a, b) for f in fast for a, b in zip(plain, f))
+        assert all(torch.equal(a, b) for a, b in zip(want, changed)) and torch.equal(inf, want[0])
+    key = id(layer.mask)
+    del layer
+    gc.collect()
+    assert key not in ffz._MASKS
