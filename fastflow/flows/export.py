@@ -17,16 +17,20 @@ dimension. The exported program calls aten ops and ``fastflow::`` custom ops; ru
 ``import fastflow.ops`` (or :func:`fastflow.ops.load_exported`). The backend each fused op ran on at
 export time is a constant of the graph: export on the kind of device you deploy to.
 
-What exports: every model whose transforms are closed form (nsf, nsf-ar, maf, iaf, realnvp,
-realnvp-image, nice, glow), and those with iterative solves written as while loops (``torch.while_loop``), which
-``torch.export`` traces as loops that run until converged, the same iteration as eager: planar's
-bisection inverse (radial's is closed form), resflow's fixed-point inverse (its log-det is the
-slogdet of the closed-form Jacobian of the Lipschitz MLP; the series estimators draw random
-probes and use autograd in the forward, so resflow exports in eval mode with the exact route,
-``D <= exact_max_features``). Inside an exported program there is no host sync, so where eager
-raises on data (a non-finite input to a numerical inverse, a fixed point that does not converge)
-the program returns the non-finite row or the last iterate instead. Not yet: cnf;
-:func:`export_flow` says so by name.
+What exports: every registered model. Closed-form transforms (nsf, nsf-ar, maf, iaf, realnvp,
+realnvp-image, nice, glow) trace as they are; iterative solves are written as loops that
+``torch.export`` traces as one ``while_loop`` node running until converged, the same iteration
+as eager (:mod:`fastflow.nn._loop`): planar's bisection inverse (radial's is closed form),
+resflow's fixed-point inverse, cnf's ODE solve (:mod:`fastflow.nn._ode`: torchdiffeq's dopri5
+step control and fixed grids restated without host syncs). Log-dets that eager takes with
+autograd inside the forward are closed form here: resflow's Jacobian of its Lipschitz MLP, cnf's
+trace of its vector field's Jacobian. Random estimators cannot be exported (resflow's series,
+cnf's Hutchinson trace: the training-mode defaults), so export in eval mode, where D <= 64 picks
+the exact routes; otherwise :func:`export_flow` raises :class:`NotExportableError` naming the
+setting to change. Inside a program there is no host sync, so where eager raises on data (a
+non-finite input to a numerical inverse, a solve that does not converge) the program returns
+that row non-finite, and NaN for the whole batch where the iteration itself fails (an adaptive
+ODE solve over ``max_num_steps``, resflow's fixed point not converged in ``max_iter``).
 """
 
 from __future__ import annotations
@@ -39,16 +43,9 @@ from torch import nn
 from fastflow.flows.distributions import DiagonalNormal, StandardLogistic, StandardNormal
 from fastflow.flows.flow import Flow
 
-__all__ = ["LogProb", "Sampler", "export_flow", "NotExportableError", "NOT_EXPORTABLE", "WHAT"]
+__all__ = ["LogProb", "Sampler", "export_flow", "NotExportableError", "WHAT"]
 
 WHAT = ("log_prob", "sample")
-# model name -> {what: why torch.export cannot trace it today}
-NOT_EXPORTABLE = {
-    "cnf": {w: "the ODE solve checks its state for non-finite values in Python (data-dependent control flow)"
-            for w in WHAT},
-}
-
-
 class NotExportableError(RuntimeError):
     """This flow cannot be exported with ``torch.export`` (the reason names the part that stops it)."""
 
@@ -120,16 +117,14 @@ def export_flow(flow: Flow, what: str = "log_prob", batch: int = 2, dynamic_batc
 
     Raises:
         ValueError: ``what`` is not one of :data:`WHAT`.
-        NotExportableError: the model has data-dependent control flow (:data:`NOT_EXPORTABLE`).
+        NotExportableError: a layer cannot be traced in its current configuration (the message says
+            which and what to change: e.g. a random log-det estimator in training mode).
     """
     if what not in WHAT:
         raise ValueError(f"export_flow: what={what!r}, expected one of {WHAT}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"export_flow: batch must be a positive integer, got {batch!r}")
     name = _model_name(flow)
-    why = NOT_EXPORTABLE.get(name, {}).get(what)
-    if why:
-        raise NotExportableError(f"{name}: its {what} cannot be exported with torch.export yet: {why}")
     if dynamic_batch:
         batch = max(batch, 2)  # torch.export specialises a size-1 example dimension to 1
     p = next(flow.parameters(), None)

@@ -4,7 +4,8 @@ FFJORD (Grathwohl et al., 2019, "FFJORD: Free-form Continuous Dynamics for Scala
 Generative Models"), after Neural ODEs (Chen et al., 2018). Along a trajectory the log-density
 obeys ``d log p(z_t) / dt = -tr(dv/dz)`` (the instantaneous change of variables), so the log-det
 of the map is the time integral of the trace of the Jacobian of the vector field. The trace is
-computed exactly (``D`` vector-Jacobian products, small ``D``) or by Hutchinson's estimator
+computed exactly (for :class:`ODEVectorField` in closed form, the Jacobian carried through the
+layers in one batched pass; for a custom field by ``D`` vector-Jacobian products) or by Hutchinson's estimator
 ``e^T (dv/dz) e`` with one Gaussian or Rademacher probe per sample, fixed over the solve
 (FFJORD's choice: the solver then integrates a smooth function of time).
 
@@ -25,6 +26,9 @@ needs more (tolerances below the dtype's resolution, a stiff or exploding field)
 A row of the input (or of the context) holding NaN or infinity is left out of the solve: its
 outputs and log-det are NaN, the other rows are those of the batch without it (as every other
 layer keeps NaN in its row).
+
+``torch.export`` traces the solve through :mod:`fastflow.nn._ode` (torchdiffeq's algorithms
+without host syncs; ``euler``, ``midpoint``, ``rk4``, ``dopri5``, exact trace only).
 """
 
 from __future__ import annotations
@@ -69,6 +73,23 @@ def _act(name):
     return table[name]()
 
 
+def _value_and_derivative(act, a):
+    """``(act(a), act'(a))`` for the activations :func:`_act` builds (the value is the module's
+    own, so the field's values are the eager forward's, bit for bit)."""
+    if isinstance(act, nn.Tanh):
+        h = torch.tanh(a)
+        return h, 1 - h * h
+    if isinstance(act, nn.Softplus):
+        scaled = a * act.beta
+        return act(a), torch.where(scaled > act.threshold, torch.ones_like(a), torch.sigmoid(scaled))
+    if isinstance(act, nn.SiLU):
+        s = torch.sigmoid(a)
+        return act(a), s * (1 + a * (1 - s))
+    if isinstance(act, nn.ELU):
+        return act(a), torch.where(a > 0, torch.ones_like(a), act.alpha * torch.exp(a))
+    raise TypeError(f"no closed-form derivative for {type(act).__name__}")
+
+
 class ODEVectorField(nn.Module):
     """``v(t, z[, c])``: an MLP with the time (and the context) concatenated to every layer's input
     (FFJORD's "concat" layers), ``(B, D) -> (B, D)``.
@@ -90,18 +111,38 @@ class ODEVectorField(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(a + extra, b) for a, b in zip(widths[:-1], widths[1:]))
         self.acts = nn.ModuleList(_act(activation) for _ in range(num_layers))
 
-    def forward(self, t, z, context=None):
+    def _extra(self, t, z, context):
         if self.context_features and context is None:
             raise ValueError(f"ODEVectorField was built with context_features={self.context_features} "
                              "but got no context")
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1, 1).expand(z.shape[0], 1)
-        extra = t if not self.context_features else torch.cat([t, context.to(z.dtype)], dim=1)
+        return t if not self.context_features else torch.cat([t, context.to(z.dtype)], dim=1)
+
+    def forward(self, t, z, context=None):
+        extra = self._extra(t, z, context)
         h = z
         for i, lin in enumerate(self.linears):
             h = lin(torch.cat([h, extra], dim=1))
             if i < len(self.acts):
                 h = self.acts[i](h)
         return h
+
+    def value_and_trace(self, t, z, context=None):
+        """``(v(t, z), tr dv/dz)`` with the Jacobian carried through the layers in closed form
+        (``W_L diag(f'(a_{L-1})) ... W_1`` restricted to the state's columns): one batched pass,
+        no autograd inside, so ``torch.export`` traces it (the exported CNF's exact trace)."""
+        extra = self._extra(t, z, context)
+        h, jac = z, None
+        for i, lin in enumerate(self.linears):
+            a = lin(torch.cat([h, extra], dim=1))
+            w = lin.weight[:, :h.shape[1]]
+            jac = w.expand(z.shape[0], -1, -1) if jac is None else torch.matmul(w, jac)
+            if i < len(self.acts):
+                h, d = _value_and_derivative(self.acts[i], a)
+                jac = d.unsqueeze(-1) * jac
+            else:
+                h = a
+        return h, torch.diagonal(jac, dim1=-2, dim2=-1).sum(-1)
 
 
 class _Dynamics(nn.Module):
@@ -119,9 +160,16 @@ class _Dynamics(nn.Module):
         with torch.enable_grad():
             if not (create_graph and z.requires_grad):  # values only (or a state outside any graph)
                 z = z.detach().requires_grad_(True)
-            dz = self.field(t, z, self.context)
+            if self.exact and isinstance(self.field, ODEVectorField):
+                # the closed-form trace: one pass instead of D vector-Jacobian products, and the
+                # very values the exported solve computes (fastflow/nn/_ode.py)
+                dz, tr = self.field.value_and_trace(t, z, self.context)
+            else:
+                dz = self.field(t, z, self.context)
             if self.exact is None:  # sampling only: no log-det wanted
                 tr = z.new_zeros(z.shape[0])
+            elif self.exact and isinstance(self.field, ODEVectorField):
+                pass
             elif self.exact:
                 tr = z.new_zeros(z.shape[0])
                 for i in range(z.shape[1]):
@@ -225,6 +273,8 @@ class CNF(Transform):
         """The solve over the rows of ``x`` (and ``context``) that are finite; NaN in the others."""
         if trace not in (None, "none") + TRACES:
             raise ValueError(f"CNF: trace={trace!r}, expected None, 'none' or one of {TRACES}")
+        if torch.compiler.is_exporting():
+            return self._solve_traced(x, context, t0, t1, trace)
         finite = torch.isfinite(x).all(1)
         if isinstance(context, torch.Tensor) and context.dim() >= 1 and context.shape[0] == x.shape[0]:
             finite &= torch.isfinite(context.reshape(x.shape[0], -1)).all(1)
@@ -272,6 +322,48 @@ class CNF(Transform):
             dyn.context, dyn.probe = None, None
         self.last_solve_info = {"nfe": dyn.nfe, "method": self.method, "exact_trace": dyn.exact}
         return zs[-1], ls[-1]
+
+    def _solve_traced(self, x, context, t0, t1, trace=None):
+        """The solve as ``torch.export`` traces it (:mod:`fastflow.nn._ode`: torchdiffeq's
+        algorithm without host syncs): the exact trace in closed form; a non-finite row is
+        solved as zeros and comes out NaN (eager leaves it out of the solve: with an adaptive
+        method the shared step sizes can then differ, within the tolerances); NaN where eager
+        raises."""
+        from fastflow.nn import _ode
+
+        trace = trace or self._trace_override
+        exact = None if trace == "none" else (self._exact() if trace is None else trace == "exact")
+        if exact is False:
+            raise ValueError("CNF: the Hutchinson trace draws random probes and uses autograd in the forward, so it "
+                             "cannot be exported; put the model in eval mode with eval_trace='exact' "
+                             "(or D <= exact_max_features)")
+        if exact and not isinstance(self.field, ODEVectorField):
+            raise ValueError(f"CNF: the exact trace of a custom field ({type(self.field).__name__}) needs autograd in "
+                             "the forward, so it cannot be exported; ODEVectorField's trace is closed form")
+        if self.method not in _ode.TRACED_METHODS:
+            raise ValueError(f"CNF: method={self.method!r} cannot be exported; the exported solve has "
+                             f"{_ode.TRACED_METHODS}")
+        finite = torch.isfinite(x).all(1)
+        if isinstance(context, torch.Tensor) and context.dim() >= 1 and context.shape[0] == x.shape[0]:
+            finite &= torch.isfinite(context.reshape(x.shape[0], -1)).all(1)
+            context = torch.where(finite.reshape(-1, *([1] * (context.dim() - 1))), context, 0)
+        x = torch.where(finite[:, None], x, 0)
+        b, d = x.shape
+        n = b * d
+
+        def f(t, y):
+            z = y[:n].view(b, d)
+            if exact:
+                dz, tr = self.field.value_and_trace(t, z, context)
+            else:
+                dz, tr = self.field(t, z, context), z.new_zeros(b)
+            return torch.cat([dz.reshape(-1), tr.reshape(-1)])
+
+        y = _ode.solve(f, torch.cat([x.reshape(-1), x.new_zeros(b)]), t0, t1, self.method,
+                       step_size=self.step_size * self.t1, rtol=self.rtol, atol=self.atol,
+                       max_num_steps=self.max_num_steps, parts=(n, b))
+        nan = torch.full_like(y[n:], math.nan)
+        return (torch.where(finite[:, None], y[:n].view(b, d), nan[:, None]), torch.where(finite, y[n:], nan))
 
     def forward(self, x, context=None, trace=None):
         """Data to noise: ``(z, log|det dz/dx|)``, integrating from ``t1`` to 0."""

@@ -338,6 +338,7 @@ class ResidualBlock(Transform):
         estimator = estimator or route
         if estimator == "exact" and not kw:
             gx, jac = self.net.value_and_jacobian(x, context)
+            jac = jac.to(torch.promote_types(jac.dtype, torch.float32))  # autocast: slogdet needs >= 32 bits
             eye = torch.eye(self.features, dtype=jac.dtype, device=jac.device)
             return gx, torch.linalg.slogdet(eye + jac)[1]
         if torch.compiler.is_exporting():
@@ -388,8 +389,8 @@ class ResidualBlock(Transform):
                      y.new_full((), math.inf), torch.zeros((), dtype=torch.bool, device=y.device),
                      torch.ones((), dtype=torch.bool, device=y.device))
             it, x, delta, converged, finite = while_loop(unfinished, step, start)
-        if torch.compiler.is_exporting():  # no host sync in a traced program: the iterate as it is
-            return x
+        if torch.compiler.is_exporting():  # no host sync in a traced program: NaN where eager raises
+            return torch.where(converged, x, torch.full_like(x, math.nan))
         it, delta, converged = int(it), float(delta), bool(converged & finite)
         self.last_inverse_info = {"iterations": it, "max_update": delta, "converged": converged}
         if converged:
