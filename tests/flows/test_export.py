@@ -240,3 +240,27 @@ def test_load_exported_names_ops_this_fastflow_lacks(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"fastflow::op_from_the_future.*import fastflow\.ops"):
         fastflow.ops.load_exported(tmp_path / "future.pt2")
+
+
+def test_aotinductor_package_runs_from_its_file_in_a_fresh_process(tmp_path):
+    """A compiled AOTInductor package of nsf's log_prob (dynamic batch), loaded by a process that
+    imports only fastflow.ops, gives eager's numbers."""
+    flow = _flow("nsf", None)
+    program = export_flow(flow, "log_prob", batch=4, dynamic_batch=True)
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "nsf_aoti.pt2"))
+    cases = []
+    for n in (1, 5, 33):
+        x, _ = _inputs("nsf", "log_prob", n, None, seed=n)
+        cases.append({"inputs": (x,), "expected": _eager(flow, "log_prob", x, None)})
+    torch.save(cases, tmp_path / "io.pt")
+    result = _fresh(f"""
+        import sys
+        import torch
+        import fastflow.ops
+        run = torch._inductor.aoti_load_package({str(path)!r})
+        for case in torch.load("io.pt"):
+            torch.testing.assert_close(run(*case["inputs"]), case["expected"], rtol=1e-5, atol=1e-5)
+        print("OK", sorted(m for m in sys.modules if m.startswith(("fastflow.flows", "fastflow.nn"))))
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK []" in result.stdout
