@@ -29,7 +29,6 @@ __all__ = [
     "BACKENDS",
     "ROUTES",
     "SMALL_CPU_ELEMS",
-    "NUMBA_LU_MAX_CHANNELS",
     "routed_backend",
     "register_note",
     "BackendUnavailableError",
@@ -155,11 +154,6 @@ _ORDER = ("triton", "cuda", "numba", "torch", "reference")
 # views, the numba dispatcher) costs more than PyTorch's own elementwise ops save by not being
 # fused; the crossover is measured by `fastflow bench coupling --sizes 128,512,2048,8192`.
 SMALL_CPU_ELEMS = 131072
-
-# The numba LU kernels compile the O(C^3) factor algebra as scalar loops, which lose to BLAS on
-# wide layers: above this many channels the numba backend runs the torch backend's algebra
-# (`fastflow bench lu` measures both sides).
-NUMBA_LU_MAX_CHANNELS = 32
 
 
 @dataclass(frozen=True)

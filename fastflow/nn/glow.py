@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from fastflow.nn import _ops
+from fastflow.ops.lu import actnorm_conv1x1, lu_conv1x1, lu_linear, lu_weight
 from fastflow.nn.base import Transform
 
 __all__ = ["ActNorm", "InvConv1x1", "LULinear", "ActNormInvConv1x1", "Squeeze", "MultiScale"]
@@ -92,7 +92,7 @@ class _LU(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """The ``(C, C)`` matrix ``W``."""
-        return _ops.lu_weight(*self._lu())
+        return lu_weight(*self._lu())
 
 
 class InvConv1x1(_LU, Transform):
@@ -104,10 +104,10 @@ class InvConv1x1(_LU, Transform):
         self.backend = backend  # forces the op's backend (None: the fastest available)
 
     def forward(self, x, context=None):
-        return _ops.lu_conv1x1(x, *self._lu(), inverse=False, backend=self.backend)
+        return lu_conv1x1(x, *self._lu(), inverse=False, backend=self.backend)
 
     def inverse(self, y, context=None):
-        return _ops.lu_conv1x1(y, *self._lu(), inverse=True, backend=self.backend)
+        return lu_conv1x1(y, *self._lu(), inverse=True, backend=self.backend)
 
 
 class LULinear(_LU, Transform):
@@ -119,10 +119,10 @@ class LULinear(_LU, Transform):
         self.backend = backend  # forces the op's backend (None: the fastest available)
 
     def forward(self, x, context=None):
-        return _ops.lu_linear(x, *self._lu(), inverse=False, backend=self.backend)
+        return lu_linear(x, *self._lu(), inverse=False, backend=self.backend)
 
     def inverse(self, y, context=None):
-        return _ops.lu_linear(y, *self._lu(), inverse=True, backend=self.backend)
+        return lu_linear(y, *self._lu(), inverse=True, backend=self.backend)
 
 
 class ActNormInvConv1x1(_DataInit, _LU, Transform):
@@ -145,11 +145,11 @@ class ActNormInvConv1x1(_DataInit, _LU, Transform):
 
     def forward(self, x, context=None):
         self._maybe_init(x)
-        return _ops.actnorm_conv1x1(x, self.an_bias, self.an_log_scale, *self._lu(), inverse=False,
+        return actnorm_conv1x1(x, self.an_bias, self.an_log_scale, *self._lu(), inverse=False,
                                     backend=self.backend)
 
     def inverse(self, y, context=None):
-        return _ops.actnorm_conv1x1(y, self.an_bias, self.an_log_scale, *self._lu(), inverse=True,
+        return actnorm_conv1x1(y, self.an_bias, self.an_log_scale, *self._lu(), inverse=True,
                                     backend=self.backend)
 
 

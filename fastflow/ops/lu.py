@@ -29,9 +29,10 @@ or, with fewer pixels than channels, the data are solved directly (no ``W^-1`` a
 
 Backends (kernels/<backend>/lu.py): ``triton`` (fused kernels, float32 storage), ``numba`` (CPU,
 float32/float64: the O(C^3) factor algebra compiled, forward and backward, the data pass torch's
-GEMM; up to ``NUMBA_LU_MAX_CHANNELS`` channels), ``torch`` (the tuned plain-PyTorch path on any
-device and dtype: GEMM layouts, a validated ``W^-1`` cache on the CPU; the default where the fused
-backends decline) and ``reference`` (the readable oracle: float64 on the CPU, no shortcuts).
+GEMM; up to ``MAX_CHANNELS`` channels, declared in ``kernels/numba/lu.py``), ``torch`` (the
+tuned plain-PyTorch path on any device and dtype: GEMM layouts, a validated ``W^-1`` cache on
+the CPU; the default where the fused backends decline) and ``reference`` (the readable oracle:
+float64 on the CPU, no shortcuts).
 
 Custom ops ``fastflow::lu_linear``, ``fastflow::lu_conv1x1``, ``fastflow::actnorm_conv1x1`` with
 fake impls and autograd; their backward is ``fastflow::lu_backward`` (gradients for ``x``,
@@ -46,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from fastflow.backends import NUMBA_LU_MAX_CHANNELS, get_kernel, register_note, resolve_backend
+from fastflow.backends import get_kernel, register_note, resolve_backend
 from fastflow.kernels.reference import lu as ref
 from fastflow.kernels.torch.lu import compute_dtype as _compute_dtype
 from fastflow.kernels.torch.lu import tensor_version as _version
@@ -55,14 +56,21 @@ from fastflow.ops._checks import check_bool, check_same, check_tensor, describe
 from fastflow.ops._dispatch import custom_op
 from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 
-__all__ = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1", "clear_inverse_cache"]
+__all__ = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1", "lu_weight", "clear_inverse_cache"]
 
 OPS = ("lu_linear", "lu_conv1x1", "actnorm_conv1x1")
 
 
 for _op in OPS:
-    register_note(_op, "numba", f"compiled factor algebra up to {NUMBA_LU_MAX_CHANNELS} channels, the torch backend's "
-                  "above; the data pass is torch's GEMM either way")
+    register_note(_op, "numba", "compiled factor algebra on narrow layers (up to MAX_CHANNELS of kernels/numba/lu.py), "
+                  "the torch backend's above; the data pass is torch's GEMM either way")
+
+
+def lu_weight(perm, lower, upper, log_s, sign) -> torch.Tensor:
+    """The dense ``(C, C)`` matrix ``W = P L (U + diag(sign * exp(log_s)))`` of the factors, with
+    ``(P A)[i] = A[perm[i]]`` and ``L`` unit lower: differentiable plain torch, for inspection
+    (the ops never form it on the forward path of the fused backends)."""
+    return ref.weight(perm, lower, upper, log_s, sign)
 
 
 def clear_inverse_cache() -> None:
