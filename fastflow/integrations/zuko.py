@@ -12,7 +12,8 @@ softmaxes, two cumsums and an exp of the raw parameters, which the fused op reco
 kernel) are computed on first access, by zuko's own constructor code under the grad mode of the
 construction, not at construction. zuko builds one transform per call of a flow (and per pass of
 an autoregressive inverse), so this is most of what an accelerated zuko NSF spent outside its
-conditioner (measured: 2.5x a train step, 3x sampling, see ``fastflow bench integrations``).
+conditioner (measured on a 2-core CPU, NSF of 8 features, 5 transforms, batch 512: the
+accelerated train step 1.7x and sampling 3x faster than with the knots computed at construction).
 Everything that reads a transform from outside computes them first: an attribute access,
 pickling and ``copy.deepcopy`` (``__getstate__``), and ``restore()`` (or the last ``close()``)
 computes them for every transform built while accelerated that is still alive, before zuko's
