@@ -140,19 +140,21 @@ class PlanarFlow(_Generative):
 
         eps = 4 * torch.finfo(x.dtype).eps
 
-        def unfinished(i, lo, hi):
-            return (i < self.max_iter) & ((hi - lo) > eps * (1 + (0.5 * (lo + hi)).abs())).any()
+        def unfinished(i, lo, hi, done):
+            return (i < self.max_iter) & ~done
 
-        def halve(i, lo, hi):
+        def halve(i, lo, hi, done):
             mid = 0.5 * (lo + hi)
             pos = residual(mid) > 0
-            return i + 1, torch.where(pos, lo, mid), torch.where(pos, mid, hi)
+            lo, hi = torch.where(pos, lo, mid), torch.where(pos, mid, hi)
+            return i + 1, lo, hi, ((hi - lo) <= eps * (1 + mid.abs())).all()
 
         with torch.no_grad():
-            # a while_loop rather than a Python loop with a break: eager runs it as a loop, and
-            # torch.export traces it as one (the exported log_prob halves until converged too)
-            start = (torch.zeros((), dtype=torch.int64, device=x.device), c - s.abs() - 1e-12, c + s.abs() + 1e-12)
-            _, lo, hi = while_loop(unfinished, halve, start)
+            # one loop for eager and torch.export (fastflow/nn/_loop.py): the exported log_prob
+            # halves until converged too
+            start = (torch.zeros((), dtype=torch.int64, device=x.device), c - s.abs() - 1e-12, c + s.abs() + 1e-12,
+                     torch.zeros((), dtype=torch.bool, device=x.device))
+            _, lo, hi, _ = while_loop(unfinished, halve, start)
             a0 = 0.5 * (lo + hi)
         # One Newton step at the root: the same value, and autograd sees da = -dF / F'(a) (implicit gradient).
         a = a0 - residual(a0) / (1 + s * (1 - torch.tanh(a0 + self.b).pow(2)))
