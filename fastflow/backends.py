@@ -20,10 +20,13 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from fastflow.kernels._facts import FLOATS as _F
+from fastflow.kernels._facts import Backend, interpreting
 
 __all__ = [
     "BACKENDS",
@@ -52,91 +55,22 @@ class UnknownBackendError(ValueError):
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreting()
 
 
-@functools.lru_cache(maxsize=None)
-def _import_reason(module: str) -> str | None:
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return f"cannot import {module}: {type(exc).__name__}: {exc}"
-    return None
+def _collect(names):
+    """Every backend's own declaration (``fastflow/kernels/<name>/__init__.py: BACKEND``)."""
+    out = {}
+    for name in names:
+        backend = importlib.import_module(f"fastflow.kernels.{name}").BACKEND
+        if backend.name != name:
+            raise RuntimeError(f"fastflow.kernels.{name} declares a backend named {backend.name!r}")
+        out[name] = backend
+    return out
 
 
-def _probe_numba() -> str | None:
-    return _import_reason("numba")
-
-
-def _probe_triton() -> str | None:
-    reason = _import_reason("triton")
-    if reason:
-        return reason
-    if not torch.cuda.is_available() and not _interpreting():
-        return "no CUDA device visible to torch (set TRITON_INTERPRET=1 to run on the CPU interpreter)"
-    return None
-
-
-def _probe_cuda() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device visible to torch"
-    return _import_reason("cupy")
-
-
-@dataclass(frozen=True)
-class Backend:
-    """A kernel family: the devices and dtypes it takes, and a probe for its requirements."""
-
-    name: str
-    devices: tuple[str, ...]
-    dtypes: tuple[torch.dtype, ...]
-    probe: Callable[[], str | None] = lambda: None
-    description: str = ""
-    kernels: dict = field(default_factory=dict, compare=False, hash=False)
-    # op -> dtypes taken beyond ``dtypes`` for that op alone (computed in that dtype)
-    op_dtypes: dict = field(default_factory=dict, compare=False, hash=False)
-    # the ops for which ``backend=None`` tries this backend in the default order (None: every op
-    # it has kernels for); its other ops are reached through ROUTES or by name only
-    default_ops: tuple[str, ...] | None = None
-
-    def device_ok(self, device: torch.device) -> bool:
-        if self.name == "triton" and device.type == "cpu":
-            return _interpreting()
-        return device.type in self.devices or "any" in self.devices
-
-    def decline_reason(self, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
-        """Why this backend cannot run ``op`` on tensors of this device and dtype (None: it can)."""
-        if op not in self.kernels:
-            return f"backend {self.name!r} has no kernel for {op!r}"
-        reason = self.probe()
-        if reason:
-            return reason
-        if not self.device_ok(device):
-            return f"backend {self.name!r} runs on {'/'.join(self.devices)} tensors, got device {device}"
-        if dtype not in self.dtypes + self.op_dtypes.get(op, ()):
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes + self.op_dtypes.get(op, ()))
-            return f"backend {self.name!r} takes dtypes ({names}), got {str(dtype).replace('torch.', '')}"
-        return None
-
-
-_F = (torch.float32, torch.float64)
-_LOW = (torch.float16, torch.bfloat16)
-
-BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", ("cuda",), (torch.float32,) + _LOW, _probe_triton, "fused Triton GPU kernels",
-                      # float64 kernels computed in float64 (the LU kernels stay float32-only)
-                      op_dtypes={op: (torch.float64,) for op in ("rq_spline", "affine_coupling", "additive_coupling",
-                                                                  "rescale")}),
-    "cuda": Backend("cuda", ("cuda",), (torch.float32,) + _LOW, _probe_cuda, "CUDA C++ kernels via CuPy"),
-    "numba": Backend("numba", ("cpu",), _F, _probe_numba, "fused parallel Numba CPU kernels"),
-    "reference": Backend("reference", ("any",), _F + _LOW, lambda: None, "pure PyTorch (oracle)"),
-    # The tuned plain-PyTorch paths. The LU ops' kernels are launchers inside the custom op (and
-    # the default wherever the fused backends decline, before the oracle); the coupling ops'
-    # are plain differentiable torch ops called outside it, reached through the routes below.
-    "torch": Backend("torch", ("any",), _F + _LOW, lambda: None,
-                     "tuned plain PyTorch (LU GEMM layouts and W^-1 cache; the small-input coupling routes)",
-                     default_ops=("lu_linear", "lu_conv1x1", "actnorm_conv1x1")),
-}
+# The registry: one line per backend (its folder under fastflow/kernels/); the facts are the backend's.
+BACKENDS: dict[str, Backend] = _collect(("triton", "cuda", "numba", "reference", "torch"))
 # triton before cuda on a GPU: the resource/roofline model (``fastflow bench gpu-model``,
 # benchmarks/results/gpu-model_*.json, "model_gpu_backend_order") predicts the spline kernels of
 # both memory-bound at float32 K=8 (no spills, >= 50% occupancy), so neither is predicted >10%

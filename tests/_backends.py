@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from fastflow.backends import BACKENDS
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
 
@@ -23,7 +25,17 @@ ALL_BACKENDS = ["reference"] + KERNEL_BACKENDS
 
 
 def device_for(backend: str) -> str:
-    return "cuda" if HAS_CUDA and backend in ("triton", "cuda") else "cpu"
+    """Where the tests run ``backend``: a GPU backend on the GPU when there is one (else on the
+    CPU, Triton's interpreter), the others on the CPU. Read from the backend's declared devices."""
+    b = BACKENDS[backend]
+    return "cuda" if HAS_CUDA and "cpu" not in b.devices and "any" not in b.devices else "cpu"
+
+
+def float32_in_float32(backend: str, kernels: str) -> bool:
+    """Whether ``backend`` computes float32 storage in float32 for the kernel family ``kernels``
+    (its declared compute dtype, ``fastflow/kernels/<backend>/__init__.py``): the tests then
+    hold it to float32 round-off instead of float64-accumulation accuracy."""
+    return BACKENDS[backend].compute_dtype(kernels, torch.float32, device_for(backend)) == torch.float32
 
 
 def dtypes_for(backend: str):

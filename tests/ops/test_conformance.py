@@ -24,7 +24,7 @@ from fastflow.testing import (
     jacobian_logabsdet,
     tolerances,
 )
-from tests._backends import HAS_CUDA, INTERPRET, device_for, dtypes_for
+from tests._backends import HAS_CUDA, INTERPRET, device_for, dtypes_for, float32_in_float32
 
 # The backends this run exercises; triton and cuda carry their marks (the triton run is
 # `TRITON_INTERPRET=1 pytest -m triton`).
@@ -33,7 +33,6 @@ if HAS_CUDA or INTERPRET:
     _RUN["triton"] = (pytest.mark.triton,)
 if HAS_CUDA:
     _RUN["cuda"] = (pytest.mark.gpu,)
-F32_COMPUTE = ("triton", "cuda")  # GPU kernels compute float32 in float32
 
 
 def _available(spec, backend):
@@ -131,9 +130,10 @@ def test_matches_float64_reference(spec, backend, option, inverse):
         cot = _cotangents(shapes)
         ref = _outputs_and_grads(spec, _to(tensors, torch.float64), kwargs, inverse, "reference", cot)
         got = _outputs_and_grads(spec, tensors, kwargs, inverse, backend, cot)
-        # float32 computed in float32 (GPU kernels; the torch backend and every LU data pass, a
-        # float32 GEMM) is held to float32 round-off times the map's conditioning.
-        f32 = dtype == torch.float32 and (backend in F32_COMPUTE + ("torch",) or spec.kernels == "lu")
+        # float32 computed in float32 (as the backend declares: GPU kernels, the torch backend,
+        # numba's LU data pass, a float32 GEMM) is held to float32 round-off times the map's
+        # conditioning.
+        f32 = dtype == torch.float32 and float32_in_float32(backend, spec.kernels)
         rtol, atol = tolerances(dtype, f32).values()
         y, lad = got[0]
         assert y.dtype == dtype and lad.dtype == dtype and y.shape == ref[0][0].shape and lad.shape == ref[0][1].shape

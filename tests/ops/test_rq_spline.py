@@ -18,17 +18,16 @@ from fastflow.testing import (
     outputs_and_grads,
     tolerances,
 )
-from tests._backends import ALL_BACKENDS, KERNEL_BACKENDS, device_for, dtypes_for
+from tests._backends import ALL_BACKENDS, KERNEL_BACKENDS, device_for, dtypes_for, float32_in_float32
 
 nflows_rq = pytest.importorskip("nflows.transforms.splines.rational_quadratic")
 nflows_spline = nflows_rq.unconstrained_rational_quadratic_spline
 
 CPU_BACKENDS = ["reference", "numba"]
-F32_COMPUTE = ("triton", "cuda")  # GPU kernels compute in float32; the CPU ones in float64
 
 
 def tol(backend, dtype):
-    return tolerances(dtype, backend in F32_COMPUTE)
+    return tolerances(dtype, float32_in_float32(backend, "spline"))
 
 
 def make_params(shape, k, scale=2.0, dtype=torch.float64, device="cpu", tail_bound=1.0, gen=None):
@@ -63,7 +62,7 @@ def test_backend_matches_reference(backend, inverse, k):
         assert got[0].dtype == dtype and got[1].dtype == dtype
         # Kernels that compute in float32 (GPU backends) meet float32 round-off amplified by the
         # inverse's conditioning |dx/dy| = exp(lad_inverse): the inverse is held to that.
-        f32_compute = backend in ("triton", "cuda") and dtype == torch.float32
+        f32_compute = float32_in_float32(backend, "spline") and dtype == torch.float32
         amplification = ref[1].exp() if inverse and f32_compute else torch.zeros_like(ref[1])
         rtol, atol = tolerances(dtype, f32_compute).values()
         assert_close_conditioned(got[0], ref[0], amplification, dtype, "outputs")
@@ -205,7 +204,7 @@ def test_extreme_parameters(backend, inverse):
     else:
         # Slopes here reach 1e+-5: float32 arithmetic is held to round-off times the slope.
         slope = ref[1].abs().exp()
-        f32 = backend in F32_COMPUTE
+        f32 = float32_in_float32(backend, "spline")
         assert_close_conditioned(got[0], ref[0], slope, dtype, "outputs", f32)
         if not inverse:
             # The log-det's sensitivity grows with the curvature as well as the slope; where the

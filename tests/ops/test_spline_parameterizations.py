@@ -21,13 +21,13 @@ from fastflow import BackendUnavailableError
 from fastflow.kernels.reference.spline import rq_spline_param_reference
 from fastflow.ops.rq_spline import _param_backend, _rq_spline_op, rq_spline_bounded, rq_spline_zuko
 from fastflow.testing import assert_close_conditioned, outputs_and_grads, tolerances
-from tests._backends import ALL_BACKENDS, INTERPRET, device_for
+from fastflow.backends import BACKENDS
+from tests._backends import ALL_BACKENDS, INTERPRET, device_for, float32_in_float32
 
 nflows_rq = pytest.importorskip("nflows.transforms.splines.rational_quadratic")
 zuko_transforms = pytest.importorskip("zuko.transforms")
 
 KINDS = ["nflows_bounded", "zuko"]
-F32_COMPUTE = ("triton", "cuda")  # the GPU kernels compute float32/16-bit storage in float32
 MIN = 2.0**-10  # minimum bin sizes and slopes (exact in float32, see the module docstring)
 # nflows_bounded: an asymmetric box; zuko: the box [-bound, bound]^2
 BOXES = {"nflows_bounded": (-2.5, 3.0, -1.75, 2.25), "zuko": (-4.0, 4.0, -4.0, 4.0)}
@@ -39,9 +39,8 @@ F64_RTOL = 1e-10
 
 
 def dtypes_for(backend):
-    if backend in F32_COMPUTE:
-        return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-    return [torch.float32, torch.float64]
+    """Every storage dtype the backend declares for the spline op."""
+    return list(BACKENDS[backend].takes("rq_spline"))
 
 
 def n_derivs(kind, k):
@@ -124,7 +123,7 @@ def test_matches_reference_autograd(backend, kind, inverse, k):
         if dtype == torch.float64:
             _close64((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2]), f"{backend} {kind} float64")
             continue
-        f32 = backend in F32_COMPUTE
+        f32 = float32_in_float32(backend, "spline")
         rtol, atol = tolerances(dtype, f32).values()
         # float32 arithmetic meets round-off amplified by the inverse's conditioning |dx/dy|.
         amp = ref[1].exp() if inverse and f32 else torch.zeros_like(ref[1])

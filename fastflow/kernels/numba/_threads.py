@@ -140,3 +140,8 @@ def serial_twin(kernel):
         twin = slp(twin)
     _TWINS[kernel] = twin
     return twin
+
+
+# Importing this module (every parallel kernel module does) starts the pool, passively waiting:
+# the package's __init__ only declares the backend's facts and imports no numba.
+start()

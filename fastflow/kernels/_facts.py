@@ -1,0 +1,101 @@
+"""What a backend is, declared by the backend itself: :class:`Backend`.
+
+Each kernel package (``fastflow/kernels/<name>/__init__.py``) declares ``BACKEND = Backend(...)``:
+the devices and dtypes it takes, what it computes each storage dtype in (per kernel family), a
+probe for its requirements and a one-line description. Those ``__init__`` modules stay light
+(no numba, triton or cupy import), so the registry (:mod:`fastflow.backends`) collects every
+backend's facts at ``import fastflow.ops`` and keeps only the order and the routes; the tests
+read the same facts (tolerances from the compute dtype, dtypes to try from the dtypes taken).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["Backend", "import_reason", "interpreting", "FLOATS", "LOW"]
+
+FLOATS = (torch.float32, torch.float64)
+LOW = (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def import_reason(module: str) -> str | None:
+    """None if ``module`` imports, else why not (one line)."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"cannot import {module}: {type(exc).__name__}: {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A kernel family: the devices and dtypes it takes, what it computes in, and a probe.
+
+    Attributes:
+        name: the backend's name (``backend="name"``).
+        devices: device types it runs on (``"any"``: every one).
+        dtypes: storage dtypes it takes for every op.
+        probe: ``probe() -> None`` when it can run here, else the reason.
+        description: one line for ``fastflow info``.
+        op_dtypes: op -> dtypes taken beyond ``dtypes`` for that op alone.
+        compute: ``compute(kernels, dtype, device_type) -> compute dtype`` or None for the usual
+            rule (float16/bfloat16 storage computed in float32, the others in their own dtype);
+            ``kernels`` is the kernel family (``"spline"``, ``"coupling"``, ``"lu"``).
+        default_ops: the ops for which ``backend=None`` tries this backend in the default order
+            (None: every op it has kernels for); its other ops are reached by routes or by name.
+        cpu_when: a test that lets a GPU backend take CPU tensors (Triton's interpreter).
+        kernels: op -> loader of the kernel module, filled by the op declarations.
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    probe: Callable[[], str | None] = lambda: None
+    description: str = ""
+    op_dtypes: dict = field(default_factory=dict, compare=False, hash=False)
+    compute: Callable[[str, torch.dtype, str], torch.dtype | None] | None = field(default=None, compare=False,
+                                                                                  hash=False)
+    default_ops: tuple[str, ...] | None = None
+    cpu_when: Callable[[], bool] | None = field(default=None, compare=False, hash=False)
+    kernels: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def device_ok(self, device: torch.device) -> bool:
+        if device.type == "cpu" and self.cpu_when is not None and "cpu" not in self.devices:
+            return self.cpu_when()
+        return device.type in self.devices or "any" in self.devices
+
+    def takes(self, op: str) -> tuple[torch.dtype, ...]:
+        """The storage dtypes this backend takes for ``op``."""
+        return self.dtypes + self.op_dtypes.get(op, ())
+
+    def compute_dtype(self, kernels: str, dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
+        """What this backend computes ``dtype`` storage in, for the kernel family ``kernels`` on
+        ``device_type`` tensors."""
+        declared = self.compute(kernels, dtype, device_type) if self.compute is not None else None
+        return declared or (torch.float32 if dtype in LOW else dtype)
+
+    def decline_reason(self, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this backend cannot run ``op`` on tensors of this device and dtype (None: it can)."""
+        if op not in self.kernels:
+            return f"backend {self.name!r} has no kernel for {op!r}"
+        reason = self.probe()
+        if reason:
+            return reason
+        if not self.device_ok(device):
+            return f"backend {self.name!r} runs on {'/'.join(self.devices)} tensors, got device {device}"
+        if dtype not in self.takes(op):
+            names = ", ".join(str(d).replace("torch.", "") for d in self.takes(op))
+            return f"backend {self.name!r} takes dtypes ({names}), got {str(dtype).replace('torch.', '')}"
+        return None
