@@ -14,35 +14,16 @@ def _number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def op_takes(inputs, uw, uh, ud, n_derivs: int, min_sizes=(), others=()) -> bool:
-    """Whether fastflow's spline op takes these arguments as they are (the checks of
-    ``fastflow.ops.rq_spline._check``, done here so that a call the op would refuse runs the
-    peer's own code instead): float32/float64 tensors of one dtype and device, a non-empty
-    input, ``2 <= K <= _MAX_BINS`` bins, ``K + n_derivs`` slopes, parameters' leading dims equal
-    to the input's shape or broadcastable to it, ``min_sizes`` (bin-size floors) and ``others``
-    (slope floors) finite non-negative numbers, with ``min_size * K < 1``."""
-    if not (float_tensors(inputs, uw, uh, ud) and inputs.numel() > 0 and uw.dim() >= 1 and uh.dim() >= 1
-            and ud.dim() >= 1):
+def op_takes(inputs, uw, uh, ud, parameterization, **kw) -> bool:
+    """Whether fastflow's spline op runs this call: float32/float64 tensors (a peer's half
+    precision runs its own code), a non-empty input, and whatever the op's own contract says
+    (:func:`fastflow.ops.rq_spline.rq_spline_accepts`, the public functions' checks as a
+    predicate: no second copy of them here)."""
+    if not (float_tensors(inputs, uw, uh, ud) and inputs.numel() > 0):
         return False
-    from fastflow.ops.rq_spline import _MAX_BINS
+    from fastflow.ops.rq_spline import rq_spline_accepts
 
-    k = uw.shape[-1]
-    if not (2 <= k <= _MAX_BINS and uh.shape[-1] == k and ud.shape[-1] == k + n_derivs):
-        return False
-    for v in (*min_sizes, *others):
-        if not (_number(v) and 0 <= v < math.inf):
-            return False
-    if any(v * k >= 1 for v in min_sizes):
-        return False
-    lead = inputs.shape
-    for t in (uw, uh, ud):
-        if t.shape[:-1] != lead:
-            try:
-                if torch.broadcast_shapes(t.shape[:-1], lead) != lead:
-                    return False
-            except RuntimeError:
-                return False
-    return True
+    return rq_spline_accepts(inputs, uw, uh, ud, parameterization=parameterization, **kw)
 
 
 def make_unconstrained(original, integration):
@@ -56,16 +37,18 @@ def make_unconstrained(original, integration):
                                                 min_derivative=1e-3, **kwargs):
         if (not kwargs and isinstance(tails, str) and tails == "linear" and _number(tail_bound)
                 and 0 < tail_bound < math.inf
-                and op_takes(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, -1,
-                             (min_bin_width, min_bin_height), (min_derivative,))):
-            from fastflow.ops.rq_spline import rq_spline
+                and op_takes(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, "nflows",
+                             tail_bound=tail_bound, min_bin_width=min_bin_width, min_bin_height=min_bin_height,
+                             min_derivative=min_derivative)):
+            from fastflow.ops.rq_spline import rq_spline_unchecked
 
             # the peers slice these from their conditioner's output: made contiguous once here, the
             # op's backward reuses them rather than copying them again
             w, h, d = (t.contiguous() for t in (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
-            return rq_spline(inputs, w, h, d, inverse=bool(inverse), tail_bound=float(tail_bound),
-                             min_bin_width=min_bin_width, min_bin_height=min_bin_height, min_derivative=min_derivative,
-                             backend=integration.backend)
+            return rq_spline_unchecked(inputs, w, h, d, parameterization="nflows", inverse=bool(inverse),
+                                       tail_bound=tail_bound, min_bin_width=min_bin_width,
+                                       min_bin_height=min_bin_height, min_derivative=min_derivative,
+                                       backend=integration.backend)
         return original(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
                         inverse=inverse, tails=tails, tail_bound=tail_bound, min_bin_width=min_bin_width,
                         min_bin_height=min_bin_height, min_derivative=min_derivative, **kwargs)
@@ -86,17 +69,18 @@ def make_bounded(original, integration, domain_error=None):
                                   min_bin_height=1e-3, min_derivative=1e-3, **kwargs):
         if (not kwargs and all(_number(v) and math.isfinite(v) for v in (left, right, bottom, top))
                 and left < right and bottom < top and not integration.declines("nflows_bounded")
-                and op_takes(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, 1,
-                             (min_bin_width, min_bin_height), (min_derivative,))):
+                and op_takes(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
+                             "nflows_bounded", box=(left, right, bottom, top), min_bin_width=min_bin_width,
+                             min_bin_height=min_bin_height, min_derivative=min_derivative)):
             if domain_error is not None and (torch.min(inputs) < left or torch.max(inputs) > right):
                 raise domain_error()  # nflows' own check (it tests the inverse's inputs against left/right too)
-            from fastflow.ops.rq_spline import rq_spline_bounded
+            from fastflow.ops.rq_spline import rq_spline_unchecked
 
             w, h, d = (t.contiguous() for t in (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
-            return rq_spline_bounded(inputs, w, h, d, inverse=bool(inverse), left=float(left), right=float(right),
-                                     bottom=float(bottom), top=float(top), min_bin_width=min_bin_width,
-                                     min_bin_height=min_bin_height, min_derivative=min_derivative,
-                                     backend=integration.backend)
+            return rq_spline_unchecked(inputs, w, h, d, parameterization="nflows_bounded", inverse=bool(inverse),
+                                       box=(left, right, bottom, top), min_bin_width=min_bin_width,
+                                       min_bin_height=min_bin_height, min_derivative=min_derivative,
+                                       backend=integration.backend)
         return original(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
                         inverse=inverse, left=left, right=right, bottom=bottom, top=top,
                         min_bin_width=min_bin_width, min_bin_height=min_bin_height,

@@ -166,13 +166,13 @@ def _spline(v, w, h, d, inverse, bound, slope):
     zuko's parameters are views into its conditioner's output (``unpack`` splits the last dim),
     which the op copies into contiguous arrays; made contiguous here, once, the op's backward
     reuses them instead of copying them again. The op is called without its public wrapper's
-    argument checks (tens of microseconds per call, several calls per step)."""
-    from fastflow.ops.rq_spline import _param_backend, _rq_spline_op
+    argument checks (tens of microseconds per call, several calls per step): ``evaluate`` asked
+    the op's own predicate first."""
+    from fastflow.ops.rq_spline import rq_spline_unchecked
 
-    name = _param_backend("rq_spline_zuko", v, INTEGRATION.backend, "zuko")
-    b, s = float(bound), float(slope)
     w, h, d = w.contiguous(), h.contiguous(), d.contiguous()
-    return _rq_spline_op(v, w, h, d, bool(inverse), b, 0.0, 0.0, s, name, "zuko", -b, b, -b, b)
+    return rq_spline_unchecked(v, w, h, d, parameterization="zuko", inverse=inverse, tail_bound=bound,
+                               min_derivative=slope, backend=INTEGRATION.backend)
 
 
 def evaluate(t, v, inverse):
@@ -185,11 +185,6 @@ def evaluate(t, v, inverse):
     if not (isinstance(v, torch.Tensor) and type(bound) in (float, int) and type(slope) in (float, int)
             and 0.0 < bound < math.inf and 0.0 < slope < 1.0 and float_tensors(w, h, d) and w.dim() >= 1
             and h.dim() >= 1 and d.dim() >= 1 and v.numel() > 0):
-        return None
-    from fastflow.ops.rq_spline import _MAX_BINS
-
-    k = w.shape[-1]
-    if not (2 <= k <= _MAX_BINS and h.shape[-1] == k and d.shape[-1] == k - 1):
         return None
     if v.dtype != w.dtype:
         dtype = torch.promote_types(v.dtype, w.dtype)
@@ -207,6 +202,10 @@ def evaluate(t, v, inverse):
         if v.shape != shape:
             v = v.expand(shape)
         w, h, d = (p if p.shape[:-1] == shape else p.expand(*shape, p.shape[-1]) for p in (w, h, d))
+    from fastflow.ops.rq_spline import rq_spline_accepts
+
+    if not rq_spline_accepts(v, w, h, d, parameterization="zuko", tail_bound=bound, min_derivative=slope):
+        return None  # bins, slopes or shapes the op refuses: zuko's own code (and its own errors)
     return _spline(v, w, h, d, inverse, bound, slope)
 
 

@@ -23,7 +23,8 @@ from fastflow.ops._checks import CheckMemo, check_bool, check_positive_float, ch
 from fastflow.ops._dispatch import custom_op
 from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 
-__all__ = ["rq_spline", "rq_spline_bounded", "rq_spline_zuko", "PARAMETERIZATIONS"]
+__all__ = ["rq_spline", "rq_spline_bounded", "rq_spline_zuko", "rq_spline_accepts", "rq_spline_unchecked",
+           "PARAMETERIZATIONS", "MAX_BINS"]
 
 OP = "rq_spline"
 _MAX_BINS = 1024
@@ -369,6 +370,64 @@ def rq_spline_zuko(
     inverse = check_bool(op, "inverse", inverse)
     return _rq_spline_op(inputs, *params, inverse, bound, 0.0, 0.0, slope, name, "zuko", -bound, bound, -bound,
                          bound)
+
+
+# --------------------------------------------------------------------------------------------
+# For callers with a fallback (the peer integrations): the contract as a predicate, and the op
+# without the public functions' checks, so that neither copies the argument contract.
+# --------------------------------------------------------------------------------------------
+
+MAX_BINS = _MAX_BINS
+_PUBLIC = {"nflows": ("rq_spline", -1), "nflows_bounded": ("rq_spline_bounded", 1), "zuko": ("rq_spline_zuko", -1)}
+
+
+def _raw_box(parameterization, tail_bound, box):
+    if parameterization == "nflows_bounded":
+        return tuple(float(v) for v in box)
+    b = float(tail_bound)
+    return (-b, b, -b, b)
+
+
+def rq_spline_accepts(inputs, uw, uh, ud, *, parameterization: str = "nflows", tail_bound: float = 1.0,
+                      box=(0.0, 1.0, 0.0, 1.0), min_bin_width: float = 1e-3, min_bin_height: float = 1e-3,
+                      min_derivative: float = 1e-3) -> bool:
+    """Whether the public function of ``parameterization`` (:func:`rq_spline`,
+    :func:`rq_spline_bounded` with ``box = (left, right, bottom, top)``, :func:`rq_spline_zuko`
+    with ``tail_bound`` its bound and ``min_derivative`` its slope) would take these arguments:
+    its own checks (remembered per shapes and values, so asking is cheap), as a predicate. A
+    caller with a fallback of its own asks this, then calls :func:`rq_spline_unchecked`."""
+    if parameterization not in _PUBLIC:
+        raise ValueError(f"rq_spline_accepts: parameterization={parameterization!r}, expected one of {tuple(_PUBLIC)}")
+    op, n_derivs = _PUBLIC[parameterization]
+    zuko = parameterization == "zuko"
+    try:
+        _check(inputs, uw, uh, ud, tail_bound, 0.0 if zuko else min_bin_width, 0.0 if zuko else min_bin_height,
+               min_derivative, op=op, n_derivs=n_derivs)
+        left, right, bottom, top = _raw_box(parameterization, tail_bound, box)
+    except (TypeError, ValueError):
+        return False
+    if zuko and not 0.0 < float(min_derivative) < 1.0:
+        return False
+    return all(math.isfinite(v) for v in (left, right, bottom, top)) and left < right and bottom < top
+
+
+def rq_spline_unchecked(inputs, uw, uh, ud, *, parameterization: str = "nflows", inverse: bool = False,
+                        tail_bound: float = 1.0, box=(0.0, 1.0, 0.0, 1.0), min_bin_width: float = 1e-3,
+                        min_bin_height: float = 1e-3, min_derivative: float = 1e-3, backend: str | None = None):
+    """The fused spline op of ``parameterization`` without the public functions' argument checks
+    (arguments as for :func:`rq_spline_accepts`): for callers that asked
+    :func:`rq_spline_accepts` first (the peer integrations, which run the peer's own code where it
+    says no). Arguments it would refuse give undefined results here, not a clear error. The
+    backend is chosen as by the public functions (a forced one without this parameterisation's
+    kernels raises ``BackendUnavailableError``)."""
+    op = _PUBLIC[parameterization][0]
+    name = (resolve_backend(OP, inputs, backend) if parameterization == "nflows"
+            else _param_backend(op, inputs, backend, parameterization))
+    zuko = parameterization == "zuko"
+    params = _expand(inputs, (uw, uh, ud))
+    return _rq_spline_op(inputs, *params, bool(inverse), float(tail_bound) if parameterization != "nflows_bounded"
+                         else 1.0, 0.0 if zuko else float(min_bin_width), 0.0 if zuko else float(min_bin_height),
+                         float(min_derivative), name, parameterization, *_raw_box(parameterization, tail_bound, box))
 
 
 # --------------------------------------------------------------------------------------------

@@ -295,3 +295,65 @@ def test_half_precision_on_cpu_uses_reference():
     assert out.dtype == torch.bfloat16
     assert_close(out, ref[0])
     assert math.isfinite(float(lad.float().sum()))
+
+
+# ------------------------------------------------------------------ the entries for callers with a fallback
+
+
+def _spline_specs():
+    from fastflow.ops._spec import SPECS
+
+    return [s for s in SPECS.values() if s.op == "rq_spline"]
+
+
+_PARAM = {"rq_spline": "nflows", "rq_spline_bounded": "nflows_bounded", "rq_spline_zuko": "zuko"}
+
+
+def _entry_kwargs(name, kwargs):
+    """The public function's keyword arguments as rq_spline_accepts/rq_spline_unchecked take them."""
+    kw = dict(kwargs)
+    if name == "rq_spline_zuko":
+        kw["tail_bound"] = kw.pop("bound", 5.0)
+        kw["min_derivative"] = kw.pop("slope", 1e-3)
+    if name == "rq_spline_bounded":
+        kw["box"] = tuple(kw.pop(k, d) for k, d in (("left", 0.0), ("right", 1.0), ("bottom", 0.0), ("top", 1.0)))
+    return kw
+
+
+@pytest.mark.parametrize("spec", _spline_specs(), ids=lambda s: s.name)
+def test_accepts_is_the_public_functions_contract(spec):
+    """rq_spline_accepts says yes exactly where the public function runs: on its examples, and no
+    on every declared bad input (integrations ask it instead of copying the checks)."""
+    from fastflow.ops.rq_spline import rq_spline_accepts
+
+    param = _PARAM[spec.name]
+    gen = torch.Generator().manual_seed(0)
+    tensors, kwargs = spec.example(spec.shapes[0], torch.float32, "cpu", gen)  # what the bad inputs mutate
+    assert rq_spline_accepts(*tensors, parameterization=param, **_entry_kwargs(spec.name, kwargs))
+    for bad in spec.bad:
+        t, kw = bad.mutate(list(tensors), dict(kwargs))
+        with pytest.raises(bad.error):
+            spec.fn(*t, **kw)
+        assert not rq_spline_accepts(*t, parameterization=param, **_entry_kwargs(spec.name, kw)), bad.label
+
+
+@pytest.mark.parametrize("spec", _spline_specs(), ids=lambda s: s.name)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_unchecked_entry_is_the_public_function(spec, inverse):
+    """Bit for bit the public function's outputs and gradients (broadcast parameters included)."""
+    from fastflow.ops.rq_spline import rq_spline_unchecked
+
+    gen = torch.Generator().manual_seed(1)
+    tensors, kwargs = spec.example(spec.shapes[0], torch.float64, "cpu", gen, **spec.options[0])
+    for backend in ("reference", "numba"):
+        a = [t.clone().requires_grad_(True) for t in tensors]
+        b = [t.clone().requires_grad_(True) for t in tensors]
+        want = spec.fn(*a, inverse=inverse, backend=backend, **kwargs)
+        got = rq_spline_unchecked(*b, parameterization=_PARAM[spec.name], inverse=inverse, backend=backend,
+                                  **_entry_kwargs(spec.name, kwargs))
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+        gw = torch.autograd.grad(sum(w.sum() for w in want), a)
+        gg = torch.autograd.grad(sum(g.sum() for g in got), b)
+        for g, w in zip(gg, gw):
+            assert torch.equal(g, w)
