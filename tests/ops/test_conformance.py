@@ -450,8 +450,9 @@ def _close(got, want, dtype, what):
 
 @pytest.mark.parametrize("spec,backend,option,inverse", _cases(with_inverse=True))
 def test_every_derivative_mode_matches_the_composite(spec, backend, option, inverse):
-    """grad, vjp, jacrev, jacfwd, hessian, jvp, forward-mode dual tensors, is_grads_batched and
-    jacobian(vectorize=True), each against plain reverse mode through the reference composite."""
+    """grad, vjp, jacrev, jacfwd, hessian, jvp, forward-mode dual tensors, plain double backward
+    (create_graph=True), is_grads_batched and jacobian(vectorize=True), each against plain reverse
+    mode through the reference composite."""
     import torch.autograd.forward_ad as fwAD
 
     dtype, tensors, kwargs, wrt = _dm_case(spec, backend, option, inverse)
@@ -506,6 +507,24 @@ def test_every_derivative_mode_matches_the_composite(spec, backend, option, inve
         want_h = torch.zeros(p0.numel(), *p0.shape, dtype=torch.float64)
     got_h = torch.func.hessian(lambda p: scalar(p, *primals[1:]))(primals[0])
     _close(got_h.reshape(want_h.shape), want_h, dtype, "torch.func.hessian")
+    # plain double backward (autograd.grad with create_graph=True, then grad of the gradient)
+    gen = torch.Generator().manual_seed(9)
+    weights = [torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in primals]
+
+    def double_backward(fn, ps):
+        leaves = [p.detach().clone().requires_grad_() for p in ps]
+        s = sum((o * c.to(o)).sum() for o, c in zip(fn(*leaves), cot))
+        gs = torch.autograd.grad(s, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+        total = sum((g * w.to(g)).sum() for g, w in zip(gs, weights))
+        if not total.requires_grad:  # every gradient constant: a map linear in every input
+            return gs, [torch.zeros_like(p) for p in leaves]
+        return gs, torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+
+    got_g, got_gg = double_backward(f, primals)
+    want_g, want_gg = double_backward(oracle, [p.detach().double() for p in primals])
+    for j in range(len(primals)):
+        _close(got_g[j], want_g[j], dtype, f"create_graph gradient d / d {spec.grad_inputs[j]}")
+        _close(got_gg[j], want_gg[j], dtype, f"double backward d / d {spec.grad_inputs[j]}")
     # batched gradients: the vmapped backward
     leaves = [p.detach().clone().requires_grad_() for p in primals]
     outs = f(*leaves)

@@ -1,8 +1,10 @@
 """The spline's other parameterisations, "nflows_bounded" (``rq_spline_bounded``) and "zuko"
-(``rq_spline_zuko``), on every backend: against the reference maths (its autograd for every
-derivative), round trips, the naive log|dy/dx|, gradcheck/opcheck, forward mode and double
-backward, the box's outside, NaN, empty and broadcast inputs, bad input, and against the peers'
-own functions (nflows' ``rational_quadratic_spline``, zuko's ``MonotonicRQSTransform``) in float64.
+(``rq_spline_zuko``), on every backend, beyond what the conformance suite checks for every
+declared op (round trips, the naive log-det, gradcheck, opcheck, every derivative mode: see
+``tests/ops/test_conformance.py``): against the reference maths' autograd at several K and in
+16-bit storage, the box's outside, NaN, empty and broadcast inputs, the messages of bad input,
+and against the peers' own functions (nflows' ``rational_quadratic_spline``, zuko's
+``MonotonicRQSTransform``) in float64.
 
 The Triton kernels run here under ``TRITON_INTERPRET=1 pytest -m triton`` (the ``triton`` mark
 of ``tests/_backends.py``). The interpreter turns the kernels' float64 scalar arguments (box,
@@ -19,7 +21,7 @@ import torch
 
 from fastflow import BackendUnavailableError
 from fastflow.kernels.reference.spline import rq_spline_param_reference
-from fastflow.ops.rq_spline import _param_backend, _rq_spline_op, rq_spline_bounded, rq_spline_zuko
+from fastflow.ops.rq_spline import _param_backend, rq_spline_bounded, rq_spline_zuko
 from fastflow.testing import assert_close_conditioned, outputs_and_grads, tolerances
 from fastflow.backends import BACKENDS
 from tests._backends import ALL_BACKENDS, INTERPRET, device_for, float32_in_float32
@@ -63,14 +65,6 @@ def reference(kind, inverse=False):
     """The reference maths of ``kind`` in plain differentiable torch ops (the autograd oracle)."""
     mbw, mbh, md = SETTINGS[kind]
     return lambda x, uw, uh, ud: rq_spline_param_reference(x, uw, uh, ud, inverse, kind, BOXES[kind], mbw, mbh, md)
-
-
-def op_args(kind, inverse, backend):
-    """The registered op's non-tensor arguments, as the public function passes them."""
-    left, right, bottom, top = BOXES[kind]
-    mbw, mbh, md = SETTINGS[kind]
-    tail_bound = right if kind == "zuko" else 1.0
-    return (bool(inverse), tail_bound, mbw, mbh, md, backend, kind, left, right, bottom, top)
 
 
 def make(kind, shape, k, inverse=False, scale=1.5, outside=0.1, gen=None):
@@ -134,98 +128,6 @@ def test_matches_reference_autograd(backend, kind, inverse, k):
             scale = r.abs().max().clamp_min(1.0)
             torch.testing.assert_close(g.double().cpu() / scale, r / scale, rtol=rtol * factor, atol=atol * factor,
                                        msg=lambda m, name=name: f"{backend} {kind} {dtype} grad {name}: {m}")
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_round_trip(backend, kind):
-    device = device_for(backend)
-    gen = torch.Generator().manual_seed(5)
-    x, uw, uh, ud = on(make(kind, (301,), 8, outside=0.2, gen=gen), torch.float64, device)
-    f, g = spline(kind, False, backend), spline(kind, True, backend)
-    y, lad = f(x, uw, uh, ud)
-    x2, lad_inv = g(y, uw, uh, ud)
-    torch.testing.assert_close(x2, x, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(lad + lad_inv, torch.zeros_like(lad), rtol=0, atol=1e-8)
-    left, right, bottom, top = BOXES[kind]
-    inside = (x >= left) & (x <= right)
-    assert bool(((y >= bottom) & (y <= top))[inside].all()), "the box maps onto the box"
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("inverse", [False, True])
-def test_logabsdet_is_log_slope_of_reference(backend, kind, inverse):
-    # The naive oracle: log|dy/dx| by autograd of the reference's outputs (elementwise map: the
-    # gradient of their sum is the Jacobian's diagonal), and the slogdet of the full Jacobian.
-    from fastflow.testing import elementwise_jacobian_logabsdet
-
-    device = device_for(backend)
-    gen = torch.Generator().manual_seed(11)
-    x, uw, uh, ud = make(kind, (4, 6), 5, inverse, gen=gen)
-    xl = x.clone().requires_grad_(True)
-    (dydx,) = torch.autograd.grad(reference(kind, inverse)(xl, uw, uh, ud)[0].sum(), xl)
-    _, lad = spline(kind, inverse, backend)(*on((x, uw, uh, ud), torch.float64, device))
-    _close64([lad], [dydx.abs().log()], "log|dy/dx|")
-    naive = elementwise_jacobian_logabsdet(lambda v: reference(kind, inverse)(v, uw, uh, ud)[0], x)
-    torch.testing.assert_close(lad.sum().cpu(), naive, rtol=F64_RTOL, atol=F64_RTOL)
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("inverse", [False, True])
-def test_gradcheck_float64(backend, kind, inverse):
-    device = device_for(backend)
-    gen = torch.Generator().manual_seed(2)
-    leaves = [t.requires_grad_(True) for t in on(make(kind, (5,), 3, inverse, gen=gen), torch.float64, device)]
-    assert torch.autograd.gradcheck(spline(kind, inverse, backend), leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_opcheck(backend, kind):
-    device = device_for(backend)
-    gen = torch.Generator().manual_seed(3)
-    x, uw, uh, ud = on(make(kind, (3, 4), 4, gen=gen), torch.float64, device)
-    args = (x, uw.requires_grad_(), uh.requires_grad_(), ud.requires_grad_(), *op_args(kind, False, backend))
-    torch.library.opcheck(_rq_spline_op.op, args)
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("inverse", [False, True])
-def test_forward_mode_matches_reference(backend, kind, inverse):
-    device = device_for(backend)
-    gen = torch.Generator().manual_seed(4)
-    primals = make(kind, (17,), 4, inverse, gen=gen)
-    tangents = [torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in primals]
-    ref = torch.func.jvp(reference(kind, inverse), tuple(primals), tuple(tangents))
-    got = torch.func.jvp(spline(kind, inverse, backend), tuple(on(primals, torch.float64, device)),
-                         tuple(on(tangents, torch.float64, device)))
-    _close64((*got[0], *got[1]), (*ref[0], *ref[1]), "jvp (outputs, tangents)")
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("inverse", [False, True])
-def test_double_backward_matches_reference(backend, kind, inverse):
-    device = device_for(backend)
-    gen = torch.Generator().manual_seed(6)
-    base = make(kind, (13,), 4, inverse, gen=gen)
-    g_out = torch.randn(13, dtype=torch.float64, generator=gen)
-    g_lad = torch.randn(13, dtype=torch.float64, generator=gen)
-    w = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in base]
-
-    def second(fn, ts):
-        leaves = [t.clone().requires_grad_(True) for t in ts]
-        out, lad = fn(*leaves)
-        grads = torch.autograd.grad((out, lad), leaves, (g_out.to(out), g_lad.to(out)), create_graph=True)
-        total = sum((g * wi.to(g)).sum() for g, wi in zip(grads, w))
-        return grads, torch.autograd.grad(total, leaves)
-
-    ref = second(reference(kind, inverse), base)
-    got = second(spline(kind, inverse, backend), on(base, torch.float64, device))
-    _close64((*got[0], *got[1]), (*ref[0], *ref[1]), "double backward", rtol=1e-9)
 
 
 # ------------------------------------------------------------------ edges of the box, NaN, shapes
