@@ -17,7 +17,7 @@ Five backends, tried in this order when ``backend=None``:
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ __all__ = [
     "UnknownBackendError",
     "backend_status",
     "check_backend_name",
-    "register_kernel",
+    "add_backend",
     "resolve_backend",
     "get_kernel",
 ]
@@ -58,24 +58,40 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def _collect(names):
-    """Every backend's own declaration (``fastflow/kernels/<name>/__init__.py: BACKEND``)."""
-    out = {}
-    for name in names:
-        backend = importlib.import_module(f"fastflow.kernels.{name}").BACKEND
-        if backend.name != name:
-            raise RuntimeError(f"fastflow.kernels.{name} declares a backend named {backend.name!r}")
-        out[name] = backend
-    return out
+def _declared(package: str) -> Backend:
+    """The ``BACKEND`` a kernel package declares (its own facts), bound to that package."""
+    backend = importlib.import_module(package).BACKEND
+    if not isinstance(backend, Backend):
+        raise TypeError(f"{package}.BACKEND is a {type(backend).__name__}, not a fastflow Backend")
+    if backend.kernels_package != package:
+        backend = dataclasses.replace(backend, package=package)
+    return backend
 
 
-# The registry: one line per backend (its folder under fastflow/kernels/); the facts are the backend's.
-BACKENDS: dict[str, Backend] = _collect(("triton", "cuda", "numba", "reference", "torch"))
-# triton before cuda on a GPU: the resource/roofline model (``fastflow bench gpu-model``,
-# benchmarks/results/gpu-model_*.json, "model_gpu_backend_order") predicts the spline kernels of
-# both memory-bound at float32 K=8 (no spills, >= 50% occupancy), so neither is predicted >10%
-# faster and triton, which also takes float64, leads; a device run may overturn it.
+# The registry, in the default order (backend=None tries them first to last): one entry per
+# backend, its folder under fastflow/kernels/; everything else about a backend is its own
+# declaration there. triton before cuda on a GPU: the resource/roofline model (``fastflow bench
+# gpu-model``, benchmarks/results/gpu-model_*.json, "model_gpu_backend_order") predicts the spline
+# kernels of both memory-bound at float32 K=8 (no spills, >= 50% occupancy), so neither is
+# predicted >10% faster and triton, which also takes float64, leads; a device run may overturn it.
 _ORDER = ("triton", "cuda", "numba", "torch", "reference")
+BACKENDS: dict[str, Backend] = {name: _declared(f"fastflow.kernels.{name}") for name in _ORDER}
+
+
+def add_backend(package: str, *, before: str | None = None) -> Backend:
+    """Register the backend that ``package`` declares (``package.BACKEND``, kernel modules in
+    ``package``): a backend outside fastflow (a plugin, a test) in one line. It goes into the
+    default order before ``before`` (None: last) and runs every op its ``ops`` name."""
+    global _ORDER
+    backend = _declared(package)
+    if backend.name in BACKENDS:
+        raise ValueError(f"add_backend: a backend named {backend.name!r} is registered already")
+    order = [n for n in _ORDER]
+    order.insert(order.index(before) if before is not None else len(order), backend.name)
+    BACKENDS[backend.name] = backend
+    _ORDER = tuple(order)
+    _RESOLVED.clear()
+    return backend
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,19 +154,10 @@ def routed_backend(op: str, x: torch.Tensor, eager: Callable[[], bool]) -> str |
     return None
 
 
-def register_kernel(op: str, backend: str, loader: Callable[[], object]) -> None:
-    """Declare that ``backend`` implements ``op``; ``loader()`` imports and returns the kernels.
-
-    Loading is deferred to first use so that ``import fastflow`` never compiles or imports
-    numba/triton/cupy.
-    """
-    BACKENDS[backend].kernels[op] = functools.lru_cache(maxsize=None)(loader)
-    _RESOLVED.clear()
-
-
 def get_kernel(op: str, backend: str):
-    """The kernel module/object of ``backend`` for ``op`` (imported on first call)."""
-    return BACKENDS[backend].kernels[op]()
+    """The kernel module of ``backend`` for ``op`` (imported on first call, so that ``import
+    fastflow`` never compiles or imports numba/triton/cupy)."""
+    return BACKENDS[backend].kernel(op)
 
 
 def check_backend_name(backend, source: str = "the backend argument") -> str | None:
@@ -257,9 +264,9 @@ def backend_status() -> dict:
             "reason": probe,
             "devices": list(b.devices),
             "dtypes": [str(d).replace("torch.", "") for d in b.dtypes],
-            "ops": sorted(b.kernels),
-            "notes": dict(sorted(NOTES.get(name, {}).items())),
-            "default_for": sorted(b.kernels) if b.default_ops is None else sorted(b.default_ops),
+            "ops": sorted(b.ops),
+            "notes": dict(sorted({**b.notes, **NOTES.get(name, {})}.items())),
+            "default_for": sorted(b.ops) if b.default_ops is None else sorted(b.default_ops),
         }
     return status
 

@@ -9,6 +9,23 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
 
 
+def run_table() -> dict:
+    """Every registered backend that runs here, with its pytest marks, read from the backends'
+    own facts: CPU backends whose probe passes; GPU backends on a GPU (marked ``gpu``, or
+    ``triton`` for one that also runs on Triton's CPU interpreter) and, interpreter-capable ones,
+    under ``TRITON_INTERPRET=1`` (marked ``triton``: that pass selects them with ``-m triton``)."""
+    out = {}
+    for name, b in BACKENDS.items():
+        if "cpu" in b.devices or "any" in b.devices:
+            if b.probe() is None:
+                out[name] = ()
+        elif b.cpu_when is not None and (HAS_CUDA or INTERPRET):
+            out[name] = (pytest.mark.triton,)
+        elif HAS_CUDA:
+            out[name] = (pytest.mark.gpu,)
+    return out
+
+
 def gpu_backends():
     out = []
     if HAS_CUDA or INTERPRET:

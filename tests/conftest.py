@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+# A backend package to register before collection (the test-only one of
+# tests/ops/test_extra_backend.py): the conformance suite then parametrises over it too.
+if os.environ.get("FASTFLOW_TEST_EXTRA_BACKEND"):
+    from fastflow.backends import add_backend
+
+    add_backend(os.environ["FASTFLOW_TEST_EXTRA_BACKEND"])
 
 
 @pytest.fixture(autouse=True)

@@ -110,7 +110,7 @@ class Integration:
 
         b = BACKENDS[name]
         have: tuple = ()
-        reason = b.probe() if OP in b.kernels else f"backend {name!r} has no kernel for {OP!r}"
+        reason = b.probe() if OP in b.ops else f"backend {name!r} has no kernel for {OP!r}"
         if reason is None:
             have = getattr(get_kernel(OP, name), "PARAMETERIZATIONS", ("nflows",))
             lacking = [p for p in self.required if p not in have]

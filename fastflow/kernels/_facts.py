@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "import_reason", "interpreting", "FLOATS", "LOW"]
+__all__ = ["Backend", "import_reason", "interpreting", "FLOATS", "LOW", "SPLINE", "COUPLING", "LU"]
 
 FLOATS = (torch.float32, torch.float64)
 LOW = (torch.float16, torch.bfloat16)
@@ -39,6 +39,16 @@ def import_reason(module: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _load(module: str):
+    return importlib.import_module(module)
+
+
+SPLINE = {"rq_spline": "spline"}
+COUPLING = {"affine_coupling": "coupling", "additive_coupling": "coupling", "rescale": "coupling"}
+LU = {"lu_linear": "lu", "lu_conv1x1": "lu", "actnorm_conv1x1": "lu"}
+
+
 @dataclass(frozen=True)
 class Backend:
     """A kernel family: the devices and dtypes it takes, what it computes in, and a probe.
@@ -56,7 +66,13 @@ class Backend:
         default_ops: the ops for which ``backend=None`` tries this backend in the default order
             (None: every op it has kernels for); its other ops are reached by routes or by name.
         cpu_when: a test that lets a GPU backend take CPU tensors (Triton's interpreter).
-        kernels: op -> loader of the kernel module, filled by the op declarations.
+        ops: op -> the kernel module implementing it, in ``package`` (``"spline"``,
+            ``"coupling"``, ``"lu"``): what this backend runs.
+        outside_op: the ops whose kernels are plain differentiable torch ops called outside the
+            custom op (the ``torch`` backend's coupling routes).
+        package: the package its kernel modules are in (default ``fastflow.kernels.<name>``).
+        limits: named limits of its kernels (read by the kernels and shown by ``fastflow info``).
+        notes: op -> one line for ``fastflow info`` (what the backend does differently for it).
     """
 
     name: str
@@ -69,7 +85,20 @@ class Backend:
                                                                                   hash=False)
     default_ops: tuple[str, ...] | None = None
     cpu_when: Callable[[], bool] | None = field(default=None, compare=False, hash=False)
-    kernels: dict = field(default_factory=dict, compare=False, hash=False)
+    ops: dict = field(default_factory=dict, compare=False, hash=False)
+    outside_op: tuple[str, ...] = ()
+    package: str | None = None
+    limits: dict = field(default_factory=dict, compare=False, hash=False)
+    notes: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def kernels_package(self) -> str:
+        return self.package or f"fastflow.kernels.{self.name}"
+
+    def kernel(self, op: str):
+        """The kernel module of ``op`` (imported on first use: ``import fastflow`` never imports
+        numba, triton or cupy)."""
+        return _load(f"{self.kernels_package}.{self.ops[op]}")
 
     def device_ok(self, device: torch.device) -> bool:
         if device.type == "cpu" and self.cpu_when is not None and "cpu" not in self.devices:
@@ -88,7 +117,7 @@ class Backend:
 
     def decline_reason(self, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this backend cannot run ``op`` on tensors of this device and dtype (None: it can)."""
-        if op not in self.kernels:
+        if op not in self.ops:
             return f"backend {self.name!r} has no kernel for {op!r}"
         reason = self.probe()
         if reason:

@@ -16,13 +16,12 @@ module (argument checks, the custom op, autograd) and one ``declare(OpSpec(...))
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from fastflow.backends import register_kernel
+from fastflow import backends as _registry
 
 __all__ = ["OpSpec", "BadInput", "SPECS", "declare", "fake_outputs"]
 
@@ -47,8 +46,7 @@ class OpSpec:
         op: the registry key and custom op (``fastflow::<op>``); several public functions may
             share one (the spline's parameterisations).
         fn: the public function ``fn(*tensors, inverse=..., backend=..., **kwargs)``.
-        kernels: the kernel module's name in every ``fastflow/kernels/<backend>/`` folder.
-        backends: the backends with kernels for ``op``.
+        kernels: the kernel family (the kernel module's name in a backend's folder).
         inputs: the names of ``fn``'s tensor arguments, in order.
         grad_inputs: those that receive gradients.
         outputs: per output, ``"like:<input>"`` (that input's shape) or ``"batch:<input>"``
@@ -59,8 +57,6 @@ class OpSpec:
             valid inputs whose first tensor has ``shape``, and the keyword arguments of ``fn``
             (without ``inverse`` and ``backend``); ``option`` is one of ``options``.
         options: the variants to test (e.g. each scale law, several bin counts).
-        outside_op: backends whose kernels are plain differentiable torch ops called outside
-            the custom op (no opcheck for them).
         requires: a parameterisation a backend's kernel module must list in its
             ``PARAMETERIZATIONS`` to run this function (None: any).
         shapes: shapes of the first input to test: typical, odd and empty ones.
@@ -73,7 +69,6 @@ class OpSpec:
     op: str
     fn: Callable
     kernels: str
-    backends: tuple[str, ...]
     inputs: tuple[str, ...]
     grad_inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -84,8 +79,19 @@ class OpSpec:
     op_args: Callable
     bad: tuple[BadInput, ...] = ()
     options: tuple[dict, ...] = field(default=({},))
-    outside_op: tuple[str, ...] = ()
     requires: str | None = None
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends with kernels for ``op``, in the default order: each backend declares the
+        ops it runs (``Backend.ops``, ``fastflow/kernels/<name>/__init__.py``)."""
+        return tuple(n for n, b in _registry.BACKENDS.items() if self.op in b.ops)
+
+    @property
+    def outside_op(self) -> tuple[str, ...]:
+        """Backends whose kernels for ``op`` are plain differentiable torch ops called outside the
+        custom op (no opcheck for them), as they declare."""
+        return tuple(n for n, b in _registry.BACKENDS.items() if self.op in b.outside_op)
 
 
     def __post_init__(self):
@@ -103,10 +109,7 @@ SPECS: dict[str, OpSpec] = {}
 
 
 def declare(spec: OpSpec) -> OpSpec:
-    """Register ``spec.op``'s kernels for every backend in ``spec.backends`` and record the spec."""
-    for backend in spec.backends:
-        module = f"fastflow.kernels.{backend}.{spec.kernels}"
-        register_kernel(spec.op, backend, lambda m=module: importlib.import_module(m))
+    """Record the spec (the backends' kernels are theirs to declare: ``Backend.ops``)."""
     SPECS[spec.name] = spec
     return spec
 

@@ -397,10 +397,10 @@ _SHAPES = ((6, 4), (5, 3, 4, 4), (1, 1), (0, 4), (3, 0))
 _COMMON = dict(kernels="coupling", logdet="sample", outputs=_OUT, shapes=_SHAPES)
 declare(OpSpec(
     name="affine_coupling", op="affine_coupling", fn=affine_coupling, inputs=("x", "shift", "raw_scale"),
-    grad_inputs=("x", "shift", "raw_scale"), backends=("reference", "numba", "triton", "cuda", "torch"),
+    grad_inputs=("x", "shift", "raw_scale"),
     example=_batch_example(3), fused=lambda: _affine_coupling_op,
     op_args=lambda t, kw, inverse, backend: (*t, kw.get("scale", "exp"), kw.get("clamp", 2.0), inverse, backend),
-    options=({"scale": "exp"}, {"scale": "softclamp", "clamp": 1.5}, {"scale": "sigmoid"}), outside_op=("torch",),
+    options=({"scale": "exp"}, {"scale": "softclamp", "clamp": 1.5}, {"scale": "sigmoid"}),
     bad=_BAD + (BadInput("shift of another shape", _mismatch(1), ValueError, "shift must have the shape of x"),
                 BadInput("an unknown scale", lambda t, kw: (t, {**kw, "scale": "tanh"}), ValueError,
                          "scale must be one of"),
@@ -408,16 +408,15 @@ declare(OpSpec(
     **_COMMON))
 declare(OpSpec(
     name="additive_coupling", op="additive_coupling", fn=additive_coupling, inputs=("x", "shift"),
-    grad_inputs=("x", "shift"), backends=("reference", "numba", "triton", "cuda", "torch"),
+    grad_inputs=("x", "shift"),
     example=_batch_example(2), fused=lambda: _additive_coupling_op,
-    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend), outside_op=("torch",),
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend),
     bad=_BAD + (BadInput("shift of another shape", _mismatch(1), ValueError, "shift must have the shape of x"),),
     **_COMMON))
 declare(OpSpec(
     name="rescale", op="rescale", fn=rescale, inputs=("x", "log_scale"), grad_inputs=("x", "log_scale"),
-    backends=("reference", "numba", "triton", "torch"), example=_rescale_example, fused=lambda: _rescale_op,
+    example=_rescale_example, fused=lambda: _rescale_op,
     op_args=lambda t, kw, inverse, backend: (t[0], t[1].expand(t[0].shape[1:]), inverse, backend),
-    outside_op=("torch",),
     bad=_BAD[:2] + _BAD[3:] + (
         BadInput("a log_scale of another event", lambda t, kw: ([t[0], torch.zeros(7, dtype=t[1].dtype)], kw),
                  ValueError, "log_scale must have the event shape"),),

@@ -29,7 +29,7 @@ or, with fewer pixels than channels, the data are solved directly (no ``W^-1`` a
 
 Backends (kernels/<backend>/lu.py): ``triton`` (fused kernels, float32 storage), ``numba`` (CPU,
 float32/float64: the O(C^3) factor algebra compiled, forward and backward, the data pass torch's
-GEMM; up to ``MAX_CHANNELS`` channels, declared in ``kernels/numba/lu.py``), ``torch`` (the
+GEMM; up to the channel limit the numba backend declares, 32), ``torch`` (the
 tuned plain-PyTorch path on any device and dtype: GEMM layouts, a validated ``W^-1`` cache on
 the CPU; the default where the fused backends decline) and ``reference`` (the readable oracle:
 float64 on the CPU, no shortcuts).
@@ -47,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from fastflow.backends import get_kernel, register_note, resolve_backend
+from fastflow.backends import get_kernel, resolve_backend
 from fastflow.kernels.reference import lu as ref
 from fastflow.kernels.torch.lu import compute_dtype as _compute_dtype
 from fastflow.kernels.torch.lu import tensor_version as _version
@@ -59,11 +59,6 @@ from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
 __all__ = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1", "lu_weight", "clear_inverse_cache"]
 
 OPS = ("lu_linear", "lu_conv1x1", "actnorm_conv1x1")
-
-
-for _op in OPS:
-    register_note(_op, "numba", "compiled factor algebra on narrow layers (up to MAX_CHANNELS of kernels/numba/lu.py), "
-                  "the torch backend's above; the data pass is torch's GEMM either way")
 
 
 def lu_weight(perm, lower, upper, log_s, sign) -> torch.Tensor:
@@ -429,7 +424,7 @@ def _bad(i_perm):
 
 
 _LU = ("perm", "lower", "upper", "log_s", "sign")
-_COMMON = dict(kernels="lu", backends=("reference", "numba", "triton", "torch"), outputs=("like:x", "batch:x"),
+_COMMON = dict(kernels="lu", outputs=("like:x", "batch:x"),
                logdet="sample")
 declare(OpSpec(
     name="lu_linear", op="lu_linear", fn=lu_linear, inputs=("x",) + _LU, grad_inputs=("x", "lower", "upper", "log_s"),

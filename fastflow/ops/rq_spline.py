@@ -435,7 +435,6 @@ def rq_spline_unchecked(inputs, uw, uh, ud, *, parameterization: str = "nflows",
 # interface documented in kernels/reference/spline.py for the PARAMETERIZATIONS they list.
 # --------------------------------------------------------------------------------------------
 
-_BACKENDS = ("reference", "numba", "triton", "cuda")
 
 
 # Minimum sizes and slopes exact in float32: the Triton interpreter turns a Python float into a
@@ -480,7 +479,7 @@ def _bad(widths, heights, derivs, k_derivs):
 
 
 _SHAPES = ((37,), (3, 7), (1,), (0,), (0, 4))
-_COMMON = dict(op=OP, kernels="spline", backends=_BACKENDS, grad_inputs=("x", "uw", "uh", "ud"),
+_COMMON = dict(op=OP, kernels="spline", grad_inputs=("x", "uw", "uh", "ud"),
                outputs=("like:x", "like:x"), logdet="elementwise", shapes=_SHAPES, fused=lambda: _rq_spline_op)
 declare(OpSpec(
     name="rq_spline", fn=rq_spline, inputs=("x", "uw", "uh", "ud"),

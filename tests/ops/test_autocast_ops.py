@@ -19,12 +19,12 @@ import fastflow.ops  # noqa: F401  (declares every op)
 from fastflow import BackendUnavailableError
 from fastflow.backends import BACKENDS, get_kernel
 from fastflow.ops._spec import SPECS
-from tests._backends import HAS_CUDA, INTERPRET
+from tests._backends import run_table
 
 LOW = (torch.bfloat16, torch.float16)
-_RUN = {"reference": (), "numba": (), "torch": ()}
-if HAS_CUDA or INTERPRET:
-    _RUN["triton"] = (pytest.mark.triton,)
+# CPU autocast: the backends that take CPU tensors (GPU ones only through Triton's interpreter)
+_RUN = {n: marks for n, marks in run_table().items()
+        if "cpu" in BACKENDS[n].devices or "any" in BACKENDS[n].devices or BACKENDS[n].cpu_when is not None}
 DEVICE = "cpu"  # CPU autocast (bfloat16); CUDA autocast is the GPU suite's (benchmarks/gpu_suite.py)
 
 

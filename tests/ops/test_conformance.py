@@ -24,15 +24,11 @@ from fastflow.testing import (
     jacobian_logabsdet,
     tolerances,
 )
-from tests._backends import HAS_CUDA, INTERPRET, device_for, dtypes_for, float32_in_float32
+from tests._backends import HAS_CUDA, INTERPRET, device_for, dtypes_for, float32_in_float32, run_table
 
 # The backends this run exercises; triton and cuda carry their marks (the triton run is
 # `TRITON_INTERPRET=1 pytest -m triton`).
-_RUN = {"reference": (), "numba": (), "torch": ()}
-if HAS_CUDA or INTERPRET:
-    _RUN["triton"] = (pytest.mark.triton,)
-if HAS_CUDA:
-    _RUN["cuda"] = (pytest.mark.gpu,)
+_RUN = run_table()  # every registered backend that runs here (tests/_backends.py)
 
 
 def _available(spec, backend):

@@ -400,7 +400,7 @@ def test_cuda_backend_declines_without_gpu():
         rq_spline(x, uw, uh, ud, backend="cuda")
     from fastflow.backends import BACKENDS, resolve_backend
 
-    assert "rq_spline" in BACKENDS["cuda"].kernels
+    assert "rq_spline" in BACKENDS["cuda"].ops
     assert resolve_backend("rq_spline", x) != "cuda"
 
 

@@ -3,7 +3,7 @@
 
 import torch
 
-from fastflow.kernels._facts import LOW, Backend, import_reason
+from fastflow.kernels._facts import LOW, SPLINE, Backend, import_reason
 
 
 def _probe():
@@ -12,4 +12,5 @@ def _probe():
     return import_reason("cupy")
 
 
-BACKEND = Backend("cuda", ("cuda",), (torch.float32,) + LOW, _probe, "CUDA C++ kernels via CuPy")
+BACKEND = Backend("cuda", ("cuda",), (torch.float32,) + LOW, _probe, "CUDA C++ kernels via CuPy",
+                  ops={**SPLINE, "affine_coupling": "coupling", "additive_coupling": "coupling"})

@@ -4,7 +4,7 @@ importing this package only declares the backend's facts (no numba import)."""
 
 import torch
 
-from fastflow.kernels._facts import FLOATS, Backend, import_reason
+from fastflow.kernels._facts import COUPLING, FLOATS, LU, SPLINE, Backend, import_reason
 
 
 def _probe():
@@ -16,4 +16,13 @@ def _compute(kernels, dtype, device_type):
     return torch.float64 if kernels in ("spline", "coupling") and dtype == torch.float32 else None
 
 
-BACKEND = Backend("numba", ("cpu",), FLOATS, _probe, "fused parallel Numba CPU kernels", compute=_compute)
+# The LU kernels compile the O(C^3) factor algebra as scalar loops, which lose to BLAS on wide
+# layers: above this many channels the algebra is the torch backend's (`fastflow bench lu`).
+_LU_MAX_CHANNELS = 32
+
+BACKEND = Backend(
+    "numba", ("cpu",), FLOATS, _probe, "fused parallel Numba CPU kernels", compute=_compute,
+    ops={**SPLINE, **COUPLING, **LU}, limits={"lu_max_channels": _LU_MAX_CHANNELS},
+    notes={op: f"compiled factor algebra up to {_LU_MAX_CHANNELS} channels, the torch backend's above; the data "
+               "pass is torch's GEMM either way" for op in LU},
+)

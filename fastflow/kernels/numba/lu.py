@@ -20,6 +20,7 @@ import numba as nb
 import numpy as np
 import torch
 
+from fastflow.kernels.numba import BACKEND
 from fastflow.kernels.torch import lu as tlu
 
 _NJIT = dict(cache=True, error_model="numpy")
@@ -197,10 +198,9 @@ def parameter_grads(g_a, g_c, g_lad_sum, n, perm, lower, upper, log_s, sign, an_
 # MAX_CHANNELS the algebra is the torch backend's too.
 # --------------------------------------------------------------------------------------------
 
-# A fact of this backend, declared here (kernels import nothing above them): the compiled scalar
-# O(C^3) loops lose to BLAS on wide layers, so above this many channels the algebra is the torch
-# backend's (`fastflow bench lu` measures both sides).
-MAX_CHANNELS = 32
+# A fact of this backend (its declaration in __init__.py): above this many channels the algebra is
+# the torch backend's.
+MAX_CHANNELS = BACKEND.limits["lu_max_channels"]
 
 
 def _arrays(an_b, an_ls, perm, lower, upper, log_s, sign):

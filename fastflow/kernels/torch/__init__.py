@@ -5,7 +5,7 @@ by ``backend="torch"``. Unlike :mod:`fastflow.kernels.reference` (the readable o
 in float64 on the CPU), these run in the inputs' dtype, for speed.
 """
 
-from fastflow.kernels._facts import FLOATS, LOW, Backend
+from fastflow.kernels._facts import COUPLING, FLOATS, LOW, LU, Backend
 
 # The LU ops' kernels are launchers inside the custom op (and the default wherever the fused
 # backends decline, before the oracle); the coupling ops' are plain differentiable torch ops
@@ -14,5 +14,5 @@ from fastflow.kernels._facts import FLOATS, LOW, Backend
 BACKEND = Backend(
     "torch", ("any",), FLOATS + LOW,
     description="tuned plain PyTorch (LU GEMM layouts and W^-1 cache; the small-input coupling routes)",
-    default_ops=("lu_linear", "lu_conv1x1", "actnorm_conv1x1"),
+    default_ops=tuple(LU), ops={**COUPLING, **LU}, outside_op=tuple(COUPLING),
 )
