@@ -9,6 +9,24 @@ from fastflow.kernels._facts import COUPLING, FLOATS, LU, SPLINE, Backend
 
 CALLS = {"count": 0}  # launches through this backend, so the proof can tell it really ran
 
+
+def wrapping(reference_module):
+    """A module ``__getattr__`` that hands out ``reference_module``'s attributes, its launchers
+    wrapped to count their calls."""
+
+    def getattr_(name):
+        value = getattr(reference_module, name)
+        if not callable(value) or name.startswith("_") or isinstance(value, type):
+            return value
+
+        def launcher(*args, **kwargs):
+            CALLS["count"] += 1
+            return value(*args, **kwargs)
+
+        return launcher
+
+    return getattr_
+
 BACKEND = Backend(
     "wrapped", ("cpu",), FLOATS, description="the reference behind a test-only wrapper",
     compute=lambda kernels, dtype, device_type: torch.float64,
