@@ -132,17 +132,19 @@ class ODEVectorField(nn.Module):
         (``W_L diag(f'(a_{L-1})) ... W_1`` restricted to the state's columns): one batched pass,
         no autograd inside, so ``torch.export`` traces it (the exported CNF's exact trace)."""
         extra = self._extra(t, z, context)
-        h, jac = z, None
+        # the transposed Jacobian (B, D, width): each layer is one (B*D, width) x (width, width')
+        # matrix product (a batched matmul against the weight would broadcast it B times)
+        h, jt = z, None
         for i, lin in enumerate(self.linears):
             a = lin(torch.cat([h, extra], dim=1))
             w = lin.weight[:, :h.shape[1]]
-            jac = w.expand(z.shape[0], -1, -1) if jac is None else torch.matmul(w, jac)
+            jt = w.t().expand(z.shape[0], -1, -1) if jt is None else torch.matmul(jt, w.t())
             if i < len(self.acts):
                 h, d = _value_and_derivative(self.acts[i], a)
-                jac = d.unsqueeze(-1) * jac
+                jt = jt * d.unsqueeze(1)
             else:
                 h = a
-        return h, torch.diagonal(jac, dim1=-2, dim2=-1).sum(-1)
+        return h, torch.diagonal(jt, dim1=-2, dim2=-1).sum(-1)
 
 
 class _Dynamics(nn.Module):

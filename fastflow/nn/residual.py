@@ -45,6 +45,10 @@ __all__ = [
 ]
 
 ESTIMATORS = ("exact", "series", "roulette")
+# The exact log-det eagerly: the closed-form Jacobian from this many features on (D=16: 2.1x
+# faster than D vector-Jacobian products at batch 256, hidden 64), autograd's rows below (D=4:
+# they take 0.65x the closed form's time). Traced (torch.export, torch.compile): always closed form.
+_CLOSED_FORM_MIN_FEATURES = 8
 PROBES = ("gaussian", "rademacher")
 
 
@@ -174,13 +178,15 @@ class LipschitzMLP(nn.Module):
         products instead of ``D`` vector-Jacobian products, differentiable (parameters and ``x``),
         and free of autograd calls, so ``torch.export``/``torch.compile`` trace it."""
         h = self._first(x, context)
-        jac = self.linears[0].normalized_weight().expand(x.shape[0], -1, -1)
+        # carried transposed, (B, D, width): each layer one (B*D, width) x (width, width') matrix
+        # product (a batched matmul against the weight would broadcast it B times)
+        jt = self.linears[0].normalized_weight().t().expand(x.shape[0], -1, -1)
         for lin, act in zip(self.linears[1:], self.acts):
             a, da = act.value_and_derivative(h)
             w = lin.normalized_weight()
             h = F.linear(a, w, lin.bias)
-            jac = torch.matmul(w, da.unsqueeze(-1) * jac)
-        return h, jac
+            jt = torch.matmul(jt * da.unsqueeze(1), w.t())
+        return h, jt.transpose(1, 2)
 
     @torch.no_grad()
     def lipschitz_bound(self) -> float:
@@ -336,7 +342,8 @@ class ResidualBlock(Transform):
         forward and random probes, so they run eagerly and cannot be exported."""
         route, n = self._route()
         estimator = estimator or route
-        if estimator == "exact" and not kw:
+        traced = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+        if estimator == "exact" and not kw and (traced or self.features >= _CLOSED_FORM_MIN_FEATURES):
             gx, jac = self.net.value_and_jacobian(x, context)
             jac = jac.to(torch.promote_types(jac.dtype, torch.float32))  # autocast: slogdet needs >= 32 bits
             eye = torch.eye(self.features, dtype=jac.dtype, device=jac.device)

@@ -99,9 +99,12 @@ def test_exact_logdet_and_fixed_point_round_trip(context):
 
 
 @pytest.mark.parametrize("context", [None, 2])
-def test_closed_form_jacobian_is_autograds(context):
+def test_closed_form_jacobian_is_autograds(context, monkeypatch):
     """The exact route's Jacobian (chain rule written out) against autograd's, and its gradients
     (parameters and x, through the slogdet) against fp64 gradcheck."""
+    import fastflow.nn.residual as residual
+
+    monkeypatch.setattr(residual, "_CLOSED_FORM_MIN_FEATURES", 1)  # eagerly too at this small D
     blk = _strong_block(context=context)
     x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
     c = torch.randn(3, context, dtype=torch.float64) if context else None
