@@ -33,7 +33,6 @@ __all__ = [
     "ROUTES",
     "SMALL_CPU_ELEMS",
     "routed_backend",
-    "register_note",
     "BackendUnavailableError",
     "UnknownBackendError",
     "backend_status",
@@ -52,10 +51,6 @@ class BackendUnavailableError(RuntimeError):
 
 class UnknownBackendError(ValueError):
     """A backend name (argument or ``FASTFLOW_BACKEND``) that is not a fastflow backend."""
-
-
-def _interpreting() -> bool:
-    return interpreting()
 
 
 def _declared(package: str) -> Backend:
@@ -86,7 +81,7 @@ def add_backend(package: str, *, before: str | None = None) -> Backend:
     backend = _declared(package)
     if backend.name in BACKENDS:
         raise ValueError(f"add_backend: a backend named {backend.name!r} is registered already")
-    order = [n for n in _ORDER]
+    order = list(_ORDER)
     order.insert(order.index(before) if before is not None else len(order), backend.name)
     BACKENDS[backend.name] = backend
     _ORDER = tuple(order)
@@ -250,7 +245,7 @@ def backend_status() -> dict:
     status = {
         "versions": {m: _version(m) for m in ("fastflow", "torch", "numpy", "numba", "triton", "cupy")},
         "devices": devices,
-        "triton_interpret": _interpreting(),
+        "triton_interpret": interpreting(),
         "backends": {},
         "order": list(_ORDER),
         "routes": [r.describe() for r in ROUTES],
@@ -265,16 +260,7 @@ def backend_status() -> dict:
             "devices": list(b.devices),
             "dtypes": [str(d).replace("torch.", "") for d in b.dtypes],
             "ops": sorted(b.ops),
-            "notes": dict(sorted({**b.notes, **NOTES.get(name, {})}.items())),
+            "notes": dict(sorted(b.notes.items())),
             "default_for": sorted(b.ops) if b.default_ops is None else sorted(b.default_ops),
         }
     return status
-
-
-# Facts about how a backend runs an op that callers should know (e.g. a size above which it
-# falls back to other code); registered by the op modules, printed by `fastflow info`.
-NOTES: dict[str, dict[str, str]] = {}
-
-
-def register_note(op: str, backend: str, text: str) -> None:
-    NOTES.setdefault(backend, {})[op] = text
