@@ -277,9 +277,7 @@ class CNF(Transform):
             raise ValueError(f"CNF: trace={trace!r}, expected None, 'none' or one of {TRACES}")
         if torch.compiler.is_exporting():
             return self._solve_traced(x, context, t0, t1, trace)
-        finite = torch.isfinite(x).all(1)
-        if isinstance(context, torch.Tensor) and context.dim() >= 1 and context.shape[0] == x.shape[0]:
-            finite &= torch.isfinite(context.reshape(x.shape[0], -1)).all(1)
+        finite = self._finite_rows(x, context)
         if bool(finite.all()):
             return self._solve_rows(x, context, t0, t1, trace)
         rows = finite.nonzero().squeeze(1)
@@ -325,6 +323,17 @@ class CNF(Transform):
         self.last_solve_info = {"nfe": dyn.nfe, "method": self.method, "exact_trace": dyn.exact}
         return zs[-1], ls[-1]
 
+    @staticmethod
+    def _per_row(x, context) -> bool:
+        return isinstance(context, torch.Tensor) and context.dim() >= 1 and context.shape[0] == x.shape[0]
+
+    def _finite_rows(self, x, context):
+        """``(B,)``: the rows of ``x`` (and of a per-row ``context``) without NaN or infinity."""
+        finite = torch.isfinite(x).all(1)
+        if self._per_row(x, context):
+            finite &= torch.isfinite(context.reshape(x.shape[0], -1)).all(1)
+        return finite
+
     def _solve_traced(self, x, context, t0, t1, trace=None):
         """The solve as ``torch.export`` traces it (:mod:`fastflow.nn._ode`: torchdiffeq's
         algorithm without host syncs): the exact trace in closed form; a non-finite row is
@@ -345,9 +354,8 @@ class CNF(Transform):
         if self.method not in _ode.TRACED_METHODS:
             raise ValueError(f"CNF: method={self.method!r} cannot be exported; the exported solve has "
                              f"{_ode.TRACED_METHODS}")
-        finite = torch.isfinite(x).all(1)
-        if isinstance(context, torch.Tensor) and context.dim() >= 1 and context.shape[0] == x.shape[0]:
-            finite &= torch.isfinite(context.reshape(x.shape[0], -1)).all(1)
+        finite = self._finite_rows(x, context)
+        if self._per_row(x, context):
             context = torch.where(finite.reshape(-1, *([1] * (context.dim() - 1))), context, 0)
         x = torch.where(finite[:, None], x, 0)
         b, d = x.shape

@@ -382,10 +382,10 @@ _PUBLIC = {"nflows": ("rq_spline", -1), "nflows_bounded": ("rq_spline_bounded", 
 
 
 def _raw_box(parameterization, tail_bound, box):
-    if parameterization == "nflows_bounded":
-        return tuple(float(v) for v in box)
-    b = float(tail_bound)
-    return (-b, b, -b, b)
+    if parameterization == "zuko":  # zuko's box is [-bound, bound]^2, its bound in tail_bound
+        b = float(tail_bound)
+        return (-b, b, -b, b)
+    return tuple(float(v) for v in _box(parameterization, float(tail_bound), *box))
 
 
 def rq_spline_accepts(inputs, uw, uh, ud, *, parameterization: str = "nflows", tail_bound: float = 1.0,
