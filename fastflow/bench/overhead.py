@@ -1,6 +1,6 @@
 """``fastflow bench overhead``: the fixed per-call cost of every public op, eager, CPU, float32.
 
-For each op declared in ``fastflow/ops/_spec.py`` (every public op and spline parameterisation),
+For each op declared in ``fastflow/ops/_samples.py`` (every public op and spline parameterisation),
 ``backend=None`` (what a model gets), its forward and its forward+backward (gradients of
 ``outputs.sum() + logabsdet.sum()`` w.r.t. every input that takes one, ``torch.autograd.grad``)
 are timed at ``SIZES`` (2^8 .. 2^12 elements of the first input, where flows are trained: a few
@@ -100,7 +100,7 @@ def run(device="cpu", sizes=None, repeats=5, quick=False, ops=None, **_):
     """Rows per (op, mode, size) and a fixed-cost row per (op, mode)."""
     if torch.device(device).type != "cpu":
         raise ValueError("fastflow bench overhead: CPU only (the eager per-call cost)")
-    from fastflow.ops._spec import SPECS
+    from fastflow.ops._samples import SPECS
 
     sizes = tuple(sizes or ((256, 1024) if quick else SIZES))
     rounds = 3 if quick else max(int(repeats or 5), 15)

@@ -116,10 +116,10 @@ class FusedOp:
         impl: the implementation function.
     """
 
-    def __init__(self, name: str, impl: Callable):
+    def __init__(self, name: str, impl: Callable, schema: str | None = None):
         self.name = name
         self.impl = impl
-        self.op = torch.library.custom_op(name, mutates_args=())(impl)
+        self.op = torch.library.custom_op(name, mutates_args=(), schema=schema)(impl)
         self._function = None
         self._composite = None
         # vmap (and so jacrev/jacfwd) over the op: one call per vmapped slice unless an op

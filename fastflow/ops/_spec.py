@@ -1,17 +1,14 @@
-"""One declaration per public op: what the op module registers and the conformance suite runs.
+"""The test declaration of a public op: what the conformance suite runs.
 
-An :class:`OpSpec` names the op, its kernel module, the backends that have kernels for it, its
-tensor arguments, the shape of its outputs and how its log-det relates to its Jacobian, and
-carries an ``example`` builder and the bad-input cases with the errors they must raise.
-:func:`declare` registers every backend's kernels with the registry (the kernels live in
-``fastflow/kernels/<backend>/<kernels>.py``, loaded on first use) and records the spec in
-:data:`SPECS`; :func:`fake_outputs` gives the custom op its fake impl from ``outputs``.
-``tests/ops/test_conformance.py`` runs every spec on every backend: oracle agreement, round trip,
-naive-Jacobian log-det, fp64 gradcheck, opcheck, ``torch.compile`` (static and dynamic shapes),
-odd, empty and strided shapes, the bad inputs and backend forcing.
-
-Adding an op: write its kernels (``kernels/reference/<kernels>.py`` first: the oracle), its op
-module (argument checks, the custom op, autograd) and one ``declare(OpSpec(...))``.
+An :class:`OpSpec` names the op, its kernel family, its tensor arguments (short names), which of
+them receive gradients, the shape of its outputs and how its log-det relates to its Jacobian, and
+carries an ``example`` builder, the options and shapes to try and the bad-input cases with the
+errors they must raise. The declarations themselves live in :mod:`fastflow.ops._samples`, apart
+from the op modules (which hold the op definition, ``fastflow/ops/_opdef.py``);
+``tests/ops/test_conformance.py`` runs every spec on every backend that declares the op: oracle
+agreement, round trip, naive-Jacobian log-det, fp64 gradcheck, opcheck, every derivative mode,
+``torch.compile`` (static and dynamic shapes), odd, empty and strided shapes, the bad inputs and
+backend forcing.
 """
 
 from __future__ import annotations
@@ -19,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
 from fastflow import backends as _registry
 
-__all__ = ["OpSpec", "BadInput", "SPECS", "declare", "fake_outputs"]
+__all__ = ["OpSpec", "BadInput", "SPECS", "declare"]
 
 
 @dataclass(frozen=True)
@@ -109,27 +105,7 @@ SPECS: dict[str, OpSpec] = {}
 
 
 def declare(spec: OpSpec) -> OpSpec:
-    """Record the spec (the backends' kernels are theirs to declare: ``Backend.ops``)."""
+    """Record the spec in :data:`SPECS` (the backends' kernels are theirs to declare: ``Backend.ops``)."""
     SPECS[spec.name] = spec
     return spec
 
-
-def fake_outputs(inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Callable:
-    """The fake impl of a custom op whose tensor arguments start with ``inputs`` and whose
-    outputs are declared as in :attr:`OpSpec.outputs` (new contiguous tensors)."""
-    where = []
-    for o in outputs:
-        kind, name = o.split(":")
-        where.append((kind, inputs.index(name)))
-
-    def fake(*args):
-        out = []
-        for kind, i in where:
-            t = args[i]
-            if kind == "like":
-                out.append(torch.empty_like(t, memory_format=torch.contiguous_format))
-            else:
-                out.append(t.new_empty((t.shape[0],)))
-        return tuple(out)
-
-    return fake

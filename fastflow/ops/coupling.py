@@ -30,9 +30,8 @@ from fastflow.kernels.torch import coupling as _torch_laws  # plain torch ops: i
 from fastflow.ops._autocast import autocast_args
 from fastflow.ops._checks import check_bool, check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import _eager as _dispatch_eager
-from fastflow.ops._dispatch import custom_op
 from fastflow.ops._layout import as_3d as _as_3d
-from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
+from fastflow.ops._opdef import define
 
 __all__ = ["affine_coupling", "additive_coupling", "rescale", "SCALES", "SMALL_CPU_ELEMS"]
 
@@ -51,30 +50,20 @@ def _contig(t):
 
 
 # --------------------------------------------------------------------------------------------
-# affine_coupling
+# The ops (fastflow/ops/_opdef.py generates the custom ops, fakes and autograd from these)
 # --------------------------------------------------------------------------------------------
 
 
-@custom_op("fastflow::affine_coupling")
-def _affine_coupling_op(
-    x: torch.Tensor, shift: torch.Tensor, raw_scale: torch.Tensor, scale: str, clamp: float, inverse: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_forward(x: torch.Tensor, shift: torch.Tensor, raw_scale: torch.Tensor, scale: str, clamp: float,
+                    inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         return _contig(x), _lad_empty(x)
-    v = _as_3d([x, shift, raw_scale])
-    out, lad = get_kernel("affine_coupling", backend).affine_fwd(*v, scale, clamp, inverse)
+    out, lad = get_kernel("affine_coupling", backend).affine_fwd(*_as_3d([x, shift, raw_scale]), scale, clamp, inverse)
     return out.view(x.shape), lad
 
 
-_affine_coupling_op.register_fake(fake_outputs(("x",), _OUT))
-
-
-@custom_op("fastflow::affine_coupling_backward")
-def _affine_coupling_backward_op(
-    grad_outputs: torch.Tensor, grad_logabsdet: torch.Tensor, x: torch.Tensor, shift: torch.Tensor,
-    raw_scale: torch.Tensor, scale: str, clamp: float, inverse: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_backward(grad_outputs, grad_logabsdet, x, shift, raw_scale, scale, clamp, inverse, backend):
+    # Only the inputs are kept; the backward recomputes s (and, for the inverse, its output).
     if x.numel() == 0:
         return _contig(x), _contig(raw_scale)
     v = _as_3d([grad_outputs, x, shift, raw_scale])
@@ -82,80 +71,42 @@ def _affine_coupling_backward_op(
     return g[0].view(x.shape), g[1].view(x.shape)
 
 
-_affine_coupling_backward_op.register_fake(fake_outputs(("g_out", "g_lad", "x", "shift", "raw_scale"),
-                                                       ("like:x", "like:raw_scale")))
-
-
-def _affine_setup(ctx, inputs, output):
-    x, shift, raw_scale, scale, clamp, inverse, backend = inputs
-    # Only the inputs are kept; the backward recomputes s (and, for the inverse, its output).
-    ctx.save_for_backward(x, shift, raw_scale)
-    ctx.args = (scale, clamp, inverse, backend)
-
-
-def _affine_backward(ctx, grad_out, grad_lad):
-    x, shift, raw_scale = ctx.saved_tensors
-    scale, clamp, inverse, backend = ctx.args
-    grad_out = torch.zeros_like(x) if grad_out is None else grad_out
-    grad_lad = x.new_zeros(x.shape[0]) if grad_lad is None else grad_lad
-    g_x, g_raw = _affine_coupling_backward_op(grad_out, grad_lad, x, shift, raw_scale, scale, clamp, inverse, backend)
+def _affine_shift_grad(args, grad_outputs, result):
     # d y/d t = 1 (forward) and d x/d t = -1/s (inverse): the shift's gradient needs no kernel.
-    g_shift = -g_x if inverse else grad_out
-    return g_x, g_shift, g_raw, None, None, None, None
+    result[1] = -result[0] if args[5] else grad_outputs[0]
 
 
 def _affine_composite(x, shift, raw_scale, scale, clamp, inverse, backend):
-    from fastflow.kernels.torch.coupling import affine
-
-    out, lad = affine(*upcast(x, shift, raw_scale), scale, clamp, inverse)
+    out, lad = _torch_laws.affine(*upcast(x, shift, raw_scale), scale, clamp, inverse)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
-_affine_coupling_op.register_autograd(_affine_backward, setup_context=_affine_setup, composite=_affine_composite)
+_affine_coupling_op = define("affine_coupling", forward=_affine_forward, outputs=_OUT, backward=_affine_backward,
+                             grads=("x", "raw_scale"), derived=_affine_shift_grad, composite=_affine_composite)
 
 
-# --------------------------------------------------------------------------------------------
-# additive_coupling
-# --------------------------------------------------------------------------------------------
-
-
-@custom_op("fastflow::additive_coupling")
-def _additive_coupling_op(
-    x: torch.Tensor, shift: torch.Tensor, inverse: bool, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _additive_forward(x: torch.Tensor, shift: torch.Tensor, inverse: bool, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         return _contig(x), _lad_empty(x)
     out = get_kernel("additive_coupling", backend).additive_fwd(*_as_3d([x, shift]), inverse)
     return out.view(x.shape), _lad_empty(x)
 
 
-_additive_coupling_op.register_fake(fake_outputs(("x",), _OUT))
-
-
-def _additive_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1])  # only for a double backward's composite (no copy)
-    ctx.inverse = inputs[2]
-
-
-def _additive_backward(ctx, grad_out, grad_lad):
+def _additive_grads(args, grad_outputs, result):
     # The Jacobian is the identity (and -identity for the shift in the inverse): the incoming
     # gradient is returned as it is, which no kernel could beat.
-    if grad_out is None:
-        return None, None, None, None
-    return grad_out, (-grad_out if ctx.inverse else grad_out), None, None
+    g = grad_outputs[0]
+    if g is not None:
+        result[0], result[1] = g, (-g if args[2] else g)
 
 
 def _additive_composite(x, shift, inverse, backend):
     return (x - shift if inverse else x + shift), _lad_empty(x)
 
 
-_additive_coupling_op.register_autograd(_additive_backward, setup_context=_additive_setup,
-                                        composite=_additive_composite)
-
-
-# --------------------------------------------------------------------------------------------
-# rescale
-# --------------------------------------------------------------------------------------------
+_additive_coupling_op = define("additive_coupling", forward=_additive_forward, outputs=_OUT,
+                               derived=_additive_grads, composite=_additive_composite)
 
 
 def _rescale_views(x, log_scale, *more):
@@ -165,9 +116,8 @@ def _rescale_views(x, log_scale, *more):
     return v[0], v[-1][0], v[1:-1]
 
 
-@custom_op("fastflow::rescale")
-def _rescale_op(x: torch.Tensor, log_scale: torch.Tensor, inverse: bool, backend: str
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _rescale_forward(x: torch.Tensor, log_scale: torch.Tensor, inverse: bool, backend: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         return _contig(x), _lad_empty(x)  # an empty event's log-det, or an empty batch
     xv, lsv, _ = _rescale_views(x, log_scale)
@@ -175,14 +125,7 @@ def _rescale_op(x: torch.Tensor, log_scale: torch.Tensor, inverse: bool, backend
     return out.view(x.shape), lad
 
 
-_rescale_op.register_fake(fake_outputs(("x",), _OUT))
-
-
-@custom_op("fastflow::rescale_backward")
-def _rescale_backward_op(
-    grad_outputs: torch.Tensor, grad_logabsdet: torch.Tensor, x: torch.Tensor, log_scale: torch.Tensor,
-    inverse: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _rescale_backward(grad_outputs, grad_logabsdet, x, log_scale, inverse, backend):
     if x.numel() == 0:
         # Either the event is empty (so is the gradient) or the batch is (no contribution).
         return _contig(x), torch.zeros_like(log_scale, memory_format=torch.contiguous_format)
@@ -191,31 +134,13 @@ def _rescale_backward_op(
     return gx.view(x.shape), gls.view(log_scale.shape)
 
 
-_rescale_backward_op.register_fake(fake_outputs(("g_out", "g_lad", "x", "log_scale"), ("like:x", "like:log_scale")))
-
-
-def _rescale_setup(ctx, inputs, output):
-    x, log_scale, inverse, backend = inputs
-    ctx.save_for_backward(x, log_scale)
-    ctx.args = (inverse, backend)
-
-
-def _rescale_backward(ctx, grad_out, grad_lad):
-    x, log_scale = ctx.saved_tensors
-    grad_out = torch.zeros_like(x) if grad_out is None else grad_out
-    grad_lad = x.new_zeros(x.shape[0]) if grad_lad is None else grad_lad
-    g_x, g_ls = _rescale_backward_op(grad_out, grad_lad, x, log_scale, *ctx.args)
-    return g_x, g_ls, None, None
-
-
 def _rescale_composite(x, log_scale, inverse, backend):
-    from fastflow.kernels.torch.coupling import rescale as rescale_torch
-
-    out, lad = rescale_torch(*upcast(x, log_scale), inverse)
+    out, lad = _torch_laws.rescale(*upcast(x, log_scale), inverse)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
-_rescale_op.register_autograd(_rescale_backward, setup_context=_rescale_setup, composite=_rescale_composite)
+_rescale_op = define("rescale", forward=_rescale_forward, outputs=_OUT, backward=_rescale_backward,
+                     grads=("x", "log_scale"), composite=_rescale_composite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,71 +278,3 @@ def rescale(
     if name == "torch":
         return _torch_laws.rescale(x, log_scale.expand(event), inverse)
     return _rescale_op(x, log_scale.expand(event), inverse, name)
-
-
-# --------------------------------------------------------------------------------------------
-# Declarations (fastflow/ops/_spec.py): kernels/<backend>/coupling.py implement the launcher
-# interface documented in kernels/reference/coupling.py; csrc/coupling.cu has the affine and
-# additive laws (rescale has no CUDA kernel). The torch backend's kernels are plain
-# differentiable torch ops called outside the custom op (the routes in fastflow.backends).
-# --------------------------------------------------------------------------------------------
-
-
-def _randn(gen, dtype, device, *shape, scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
-
-
-def _batch_example(n):
-    def example(shape, dtype, device, gen, **kwargs):
-        return [_randn(gen, dtype, device, *shape, scale=0.7) for _ in range(n)], kwargs
-
-    return example
-
-
-def _rescale_example(shape, dtype, device, gen):
-    # a per-channel scale (broadcast over the rest of the event) for image-like inputs
-    ls_shape = (shape[1],) + (1,) * (len(shape) - 2) if len(shape) > 2 else shape[1:]
-    return [_randn(gen, dtype, device, *shape), _randn(gen, dtype, device, *ls_shape, scale=0.4)], {}
-
-
-def _mismatch(i):
-    return lambda t, kw: ([*t[:i], t[i][:, :1], *t[i + 1:]], kw)
-
-
-_BAD = (
-    BadInput("integer x", lambda t, kw: ([torch.zeros(t[0].shape, dtype=torch.int64), *t[1:]], kw), TypeError,
-             "x must have a floating dtype"),
-    BadInput("mixed dtypes", lambda t, kw: ([t[0], t[1].to(torch.float16), *t[2:]], kw), TypeError,
-             "has dtype float16 but x has"),
-    BadInput("a scalar x", lambda t, kw: ([v.reshape(-1)[0] for v in t], kw), ValueError, "batch dimension"),
-    BadInput("another device", lambda t, kw: ([t[0], t[1].to("meta"), *t[2:]], kw), ValueError,
-             "is on device meta but x is on"),
-)
-_SHAPES = ((6, 4), (5, 3, 4, 4), (1, 1), (0, 4), (3, 0))
-_COMMON = dict(kernels="coupling", logdet="sample", outputs=_OUT, shapes=_SHAPES)
-declare(OpSpec(
-    name="affine_coupling", op="affine_coupling", fn=affine_coupling, inputs=("x", "shift", "raw_scale"),
-    grad_inputs=("x", "shift", "raw_scale"),
-    example=_batch_example(3), fused=lambda: _affine_coupling_op,
-    op_args=lambda t, kw, inverse, backend: (*t, kw.get("scale", "exp"), kw.get("clamp", 2.0), inverse, backend),
-    options=({"scale": "exp"}, {"scale": "softclamp", "clamp": 1.5}, {"scale": "sigmoid"}),
-    bad=_BAD + (BadInput("shift of another shape", _mismatch(1), ValueError, "shift must have the shape of x"),
-                BadInput("an unknown scale", lambda t, kw: (t, {**kw, "scale": "tanh"}), ValueError,
-                         "scale must be one of"),
-                BadInput("a zero clamp", lambda t, kw: (t, {**kw, "clamp": 0.0}), ValueError, "clamp")),
-    **_COMMON))
-declare(OpSpec(
-    name="additive_coupling", op="additive_coupling", fn=additive_coupling, inputs=("x", "shift"),
-    grad_inputs=("x", "shift"),
-    example=_batch_example(2), fused=lambda: _additive_coupling_op,
-    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend),
-    bad=_BAD + (BadInput("shift of another shape", _mismatch(1), ValueError, "shift must have the shape of x"),),
-    **_COMMON))
-declare(OpSpec(
-    name="rescale", op="rescale", fn=rescale, inputs=("x", "log_scale"), grad_inputs=("x", "log_scale"),
-    example=_rescale_example, fused=lambda: _rescale_op,
-    op_args=lambda t, kw, inverse, backend: (t[0], t[1].expand(t[0].shape[1:]), inverse, backend),
-    bad=_BAD[:2] + _BAD[3:] + (
-        BadInput("a log_scale of another event", lambda t, kw: ([t[0], torch.zeros(7, dtype=t[1].dtype)], kw),
-                 ValueError, "log_scale must have the event shape"),),
-    **_COMMON))

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 
@@ -53,8 +52,7 @@ from fastflow.kernels.torch.lu import compute_dtype as _compute_dtype
 from fastflow.kernels.torch.lu import tensor_version as _version
 from fastflow.ops._autocast import autocast_args
 from fastflow.ops._checks import check_bool, check_same, check_tensor, describe
-from fastflow.ops._dispatch import custom_op
-from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
+from fastflow.ops._opdef import define
 
 __all__ = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1", "lu_weight", "clear_inverse_cache"]
 
@@ -76,7 +74,7 @@ def clear_inverse_cache() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Custom ops
+# The ops (fastflow/ops/_opdef.py generates the custom ops, fakes and autograd from these)
 # --------------------------------------------------------------------------------------------
 
 
@@ -96,44 +94,10 @@ def _forward(op, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backe
     return y3.to(x.dtype).contiguous().view(x.shape), lad
 
 
-_fake = fake_outputs(("x",), ("like:x", "batch:x"))
-
-@custom_op("fastflow::lu_linear")
-def _lu_linear_op(
-    x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
-    sign: torch.Tensor, inverse: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward("lu_linear", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
-
-
-@custom_op("fastflow::lu_conv1x1")
-def _lu_conv1x1_op(
-    x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
-    sign: torch.Tensor, inverse: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
-
-
-@custom_op("fastflow::actnorm_conv1x1")
-def _actnorm_conv1x1_op(
-    x: torch.Tensor, an_bias: torch.Tensor, an_logscale: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor,
-    upper: torch.Tensor, log_s: torch.Tensor, sign: torch.Tensor, inverse: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, backend)
-
-
-for _o in (_lu_linear_op, _lu_conv1x1_op, _actnorm_conv1x1_op):
-    _o.register_fake(_fake)
-
-
-@custom_op("fastflow::lu_backward")
-def _lu_backward_op(
-    grad_y: torch.Tensor, grad_logabsdet: torch.Tensor, x: torch.Tensor, an_bias: Optional[torch.Tensor],
-    an_logscale: Optional[torch.Tensor], perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-    log_s: torch.Tensor, sign: torch.Tensor, inverse: bool, need_param_grads: bool, op: str, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(x, an_bias, an_logscale, lower, upper, log_s)``; the ActNorm ones are empty
-    ``(0,)`` tensors without ActNorm, the parameter ones zeros unless ``need_param_grads``."""
+def _backward(op, grad_y, grad_logabsdet, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse,
+              need_param_grads, backend):
+    """Gradients ``(x, [an_bias, an_logscale,] lower, upper, log_s)``; the parameters' are zeros
+    unless ``need_param_grads``."""
     cd = _compute_dtype(x.dtype)
     g_lad_sum = grad_logabsdet.to(cd).sum()
     if x.numel() == 0:
@@ -143,89 +107,69 @@ def _lu_backward_op(
             g_ls = (-1.0 if inverse else 1.0) * math.prod(x.shape[2:]) * g_lad_sum
             out = [None, None if an_logscale is None else g_ls.expand(x.shape[1]), None, None, g_ls.expand(x.shape[1])]
     else:
-        g3, x3 = _as3(grad_y), _as3(x)
-        res = get_kernel(op, backend).backward(
-            g3, g_lad_sum, x3, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, need_param_grads
-        )
+        res = get_kernel(op, backend).backward(_as3(grad_y), g_lad_sum, _as3(x), an_bias, an_logscale, perm, lower,
+                                               upper, log_s, sign, inverse, need_param_grads)
         g_x = res[0].to(x.dtype).contiguous().view(x.shape)
         out = list(res[1:])
-    like = (an_bias, an_logscale, lower, upper, log_s)
-    grads = []
-    for g, t in zip(out, like):
-        if t is None:
-            grads.append(x.new_empty((0,)))  # one per output: outputs must not alias
-        elif g is None:
-            grads.append(torch.zeros_like(t, memory_format=torch.contiguous_format))
-        else:
-            grads.append(g.to(t.dtype).contiguous())
-    return (g_x, *grads)
+    grads = [g_x]
+    for g, t in zip(out, (an_bias, an_logscale, lower, upper, log_s)):
+        if t is not None:
+            grads.append(torch.zeros_like(t, memory_format=torch.contiguous_format) if g is None
+                         else g.to(t.dtype).contiguous())
+    return tuple(grads)
 
 
-@_lu_backward_op.register_fake
-def _(grad_y, grad_lad, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, need, op, backend):
-    e = torch.contiguous_format
-    return (
-        torch.empty_like(x, memory_format=e),
-        x.new_empty((0,)) if an_bias is None else torch.empty_like(an_bias, memory_format=e),
-        x.new_empty((0,)) if an_logscale is None else torch.empty_like(an_logscale, memory_format=e),
-        torch.empty_like(lower, memory_format=e),
-        torch.empty_like(upper, memory_format=e),
-        torch.empty_like(log_s, memory_format=e),
-    )
+def _composite(x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
+    """The map in differentiable torch ops (the reference, factor by factor)."""
+    cd = _compute_dtype(x.dtype)
+    c = lambda t: None if t is None else t.to(cd)  # noqa: E731
+    n = math.prod(x.shape[2:])
+    y3 = ref.apply_factored(_as3(x).to(cd), perm, c(lower), c(upper), c(log_s), c(sign), c(an_b), c(an_ls), inverse)
+    lad = ref.logabsdet(c(log_s), c(an_ls), n, inverse).to(x.dtype).expand(x.shape[0])
+    return y3.to(x.dtype).reshape(x.shape), lad
 
 
-def _make_autograd(op: str, has_an: bool):
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:-2])
-        ctx.args = inputs[-2:]  # inverse, backend
-        ctx.needs = ctx.needs_input_grad
+def _lu_op(name: str, forward, has_an: bool):
+    """One of the three maps: the same kernels with or without the ActNorm arguments."""
+    # the backward computes the parameters' gradients only when one of them needs one
+    params = (1, 2, 4, 5, 6) if has_an else (2, 3, 4)
+    if has_an:
+        def backward(gy, gl, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backend, need):
+            return _backward(name, gy, gl, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need, backend)
 
-    def backward(ctx, grad_y, grad_lad):
-        saved = ctx.saved_tensors
-        x = saved[0]
-        if has_an:
-            an_b, an_ls, perm, lower, upper, log_s, sign = saved[1:]
-            param_needs = (ctx.needs[1], ctx.needs[2], ctx.needs[4], ctx.needs[5], ctx.needs[6])
-        else:
-            an_b = an_ls = None
-            perm, lower, upper, log_s, sign = saved[1:]
-            param_needs = (ctx.needs[2], ctx.needs[3], ctx.needs[4])
-        grad_y = torch.zeros_like(x) if grad_y is None else grad_y
-        grad_lad = x.new_zeros((x.shape[0],)) if grad_lad is None else grad_lad
-        inverse, backend = ctx.args
-        g = _lu_backward_op(grad_y, grad_lad, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse,
-                            any(param_needs), op, backend)
-        g_x, g_b, g_ls, g_lower, g_upper, g_log_s = g
-        if has_an:
-            return g_x, g_b, g_ls, None, g_lower, g_upper, g_log_s, None, None, None
-        return g_x, None, g_lower, g_upper, g_log_s, None, None, None
+        def composite(x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backend):
+            return _composite(x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
+    else:
+        def backward(gy, gl, x, perm, lower, upper, log_s, sign, inverse, backend, need):
+            return _backward(name, gy, gl, x, None, None, perm, lower, upper, log_s, sign, inverse, need, backend)
 
-    return backward, setup_context
+        def composite(x, perm, lower, upper, log_s, sign, inverse, backend):
+            return _composite(x, None, None, perm, lower, upper, log_s, sign, inverse)
+    grads = ("x", "an_bias", "an_logscale") if has_an else ("x",)
+    return define(name, forward=forward, outputs=("like:x", "batch:x"), backward=backward,
+                  grads=grads + ("lower", "upper", "log_s"), composite=composite,
+                  extra=lambda needs: (any(needs[i] for i in params),), extra_schema="bool need_param_grads")
 
 
-def _make_composite(has_an: bool):
-    """The map in differentiable torch ops (the reference, factor by factor), for double backward."""
-
-    def composite(*args):
-        if has_an:
-            x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, _backend = args
-        else:
-            (x, perm, lower, upper, log_s, sign, inverse, _backend), an_b, an_ls = args, None, None
-        cd = _compute_dtype(x.dtype)
-        c = lambda t: None if t is None else t.to(cd)  # noqa: E731
-        n = math.prod(x.shape[2:])
-        y3 = ref.apply_factored(_as3(x).to(cd), perm, c(lower), c(upper), c(log_s), c(sign), c(an_b), c(an_ls),
-                                inverse)
-        lad = ref.logabsdet(c(log_s), c(an_ls), n, inverse).to(x.dtype).expand(x.shape[0])
-        return y3.to(x.dtype).reshape(x.shape), lad
-
-    return composite
+def _lu_linear(x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
+               sign: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward("lu_linear", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
 
 
-for _o, _name, _has_an in ((_lu_linear_op, "lu_linear", False), (_lu_conv1x1_op, "lu_conv1x1", False),
-                           (_actnorm_conv1x1_op, "actnorm_conv1x1", True)):
-    _bwd, _setup = _make_autograd(_name, _has_an)
-    _o.register_autograd(_bwd, setup_context=_setup, composite=_make_composite(_has_an))
+def _lu_conv1x1(x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
+                sign: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
+
+
+def _actnorm_conv1x1(x: torch.Tensor, an_bias: torch.Tensor, an_logscale: torch.Tensor, perm: torch.Tensor,
+                     lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor, sign: torch.Tensor, inverse: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, backend)
+
+
+_lu_linear_op = _lu_op("lu_linear", _lu_linear, False)
+_lu_conv1x1_op = _lu_op("lu_conv1x1", _lu_conv1x1, False)
+_actnorm_conv1x1_op = _lu_op("actnorm_conv1x1", _actnorm_conv1x1, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,60 +327,3 @@ def actnorm_conv1x1(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, *,
     name = resolve_backend("actnorm_conv1x1", x, backend)
     inverse = check_bool("actnorm_conv1x1", "inverse", inverse)
     return _actnorm_conv1x1_op(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, name)
-
-
-# --------------------------------------------------------------------------------------------
-# Declarations (fastflow/ops/_spec.py): kernels/<backend>/lu.py implement the launcher interface
-# documented in kernels/reference/lu.py (forward/backward on (B, C, N) views of the data).
-# --------------------------------------------------------------------------------------------
-
-
-def _example(has_an):
-    def example(shape, dtype, device, gen):
-        c = shape[1]
-
-        def r(*size, scale=0.3):
-            return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
-
-        perm = torch.randperm(c, generator=gen).to(device)
-        sign = torch.where(torch.rand(c, generator=gen) > 0.5, 1.0, -1.0).to(dtype=dtype, device=device)
-        an = [r(c), r(c)] if has_an else []
-        return [r(*shape, scale=1.0), *an, perm, r(c, c), r(c, c), r(c), sign], {}
-
-    return example
-
-
-def _bad(i_perm):
-    def at(i, f):
-        return lambda t, kw: ([*t[:i], f(t[i]), *t[i + 1:]], kw)
-
-    i_lower = i_perm + 1
-    return (
-        BadInput("integer x", at(0, lambda v: torch.zeros(v.shape, dtype=torch.int64)), TypeError,
-                 "x must have a floating dtype"),
-        BadInput("lower of another size", at(i_lower, lambda v: v[:-1, :-1]), ValueError, "lower must be \\(C, C\\)"),
-        BadInput("a float perm", at(i_perm, lambda v: v.double()), TypeError, "perm must be an int64"),
-        BadInput("a repeated index", at(i_perm, torch.zeros_like), ValueError, "perm must be a permutation"),
-        BadInput("a sign of 0.5", at(i_perm + 4, lambda v: v * 0.5), ValueError, "sign must hold only"),
-        BadInput("mixed dtypes", at(i_lower, lambda v: v.to(torch.float16)), TypeError, "lower has dtype float16"),
-        BadInput("a list", at(i_lower, lambda v: v.tolist()), TypeError, "must be a torch.Tensor"),
-    )
-
-
-_LU = ("perm", "lower", "upper", "log_s", "sign")
-_COMMON = dict(kernels="lu", outputs=("like:x", "batch:x"),
-               logdet="sample")
-declare(OpSpec(
-    name="lu_linear", op="lu_linear", fn=lu_linear, inputs=("x",) + _LU, grad_inputs=("x", "lower", "upper", "log_s"),
-    example=_example(False), shapes=((7, 5), (1, 3), (2, 1), (0, 4)), fused=lambda: _lu_linear_op,
-    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend), bad=_bad(1), **_COMMON))
-declare(OpSpec(
-    name="lu_conv1x1", op="lu_conv1x1", fn=lu_conv1x1, inputs=("x",) + _LU,
-    grad_inputs=("x", "lower", "upper", "log_s"), example=_example(False),
-    shapes=((3, 4, 2, 3), (2, 6, 1, 1), (1, 3, 5, 1), (0, 4, 2, 2)), fused=lambda: _lu_conv1x1_op,
-    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend), bad=_bad(1), **_COMMON))
-declare(OpSpec(
-    name="actnorm_conv1x1", op="actnorm_conv1x1", fn=actnorm_conv1x1, inputs=("x", "an_bias", "an_logscale") + _LU,
-    grad_inputs=("x", "an_bias", "an_logscale", "lower", "upper", "log_s"), example=_example(True),
-    shapes=((3, 4, 2, 3), (5, 3), (2, 6, 1, 1), (0, 4, 2, 2)), fused=lambda: _actnorm_conv1x1_op,
-    op_args=lambda t, kw, inverse, backend: (*t, inverse, backend), bad=_bad(3), **_COMMON))

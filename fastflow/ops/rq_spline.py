@@ -20,8 +20,7 @@ import torch
 from fastflow.backends import BackendUnavailableError, env_backend, get_kernel, resolve_backend
 from fastflow.ops._autocast import autocast_args
 from fastflow.ops._checks import CheckMemo, check_bool, check_positive_float, check_same, check_tensor, describe
-from fastflow.ops._dispatch import custom_op
-from fastflow.ops._spec import BadInput, OpSpec, declare, fake_outputs
+from fastflow.ops._opdef import define
 
 __all__ = ["rq_spline", "rq_spline_bounded", "rq_spline_zuko", "rq_spline_accepts", "rq_spline_unchecked",
            "PARAMETERIZATIONS", "MAX_BINS"]
@@ -34,8 +33,6 @@ _MAX_BINS = 1024
 PARAMETERIZATIONS = ("nflows", "nflows_bounded", "zuko")
 
 
-_INPUTS = ("inputs", "uw", "uh", "ud")
-
 
 def _box(parameterization, tail_bound, left, right, bottom, top):
     if parameterization == "nflows":
@@ -44,28 +41,15 @@ def _box(parameterization, tail_bound, left, right, bottom, top):
 
 
 # --------------------------------------------------------------------------------------------
-# Custom ops
+# The op (fastflow/ops/_opdef.py generates the custom ops, fakes and autograd from these)
 # --------------------------------------------------------------------------------------------
 
 
-@custom_op("fastflow::rq_spline")
-def _rq_spline_op(
-    inputs: torch.Tensor,
-    unnormalized_widths: torch.Tensor,
-    unnormalized_heights: torch.Tensor,
-    unnormalized_derivatives: torch.Tensor,
-    inverse: bool,
-    tail_bound: float,
-    min_bin_width: float,
-    min_bin_height: float,
-    min_derivative: float,
-    backend: str,
-    parameterization: str = "nflows",
-    left: float = -1.0,
-    right: float = 1.0,
-    bottom: float = -1.0,
-    top: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(inputs: torch.Tensor, unnormalized_widths: torch.Tensor, unnormalized_heights: torch.Tensor,
+             unnormalized_derivatives: torch.Tensor, inverse: bool, tail_bound: float, min_bin_width: float,
+             min_bin_height: float, min_derivative: float, backend: str, parameterization: str = "nflows",
+             left: float = -1.0, right: float = 1.0, bottom: float = -1.0, top: float = 1.0,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     if inputs.numel() == 0:
         return torch.empty_like(inputs), torch.empty_like(inputs)
     box = _box(parameterization, tail_bound, left, right, bottom, top)
@@ -74,58 +58,19 @@ def _rq_spline_op(
                                            min_derivative)
 
 
-_rq_spline_op.register_fake(fake_outputs(_INPUTS, ("like:inputs", "like:inputs")))
-
-
-@custom_op("fastflow::rq_spline_backward")
-def _rq_spline_backward_op(
-    grad_outputs: torch.Tensor,
-    grad_logabsdet: torch.Tensor,
-    inputs: torch.Tensor,
-    unnormalized_widths: torch.Tensor,
-    unnormalized_heights: torch.Tensor,
-    unnormalized_derivatives: torch.Tensor,
-    inverse: bool,
-    tail_bound: float,
-    min_bin_width: float,
-    min_bin_height: float,
-    min_derivative: float,
-    backend: str,
-    parameterization: str = "nflows",
-    left: float = -1.0,
-    right: float = 1.0,
-    bottom: float = -1.0,
-    top: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = (unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
+def _backward(grad_outputs, grad_logabsdet, inputs, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend,
+              parameterization="nflows", left=-1.0, right=1.0, bottom=-1.0, top=1.0):
+    # a fused kernel that recomputes the forward from the inputs (nothing else is saved)
     if inputs.numel() == 0:
-        return torch.empty_like(inputs), *(torch.empty_like(p) for p in params)
+        return torch.empty_like(inputs), *(torch.empty_like(p) for p in (uw, uh, ud))
     box = _box(parameterization, tail_bound, left, right, bottom, top)
-    return tuple(get_kernel(OP, backend).backward(grad_outputs, grad_logabsdet, inputs, *params, inverse,
-                                                  parameterization, box, min_bin_width, min_bin_height,
-                                                  min_derivative))
-
-
-_rq_spline_backward_op.register_fake(fake_outputs(("g_out", "g_lad") + _INPUTS, tuple(f"like:{n}" for n in _INPUTS)))
-
-
-def _setup_context(ctx, inputs, output):
-    x, uw, uh, ud, *args = inputs
-    ctx.save_for_backward(x, uw, uh, ud)
-    ctx.args = tuple(args)  # inverse, tail_bound, mbw, mbh, md, backend[, parameterization, box...]
-
-
-def _backward(ctx, grad_out, grad_lad):
-    x, uw, uh, ud = ctx.saved_tensors
-    grad_out = torch.zeros_like(x) if grad_out is None else grad_out
-    grad_lad = torch.zeros_like(x) if grad_lad is None else grad_lad
-    g = _rq_spline_backward_op(grad_out, grad_lad, x, uw, uh, ud, *ctx.args)
-    return (*g, *(None,) * len(ctx.args))
+    return tuple(get_kernel(OP, backend).backward(grad_outputs, grad_logabsdet, inputs, uw, uh, ud, inverse,
+                                                  parameterization, box, mbw, mbh, md))
 
 
 def _composite(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parameterization="nflows", left=-1.0,
                right=1.0, bottom=-1.0, top=1.0):
-    """The spline in differentiable torch ops (the reference), for double backward."""
+    """The spline in differentiable torch ops (the reference)."""
     from fastflow.kernels.reference._precision import upcast
     from fastflow.kernels.reference.spline import evaluate
 
@@ -134,7 +79,9 @@ def _composite(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parame
     return out.to(x.dtype), lad.to(x.dtype)
 
 
-_rq_spline_op.register_autograd(_backward, setup_context=_setup_context, composite=_composite)
+_INPUTS = ("inputs", "unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives")
+_rq_spline_op = define(OP, forward=_forward, outputs=("like:inputs", "like:inputs"), backward=_backward,
+                       grads=_INPUTS, composite=_composite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,85 +375,3 @@ def rq_spline_unchecked(inputs, uw, uh, ud, *, parameterization: str = "nflows",
     return _rq_spline_op(inputs, *params, bool(inverse), float(tail_bound) if parameterization != "nflows_bounded"
                          else 1.0, 0.0 if zuko else float(min_bin_width), 0.0 if zuko else float(min_bin_height),
                          float(min_derivative), name, parameterization, *_raw_box(parameterization, tail_bound, box))
-
-
-# --------------------------------------------------------------------------------------------
-# Declarations (fastflow/ops/_spec.py): kernels/<backend>/spline.py implement the launcher
-# interface documented in kernels/reference/spline.py for the PARAMETERIZATIONS they list.
-# --------------------------------------------------------------------------------------------
-
-
-
-# Minimum sizes and slopes exact in float32: the Triton interpreter turns a Python float into a
-# float32 constant, where compiled kernels take the float64 their annotation says.
-_MINS = {"min_bin_width": 2.0**-10, "min_bin_height": 2.0**-10, "min_derivative": 2.0**-10}
-
-
-def _example(n_derivs, lo, hi, kwargs):
-    def example(shape, dtype, device, gen, k=5):
-        def r(*size, scale=1.0):
-            return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
-
-        # inputs over the domain and a little past it (the identity there)
-        x = (torch.rand(shape, generator=gen, dtype=torch.float64) * 1.2 - 0.1) * (hi - lo) + lo
-        return [x.to(dtype=dtype, device=device), r(*shape, k), r(*shape, k), r(*shape, k + n_derivs)], dict(kwargs)
-
-    return example
-
-
-def _mins(kw):
-    return kw["min_bin_width"], kw["min_bin_height"], kw["min_derivative"]
-
-
-def _bad(widths, heights, derivs, k_derivs):
-    return (
-        BadInput("heights with another K", lambda t, kw: ([t[0], t[1], t[2][..., :3], t[3]], kw), ValueError,
-                 f"{heights}.*K=5"),
-        BadInput("derivatives of the wrong length", lambda t, kw: ([t[0], t[1], t[2], t[2]], kw), ValueError,
-                 f"{derivs}.*K{k_derivs}"),
-        BadInput("one bin", lambda t, kw: ([t[0], t[1][..., :1], t[2][..., :1], t[3][..., :0]], kw), ValueError,
-                 "must have 2..1024 bins"),
-        BadInput("parameters of another batch", lambda t, kw: ([t[0], t[1][:2], t[2], t[3]], kw), ValueError,
-                 f"{widths} must have leading shape"),
-        BadInput("integer inputs", lambda t, kw: ([torch.arange(t[0].numel()).view(t[0].shape), *t[1:]], kw),
-                 TypeError, "inputs must have a floating dtype"),
-        BadInput("mixed dtypes", lambda t, kw: ([t[0], t[1].to(torch.float16), *t[2:]], kw), TypeError,
-                 f"{widths} has dtype float16 but inputs has"),
-        BadInput("a list", lambda t, kw: ([t[0], t[1].tolist(), *t[2:]], kw), TypeError, "must be a torch.Tensor"),
-        BadInput("another device", lambda t, kw: ([t[0], t[1].to("meta"), *t[2:]], kw), ValueError,
-                 "is on device meta but inputs is on"),
-    )
-
-
-_SHAPES = ((37,), (3, 7), (1,), (0,), (0, 4))
-_COMMON = dict(op=OP, kernels="spline", grad_inputs=("x", "uw", "uh", "ud"),
-               outputs=("like:x", "like:x"), logdet="elementwise", shapes=_SHAPES, fused=lambda: _rq_spline_op)
-declare(OpSpec(
-    name="rq_spline", fn=rq_spline, inputs=("x", "uw", "uh", "ud"),
-    example=_example(-1, -1.5, 1.5, {"tail_bound": 1.5, **_MINS}),
-    options=({"k": 2}, {"k": 5}, {"k": 23}),
-    op_args=lambda t, kw, inverse, backend: (*t, inverse, kw["tail_bound"], *_mins(kw), backend),
-    bad=_bad("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives", "-1=4") + (
-        BadInput("a negative tail bound", lambda t, kw: (t, {**kw, "tail_bound": -1.0}), ValueError,
-                 "tail_bound must be a finite positive"),
-        BadInput("too large a minimum bin", lambda t, kw: (t, {**kw, "min_bin_width": 0.3}), ValueError,
-                 "min_bin_width=0.3 times K=5")),
-    **_COMMON))
-declare(OpSpec(
-    name="rq_spline_bounded", fn=rq_spline_bounded, inputs=("x", "uw", "uh", "ud"),
-    example=_example(1, 0.0, 1.0, _MINS),
-    requires="nflows_bounded",
-    op_args=lambda t, kw, inverse, backend: (*t, inverse, 1.0, *_mins(kw), backend, "nflows_bounded",
-                                             0.0, 1.0, 0.0, 1.0),
-    bad=_bad("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives", "\\+1=6") + (
-        BadInput("an empty box", lambda t, kw: (t, {**kw, "left": 1.0}), ValueError, "left < right"),),
-    **_COMMON))
-declare(OpSpec(
-    name="rq_spline_zuko", fn=rq_spline_zuko, inputs=("x", "uw", "uh", "ud"),
-    example=_example(-1, -5.0, 5.0, {"slope": 2.0**-10}),  # bound 5: a tenth outside
-    requires="zuko",
-    op_args=lambda t, kw, inverse, backend: (*t, inverse, 5.0, 0.0, 0.0, kw["slope"], backend, "zuko", -5.0, 5.0,
-                                             -5.0, 5.0),
-    bad=_bad("widths", "heights", "derivatives", "-1=4") + (
-        BadInput("a slope of 1", lambda t, kw: (t, {**kw, "slope": 1.0}), ValueError, "slope must be in"),),
-    **_COMMON))

@@ -109,7 +109,7 @@ def test_overhead_fit_recovers_a_known_line():
 def test_overhead_suite_rows():
     """Every declared op gets timed rows at each size and a fixed-cost row per mode."""
     from fastflow.bench import overhead
-    from fastflow.ops._spec import SPECS
+    from fastflow.ops._samples import SPECS
 
     rows = overhead.run(quick=True, ops=("rq_spline", "lu_linear"))
     assert {r["op"] for r in rows} == {"rq_spline", "lu_linear", overhead.BASELINE}

@@ -18,7 +18,7 @@ import torch
 import fastflow.ops  # noqa: F401  (declares every op)
 from fastflow import BackendUnavailableError
 from fastflow.backends import BACKENDS, get_kernel
-from fastflow.ops._spec import SPECS
+from fastflow.ops._samples import SPECS
 from tests._backends import run_table
 
 LOW = (torch.bfloat16, torch.float16)

@@ -1,4 +1,4 @@
-"""The conformance suite: every op declared in ``fastflow.ops._spec.SPECS`` on every backend that
+"""The conformance suite: every op declared in ``fastflow.ops._samples.SPECS`` on every backend that
 has kernels for it and runs here (reference, numba, torch; triton under TRITON_INTERPRET=1; cuda
 on a GPU): agreement with the float64 reference, round trip, the naive-Jacobian log-det, fp64
 gradcheck, opcheck, torch.compile fullgraph (static and dynamic shapes), odd, empty and strided
@@ -17,7 +17,7 @@ import torch
 import fastflow.ops  # noqa: F401  (declares every op)
 from fastflow import BackendUnavailableError, UnknownBackendError
 from fastflow.backends import BACKENDS, get_kernel, resolve_backend
-from fastflow.ops._spec import SPECS
+from fastflow.ops._samples import SPECS
 from fastflow.testing import (
     assert_close_conditioned,
     elementwise_jacobian_logabsdet,

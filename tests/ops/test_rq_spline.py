@@ -301,7 +301,7 @@ def test_half_precision_on_cpu_uses_reference():
 
 
 def _spline_specs():
-    from fastflow.ops._spec import SPECS
+    from fastflow.ops._samples import SPECS
 
     return [s for s in SPECS.values() if s.op == "rq_spline"]
 
