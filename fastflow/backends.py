@@ -199,27 +199,45 @@ def _resolve_constant(op: str, device_str: str, dtype_str: str, backend: str | N
     return _resolve(op, torch.device(device_str), getattr(torch, dtype_str), backend)
 
 
-def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None = None) -> str:
+def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None = None, *,
+                    parameterization: str | None = None, caller: str | None = None) -> str:
     """Name of the backend that runs ``op`` on tensors like ``tensor``.
+
+    With a spline ``parameterization``: the backend ``backend=None`` picks when it declares that
+    prologue (``Backend.parameterizations``), else the reference (on any device); a forced
+    backend (argument or ``FASTFLOW_BACKEND``) without it raises, naming ``caller``.
 
     Raises:
         BackendUnavailableError: a forced backend cannot run here (the message says why).
         ValueError: an unknown backend name.
     """
     if torch.compiler.is_compiling():
-        return _resolve_constant(op, str(tensor.device), str(tensor.dtype).replace("torch.", ""), backend)
-    # Resolution walks the order and runs probes (microseconds of Python per call); its answer
-    # depends only on these, so a successful one is remembered. Errors are never cached.
-    key = (op, tensor.device, tensor.dtype, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
-    try:
-        return _RESOLVED[key]
-    except (KeyError, TypeError):  # TypeError: an unhashable backend argument, refused below
-        pass
-    name = _resolve(op, tensor.device, tensor.dtype, backend)
-    if len(_RESOLVED) > 4096:
-        _RESOLVED.clear()
-    _RESOLVED[key] = name
-    return name
+        name = _resolve_constant(op, str(tensor.device), str(tensor.dtype).replace("torch.", ""), backend)
+    else:
+        # Resolution walks the order and runs probes (microseconds of Python per call); its
+        # answer depends only on these, so a successful one is remembered. Errors are never cached.
+        key = (op, tensor.device, tensor.dtype, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+        try:
+            name = _RESOLVED[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable backend argument, refused below
+            name = _resolve(op, tensor.device, tensor.dtype, backend)
+            if len(_RESOLVED) > 4096:
+                _RESOLVED.clear()
+            _RESOLVED[key] = name
+    if parameterization is None or _has_parameterization(name, parameterization):
+        return name
+    if backend is not None or env_backend() is not None:
+        having = [n for n in _ORDER if parameterization in BACKENDS[n].parameterizations]
+        raise BackendUnavailableError(
+            f"{caller or op}: backend {name!r} has no kernels for the {parameterization!r} spline parameterization; "
+            f"use backend=None or one of {having}")
+    return "reference"
+
+
+@torch.compiler.assume_constant_result
+def _has_parameterization(backend: str, parameterization: str) -> bool:
+    # a declared fact: constant while torch.compile traces (no graph break)
+    return parameterization in BACKENDS[backend].parameterizations
 
 
 _RESOLVED: dict = {}

@@ -100,7 +100,7 @@ class Integration:
         ``BackendUnavailableError`` (with the reason) for a backend that cannot run the spline
         op here (its requirements missing, e.g. no CUDA device) or has no kernels for the
         parameterisation this peer's splines need."""
-        from fastflow.backends import BACKENDS, BackendUnavailableError, check_backend_name, get_kernel
+        from fastflow.backends import BACKENDS, BackendUnavailableError, check_backend_name
 
         where = f"fastflow.integrations.{self.peer}.accelerate(backend=...)"
         name = check_backend_name(backend, where)
@@ -112,7 +112,7 @@ class Integration:
         have: tuple = ()
         reason = b.probe() if OP in b.ops else f"backend {name!r} has no kernel for {OP!r}"
         if reason is None:
-            have = getattr(get_kernel(OP, name), "PARAMETERIZATIONS", ("nflows",))
+            have = b.parameterizations
             lacking = [p for p in self.required if p not in have]
             if lacking:
                 reason = (f"backend {name!r} has no kernels for the {lacking[0]!r} spline parameterization "

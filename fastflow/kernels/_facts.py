@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "import_reason", "interpreting", "FLOATS", "LOW", "SPLINE", "COUPLING", "LU"]
+__all__ = ["Backend", "import_reason", "interpreting", "FLOATS", "LOW", "SPLINE", "COUPLING", "LU",
+           "SplineParameterization", "SPLINE_PARAMETERIZATIONS"]
 
 FLOATS = (torch.float32, torch.float64)
 LOW = (torch.float16, torch.bfloat16)
@@ -50,6 +51,44 @@ LU = {"lu_linear": "lu", "lu_conv1x1": "lu", "actnorm_conv1x1": "lu"}
 
 
 @dataclass(frozen=True)
+class SplineParameterization:
+    """A row of the spline's parameterisation table: how raw values become knots and slopes.
+
+    Attributes:
+        code: the integer every compiled kernel's prologue switch reads (numba's ``kind``,
+            Triton's ``KIND`` constexpr): one numbering for all backends.
+        n_derivs: raw slopes per element beyond ``K``: -1 (interior knots, unit boundary
+            slopes) or +1 (every knot, boundaries included).
+        box: ``"tail_bound"`` (the square ``[-B, B]^2``, identity outside) or ``"box"`` (``left,
+            right, bottom, top``).
+        public: the public function of ``fastflow.ops`` that takes it.
+        rule: one line: the prologue (widths/heights, slopes), as in the reference's
+            ``spline_prologue`` (``fastflow/kernels/reference/spline.py``).
+    """
+
+    code: int
+    n_derivs: int
+    box: str
+    public: str
+    rule: str
+
+
+# The one parameterisation table: every backend reads its codes, declares which it has kernels
+# for (Backend.parameterizations), and the op and the tests take the names from here.
+SPLINE_PARAMETERIZATIONS = {
+    "nflows": SplineParameterization(
+        0, -1, "tail_bound", "rq_spline",
+        "min + (1 - min K) softmax(raw) sizes, md + softplus(raw) interior slopes, unit boundary slopes"),
+    "nflows_bounded": SplineParameterization(
+        1, +1, "box", "rq_spline_bounded",
+        "min + (1 - min K) softmax(raw) sizes on the box, md + softplus(raw) slopes at all K+1 knots"),
+    "zuko": SplineParameterization(
+        2, -1, "tail_bound", "rq_spline_zuko",
+        "softmax(raw / (1 + |2 raw / log slope|)) sizes, exp(raw / (1 + |raw / log slope|)) interior slopes"),
+}
+
+
+@dataclass(frozen=True)
 class Backend:
     """A kernel family: the devices and dtypes it takes, what it computes in, and a probe.
 
@@ -73,6 +112,8 @@ class Backend:
         package: the package its kernel modules are in (default ``fastflow.kernels.<name>``).
         limits: named limits of its kernels (read by the kernels and shown by ``fastflow info``).
         notes: op -> one line for ``fastflow info`` (what the backend does differently for it).
+        parameterizations: the spline parameterisations (rows of
+            :data:`SPLINE_PARAMETERIZATIONS`) its spline kernels have prologues for.
     """
 
     name: str
@@ -90,6 +131,7 @@ class Backend:
     package: str | None = None
     limits: dict = field(default_factory=dict, compare=False, hash=False)
     notes: dict = field(default_factory=dict, compare=False, hash=False)
+    parameterizations: tuple[str, ...] = ("nflows",)
 
     @property
     def kernels_package(self) -> str:

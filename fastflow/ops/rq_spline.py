@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from fastflow.backends import BackendUnavailableError, env_backend, get_kernel, resolve_backend
+from fastflow.backends import get_kernel, resolve_backend
+from fastflow.kernels._facts import SPLINE_PARAMETERIZATIONS
 from fastflow.ops._autocast import autocast_args
 from fastflow.ops._checks import CheckMemo, check_bool, check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._opdef import define
@@ -28,14 +29,14 @@ __all__ = ["rq_spline", "rq_spline_bounded", "rq_spline_zuko", "rq_spline_accept
 OP = "rq_spline"
 _MAX_BINS = 1024
 # The spline's parameterisations (prologues raw -> knots and slopes, evaluated inside each
-# kernel): "nflows" (unconstrained, linear tails: rq_spline), "nflows_bounded"
-# (rq_spline_bounded), "zuko" (rq_spline_zuko). See kernels/reference/spline.py.
-PARAMETERIZATIONS = ("nflows", "nflows_bounded", "zuko")
+# kernel), rows of the one table in kernels/_facts.py: "nflows" (unconstrained, linear tails:
+# rq_spline), "nflows_bounded" (rq_spline_bounded), "zuko" (rq_spline_zuko).
+PARAMETERIZATIONS = tuple(SPLINE_PARAMETERIZATIONS)
 
 
 
 def _box(parameterization, tail_bound, left, right, bottom, top):
-    if parameterization == "nflows":
+    if parameterization == "nflows":  # its square from tail_bound (zuko's is passed as a box)
         return (-tail_bound, tail_bound, -tail_bound, tail_bound)
     return (left, right, bottom, top)
 
@@ -203,26 +204,6 @@ def _expand(inputs, params):
     return out
 
 
-@torch.compiler.assume_constant_result
-def _has_parameterization(backend: str, parameterization: str) -> bool:
-    # a fact about the installed kernels: constant while torch.compile traces (no graph break)
-    return parameterization in getattr(get_kernel(OP, backend), "PARAMETERIZATIONS", ("nflows",))
-
-
-def _param_backend(op, inputs, backend, parameterization) -> str:
-    """The backend for a parameterisation other than "nflows": the one ``backend=None`` picks when
-    its kernels have that prologue, else the reference (on any device); a forced backend (argument
-    or FASTFLOW_BACKEND) without it raises."""
-    name = resolve_backend(OP, inputs, backend)
-    if _has_parameterization(name, parameterization):
-        return name
-    if backend is not None or env_backend() is not None:
-        raise BackendUnavailableError(
-            f"{op}: backend {name!r} has no kernels for the {parameterization!r} spline parameterization; "
-            "use backend=None, 'reference' or 'numba'")
-    return "reference"
-
-
 def rq_spline_bounded(
     inputs: torch.Tensor,
     unnormalized_widths: torch.Tensor,
@@ -268,7 +249,7 @@ def rq_spline_bounded(
     if not all(finite) or not (box[0] < box[1] and box[2] < box[3]):
         raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={left}, right={right}, "
                          f"bottom={bottom}, top={top}")
-    name = _param_backend(op, inputs, backend, "nflows_bounded")
+    name = resolve_backend(OP, inputs, backend, parameterization="nflows_bounded", caller=op)
     params = _expand(inputs, (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
     inverse = check_bool(op, "inverse", inverse)
     return _rq_spline_op(inputs, *params, inverse, 1.0, mbw, mbh, md, name, "nflows_bounded", *box)
@@ -312,7 +293,7 @@ def rq_spline_zuko(
     slope = float(slope)
     if not 0.0 < slope < 1.0:
         raise ValueError(f"{op}: slope must be in (0, 1), got {slope}")
-    name = _param_backend(op, inputs, backend, "zuko")
+    name = resolve_backend(OP, inputs, backend, parameterization="zuko", caller=op)
     params = _expand(inputs, (widths, heights, derivatives))
     inverse = check_bool(op, "inverse", inverse)
     return _rq_spline_op(inputs, *params, inverse, bound, 0.0, 0.0, slope, name, "zuko", -bound, bound, -bound,
@@ -325,7 +306,6 @@ def rq_spline_zuko(
 # --------------------------------------------------------------------------------------------
 
 MAX_BINS = _MAX_BINS
-_PUBLIC = {"nflows": ("rq_spline", -1), "nflows_bounded": ("rq_spline_bounded", 1), "zuko": ("rq_spline_zuko", -1)}
 
 
 def _raw_box(parameterization, tail_bound, box):
@@ -343,9 +323,11 @@ def rq_spline_accepts(inputs, uw, uh, ud, *, parameterization: str = "nflows", t
     with ``tail_bound`` its bound and ``min_derivative`` its slope) would take these arguments:
     its own checks (remembered per shapes and values, so asking is cheap), as a predicate. A
     caller with a fallback of its own asks this, then calls :func:`rq_spline_unchecked`."""
-    if parameterization not in _PUBLIC:
-        raise ValueError(f"rq_spline_accepts: parameterization={parameterization!r}, expected one of {tuple(_PUBLIC)}")
-    op, n_derivs = _PUBLIC[parameterization]
+    if parameterization not in SPLINE_PARAMETERIZATIONS:
+        raise ValueError(f"rq_spline_accepts: parameterization={parameterization!r}, expected one of "
+                         f"{PARAMETERIZATIONS}")
+    row = SPLINE_PARAMETERIZATIONS[parameterization]
+    op, n_derivs = row.public, row.n_derivs
     zuko = parameterization == "zuko"
     try:
         _check(inputs, uw, uh, ud, tail_bound, 0.0 if zuko else min_bin_width, 0.0 if zuko else min_bin_height,
@@ -367,9 +349,8 @@ def rq_spline_unchecked(inputs, uw, uh, ud, *, parameterization: str = "nflows",
     says no). Arguments it would refuse give undefined results here, not a clear error. The
     backend is chosen as by the public functions (a forced one without this parameterisation's
     kernels raises ``BackendUnavailableError``)."""
-    op = _PUBLIC[parameterization][0]
-    name = (resolve_backend(OP, inputs, backend) if parameterization == "nflows"
-            else _param_backend(op, inputs, backend, parameterization))
+    name = resolve_backend(OP, inputs, backend, parameterization=parameterization,
+                           caller=SPLINE_PARAMETERIZATIONS[parameterization].public)
     zuko = parameterization == "zuko"
     params = _expand(inputs, (uw, uh, ud))
     return _rq_spline_op(inputs, *params, bool(inverse), float(tail_bound) if parameterization != "nflows_bounded"

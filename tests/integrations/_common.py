@@ -198,9 +198,9 @@ def record_backends(monkeypatch) -> list:
     seen = []
     real = rqs.resolve_backend
 
-    def spy(op, tensor, backend=None):
+    def spy(op, tensor, backend=None, **kwargs):
         seen.append(backend)
-        return real(op, tensor, backend)
+        return real(op, tensor, backend, **kwargs)
 
     monkeypatch.setattr(rqs, "resolve_backend", spy)
     return seen

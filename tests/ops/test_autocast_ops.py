@@ -17,7 +17,7 @@ import torch
 
 import fastflow.ops  # noqa: F401  (declares every op)
 from fastflow import BackendUnavailableError
-from fastflow.backends import BACKENDS, get_kernel
+from fastflow.backends import BACKENDS
 from fastflow.ops._samples import SPECS
 from tests._backends import run_table
 
@@ -33,8 +33,7 @@ def _runs(spec, backend):
         return True
     if backend not in _RUN or backend not in spec.backends:
         return False
-    return spec.requires is None or spec.requires in getattr(get_kernel(spec.op, backend), "PARAMETERIZATIONS",
-                                                             ("nflows",))
+    return spec.requires is None or spec.requires in BACKENDS[backend].parameterizations
 
 
 # Defects these tests found, fixed with them: eager LU ops under autocast ran their GEMMs in

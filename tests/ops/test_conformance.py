@@ -16,7 +16,7 @@ import torch
 
 import fastflow.ops  # noqa: F401  (declares every op)
 from fastflow import BackendUnavailableError, UnknownBackendError
-from fastflow.backends import BACKENDS, get_kernel, resolve_backend
+from fastflow.backends import BACKENDS, resolve_backend
 from fastflow.ops._samples import SPECS
 from fastflow.testing import (
     assert_close_conditioned,
@@ -36,7 +36,7 @@ def _available(spec, backend):
         return False
     if spec.requires is None:
         return True
-    return spec.requires in getattr(get_kernel(spec.op, backend), "PARAMETERIZATIONS", ("nflows",))
+    return spec.requires in BACKENDS[backend].parameterizations
 
 
 def _cases(with_options=False, with_inverse=False, custom_op_only=False):

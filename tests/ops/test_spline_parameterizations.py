@@ -14,16 +14,17 @@ scalars used here are exact in float32, so that float64 results can be held to 1
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from fastflow import BackendUnavailableError
+from fastflow.backends import BACKENDS, resolve_backend
 from fastflow.kernels.reference.spline import rq_spline_param_reference
-from fastflow.ops.rq_spline import _param_backend, rq_spline_bounded, rq_spline_zuko
+from fastflow.ops.rq_spline import rq_spline_bounded, rq_spline_zuko
 from fastflow.testing import assert_close_conditioned, outputs_and_grads, tolerances
-from fastflow.backends import BACKENDS
 from tests._backends import ALL_BACKENDS, INTERPRET, device_for, float32_in_float32
 
 nflows_rq = pytest.importorskip("nflows.transforms.splines.rational_quadratic")
@@ -302,14 +303,15 @@ def test_triton_launcher_refuses_what_it_has_no_kernels_for():
 @pytest.mark.skipif(INTERPRET, reason="the CPU routing (the interpreter run checks triton's)")
 @pytest.mark.parametrize("kind", KINDS)
 def test_forced_backend_without_the_prologue_raises(kind, monkeypatch):
-    from fastflow.kernels.numba import spline as numba_spline
-
+    # what a backend declares (Backend.parameterizations) is what the registry routes by
     x = torch.zeros(3, dtype=torch.float64)
-    assert _param_backend("op", x, None, kind) == "numba"
-    monkeypatch.setattr(numba_spline, "PARAMETERIZATIONS", ("nflows",))
-    assert _param_backend("op", x, None, kind) == "reference"  # backend=None falls back
+    assert resolve_backend("rq_spline", x, None, parameterization=kind) == "numba"
+    monkeypatch.setitem(BACKENDS, "numba", dataclasses.replace(BACKENDS["numba"], parameterizations=("nflows",)))
+    assert resolve_backend("rq_spline", x, None, parameterization=kind) == "reference"  # backend=None falls back
+    with pytest.raises(BackendUnavailableError, match=f"op: backend 'numba' has no kernels for the '{kind}'"):
+        resolve_backend("rq_spline", x, "numba", parameterization=kind, caller="op")
     with pytest.raises(BackendUnavailableError, match=f"no kernels for the '{kind}'"):
-        _param_backend("op", x, "numba", kind)
+        (rq_spline_bounded if kind == "nflows_bounded" else rq_spline_zuko)(*make(kind, (3,), 3), backend="numba")
 
 
 # triton (with its mark) where it runs, else no case at all (deselected, not skipped)
@@ -320,4 +322,4 @@ TRITON = [b for b in ALL_BACKENDS if getattr(b, "values", (b,))[0] == "triton"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_backend_none_picks_triton(backend, kind):
     x = torch.zeros(3, dtype=torch.float64, device=device_for(backend))
-    assert _param_backend("op", x, None, kind) == backend
+    assert resolve_backend("rq_spline", x, None, parameterization=kind) == backend

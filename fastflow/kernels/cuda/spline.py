@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastflow.kernels.cuda import BACKEND
 from fastflow.kernels.reference.spline import flat_rows
 from fastflow.kernels.cuda.loader import dtype_suffix, launch, ptr
 
@@ -67,7 +68,7 @@ def bwd(g_out, g_lad, x, uw, uh, ud, inverse, tb, mbw, mbh, md):
 # walk with its +-bound ends, the backward's chain), so another prologue is a second copy of those
 # passes plus host-harness tests, not a switch; ops/rq_spline.py sends the other
 # parameterisations to triton (first in the order on a GPU) or the reference.
-PARAMETERIZATIONS = ("nflows",)
+PARAMETERIZATIONS = BACKEND.parameterizations
 
 
 def _nflows_only(parameterization):

@@ -2,9 +2,9 @@
 
 One parallel pass over the elements, all arithmetic in float64 whatever the storage dtype (so
 float32 results carry only the final rounding). One kernel per direction serves every
-parameterisation (``KINDS``): a parameterisation is a prologue (raw values -> knots and knot
-slopes) and an epilogue of the backward (the prologue's chain rule), selected once per tile;
-the spline's core between them is shared.
+parameterisation (its code in ``kernels/_facts.SPLINE_PARAMETERIZATIONS``): a parameterisation
+is a prologue (raw values -> knots and knot slopes) and an epilogue of the backward (the
+prologue's chain rule), selected once per tile; the spline's core between them is shared.
 
 Elements go in tiles of ``_TILE``, and every phase of a tile is a loop over the tile's
 elements that LLVM vectorises (one element per SIMD lane):
@@ -41,6 +41,7 @@ from fastflow.kernels.numba._math import exp32 as _exp32
 from fastflow.kernels.numba._math import log as _log
 from fastflow.kernels.numba._math import log1p_unit as _log1p_unit
 from fastflow.kernels.numba._math import log1p_unit32 as _log1p_unit32
+from fastflow.kernels._facts import SPLINE_PARAMETERIZATIONS
 from fastflow.kernels.numba._threads import launch
 
 # Elements per parallel task: large enough to amortise the scratch allocation and scheduling,
@@ -98,12 +99,12 @@ def _ov_softplus_sigmoid_as(z, like):
     return impl
 
 
-# The parameterisations: 0 "nflows" (unconstrained, linear tails: the identity outside the
-# interval, unit boundary slopes), 1 "nflows_bounded" (K+1 slopes md + softplus(raw) on the
-# box [left, right] x [bottom, top]), 2 "zuko" (raw values soft-bounded by log(slope), softmax
-# without minimum, slopes exp(clip(raw)), unit boundary slopes). See kernels/reference/spline.py.
-NFLOWS, BOUNDED, ZUKO = 0, 1, 2
-KINDS = {"nflows_bounded": BOUNDED, "zuko": ZUKO}
+# The parameterisations' codes, from the one table (kernels/_facts.py, SPLINE_PARAMETERIZATIONS):
+# "nflows" (unconstrained, linear tails: the identity outside the interval, unit boundary
+# slopes), "nflows_bounded" (K+1 slopes md + softplus(raw) on the box [left, right] x [bottom,
+# top]), "zuko" (raw values soft-bounded by log(slope), softmax without minimum, slopes
+# exp(clip(raw)), unit boundary slopes). See kernels/reference/spline.py.
+NFLOWS, BOUNDED, ZUKO = (SPLINE_PARAMETERIZATIONS[p].code for p in ("nflows", "nflows_bounded", "zuko"))
 
 # Rows of the per-tile scratch ``st`` (flat, _TILE per row: constant offsets let LLVM prove
 # the rows disjoint and vectorise the loops that read some and write others).
@@ -580,11 +581,8 @@ def rq_spline_bwd(g_out, g_lad, x, uw, uh, ud, inverse, kind, box, mbw, mbh, md)
 # torch tensors in and out, shared with numpy without copies.
 # --------------------------------------------------------------------------------------------
 
-PARAMETERIZATIONS = ("nflows", *KINDS)
-
-
 def _kind(parameterization):
-    return NFLOWS if parameterization == "nflows" else KINDS[parameterization]
+    return SPLINE_PARAMETERIZATIONS[parameterization].code
 
 
 def _rows(t, k=0):

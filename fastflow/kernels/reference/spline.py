@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastflow.kernels._facts import SPLINE_PARAMETERIZATIONS
 from fastflow.kernels.reference._precision import upcast
 
 
@@ -225,7 +226,7 @@ def rq_spline_reference_backward(
 #     ``exp(d)`` with unit boundary slopes, the identity with log-det 0 outside [-bound, bound].
 #     ``min_derivative`` carries zuko's ``slope``.
 
-PARAMETERIZATIONS = ("nflows", "nflows_bounded", "zuko")
+PARAMETERIZATIONS = tuple(SPLINE_PARAMETERIZATIONS)
 
 
 def soft_clip(raw: torch.Tensor, scale: float) -> torch.Tensor:

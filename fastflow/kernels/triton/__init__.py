@@ -4,7 +4,8 @@ float64 for the spline and coupling ops (the LU kernels stay float32-only)."""
 
 import torch
 
-from fastflow.kernels._facts import COUPLING, LOW, LU, SPLINE, Backend, import_reason, interpreting
+from fastflow.kernels._facts import (COUPLING, LOW, LU, SPLINE, SPLINE_PARAMETERIZATIONS, Backend, import_reason,
+                                     interpreting)
 
 
 def _probe():
@@ -19,5 +20,5 @@ def _probe():
 BACKEND = Backend(
     "triton", ("cuda",), (torch.float32,) + LOW, _probe, "fused Triton GPU kernels",
     op_dtypes={op: (torch.float64,) for op in ("rq_spline", "affine_coupling", "additive_coupling", "rescale")},
-    cpu_when=interpreting, ops={**SPLINE, **COUPLING, **LU},
+    cpu_when=interpreting, ops={**SPLINE, **COUPLING, **LU}, parameterizations=tuple(SPLINE_PARAMETERIZATIONS),
 )

@@ -30,7 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastflow.kernels._facts import SPLINE_PARAMETERIZATIONS
 from fastflow.kernels.reference.spline import flat_rows
+from fastflow.kernels.triton import BACKEND
 from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, make_spec, ptr, unique
 
 
@@ -385,9 +387,11 @@ def _rq_spline_bwd_kernel(
         tl.store(gud_ptr + rows[:, None] * (K - 1) + c, gud.to(xr.dtype), mask=rmask[:, None] & (c < K - 1))
 
 
-# The prologues (raw parameters -> knots and slopes) the kernels' KIND constexpr selects; see
-# kernels/reference/spline.py. KIND 0 is the nflows path as it always was (the same code).
-KINDS = {"nflows": 0, "nflows_bounded": 1, "zuko": 2}
+# The prologues (raw parameters -> knots and slopes) the kernels' KIND constexpr selects, by the
+# codes of the one table (kernels/_facts.py; the kernels test KIND == 1 for "nflows_bounded" and
+# KIND == 2 for "zuko"); see kernels/reference/spline.py.
+KINDS = {name: p.code for name, p in SPLINE_PARAMETERIZATIONS.items()}
+assert KINDS == {"nflows": 0, "nflows_bounded": 1, "zuko": 2}, "the kernels' KIND literals follow the table"
 
 
 @functools.lru_cache(maxsize=None)
@@ -495,7 +499,7 @@ class _nullctx:
 
 
 # The launcher interface of kernels/<backend>/spline.py (see kernels/reference/spline.py).
-PARAMETERIZATIONS = tuple(KINDS)
+PARAMETERIZATIONS = BACKEND.parameterizations
 
 
 def _check_kind(parameterization, k, ud):
