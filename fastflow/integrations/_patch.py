@@ -225,6 +225,37 @@ class Integration:
     def is_active(self) -> bool:
         return bool(self._handles)
 
+    def public_functions(self, module: str, summary: str, *, force_more: str = "", closes: str = "turns it off",
+                         restore_doc: str | None = None):
+        """The peer module's ``accelerate``, ``restore`` and ``is_accelerated``, written once:
+        ``summary`` heads ``accelerate``'s docstring, ``force_more`` adds to its ``force``
+        argument, ``closes`` says what closing the handle does, ``restore_doc`` replaces
+        ``restore``'s docstring."""
+
+        def accelerate(*, backend: str | None = None, force: bool = False) -> Handle:
+            return self.accelerate(backend=backend, force=force)
+
+        def restore() -> None:
+            self.restore()
+
+        def is_accelerated() -> bool:
+            return self.is_active()
+
+        accelerate.__doc__ = f"""{summary}
+
+    Args:
+        backend: fastflow backend (None: the fastest available).
+        force: patch even on a version other than {self.tested_text} (with a warning){force_more}.
+
+    Returns:
+        A handle: ``handle.close()`` (or the end of a ``with accelerate():`` block) {closes}.
+    """
+        restore.__doc__ = restore_doc or f"Turn the acceleration off now ({self.peer}'s originals back, the same ones)."
+        is_accelerated.__doc__ = f"Whether a handle of this integration is open ({self.peer}'s calls reach the op)."
+        for fn in (accelerate, restore, is_accelerated):
+            fn.__module__, fn.__qualname__ = module, fn.__name__
+        return accelerate, restore, is_accelerated
+
 
 def float_tensors(*ts) -> bool:
     """Whether fastflow's op takes these as they are: float32/float64, one dtype and device."""

@@ -69,23 +69,5 @@ INTEGRATION = Integration("glasflow", "glasflow", _tested, TESTED, _targets,
                           required=("nflows",), optional=("nflows_bounded",), delegates=_delegates)
 
 
-def accelerate(*, backend: str | None = None, force: bool = False):
-    """Route glasflow's rational-quadratic splines to fastflow's fused spline op.
-
-    Args:
-        backend: fastflow backend (None: the fastest available).
-        force: patch even on a glasflow version other than 0.4.x (with a warning).
-
-    Returns:
-        A handle: ``handle.close()`` (or the end of a ``with accelerate():`` block) turns it off.
-    """
-    return INTEGRATION.accelerate(backend=backend, force=force)
-
-
-def restore() -> None:
-    """Turn the acceleration off now (glasflow's original functions back, the same objects)."""
-    INTEGRATION.restore()
-
-
-def is_accelerated() -> bool:
-    return INTEGRATION.is_active()
+accelerate, restore, is_accelerated = INTEGRATION.public_functions(
+    __name__, "Route glasflow's rational-quadratic splines to fastflow's fused spline op.")

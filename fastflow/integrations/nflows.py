@@ -44,23 +44,5 @@ INTEGRATION = Integration("nflows", "nflows", _tested, TESTED, _targets,
                           required=("nflows",), optional=("nflows_bounded",))
 
 
-def accelerate(*, backend: str | None = None, force: bool = False):
-    """Route nflows' rational-quadratic splines to fastflow's fused spline op.
-
-    Args:
-        backend: fastflow backend (None: the fastest available).
-        force: patch even on an nflows version other than 0.14 (with a warning).
-
-    Returns:
-        A handle: ``handle.close()`` (or the end of a ``with accelerate():`` block) turns it off.
-    """
-    return INTEGRATION.accelerate(backend=backend, force=force)
-
-
-def restore() -> None:
-    """Turn the acceleration off now (nflows' original functions back, the same objects)."""
-    INTEGRATION.restore()
-
-
-def is_accelerated() -> bool:
-    return INTEGRATION.is_active()
+accelerate, restore, is_accelerated = INTEGRATION.public_functions(
+    __name__, "Route nflows' rational-quadratic splines to fastflow's fused spline op.")

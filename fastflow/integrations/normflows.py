@@ -42,23 +42,5 @@ INTEGRATION = Integration("normflows", "normflows", _tested, TESTED, _targets,
                           required=("nflows",), optional=("nflows_bounded",))
 
 
-def accelerate(*, backend: str | None = None, force: bool = False):
-    """Route normflows' rational-quadratic splines to fastflow's fused spline op.
-
-    Args:
-        backend: fastflow backend (None: the fastest available).
-        force: patch even on a normflows version other than 1.7.x (with a warning).
-
-    Returns:
-        A handle: ``handle.close()`` (or the end of a ``with accelerate():`` block) turns it off.
-    """
-    return INTEGRATION.accelerate(backend=backend, force=force)
-
-
-def restore() -> None:
-    """Turn the acceleration off now (normflows' original functions back, the same objects)."""
-    INTEGRATION.restore()
-
-
-def is_accelerated() -> bool:
-    return INTEGRATION.is_active()
+accelerate, restore, is_accelerated = INTEGRATION.public_functions(
+    __name__, "Route normflows' rational-quadratic splines to fastflow's fused spline op.")

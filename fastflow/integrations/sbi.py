@@ -78,26 +78,10 @@ INTEGRATION = Integration("sbi", "sbi", _tested, TESTED, list, required=("nflows
                           optional=("nflows_bounded",), delegates=_delegates)
 
 
-def accelerate(*, backend: str | None = None, force: bool = False):
-    """Accelerate every sbi density estimator that has a fused law (see :data:`ESTIMATORS`):
-    one handle holding the nflows and zuko integrations.
-
-    Args:
-        backend: fastflow backend (None: the fastest available).
-        force: patch even on an sbi version other than 0.27.x (with a warning); the nflows and
-            zuko integrations then also patch untested versions of theirs.
-
-    Returns:
-        A handle: ``handle.close()`` (or the end of a ``with accelerate():`` block) turns both off.
-    """
-    return INTEGRATION.accelerate(backend=backend, force=force)
-
-
-def restore() -> None:
-    """Turn this integration off now, releasing the nflows and zuko shares its handles hold
-    (handles opened on ``fastflow.integrations.nflows``/``.zuko`` directly stay open)."""
-    INTEGRATION.restore()
-
-
-def is_accelerated() -> bool:
-    return INTEGRATION.is_active()
+accelerate, restore, is_accelerated = INTEGRATION.public_functions(
+    __name__, "Accelerate every sbi density estimator that has a fused law (see :data:`ESTIMATORS`): one handle "
+              "holding the nflows and zuko integrations.",
+    force_more="; the nflows and zuko integrations then also patch untested versions of theirs",
+    closes="turns both off",
+    restore_doc="Turn this integration off now, releasing the nflows and zuko shares its handles hold (handles "
+                "opened on ``fastflow.integrations.nflows``/``.zuko`` directly stay open).")

@@ -269,23 +269,5 @@ INTEGRATION = Integration("zuko", "zuko", _tested, TESTED, _targets, required=("
                           before_undo=_materialize_all)
 
 
-def accelerate(*, backend: str | None = None, force: bool = False):
-    """Route zuko's ``MonotonicRQSTransform`` to fastflow's fused spline op.
-
-    Args:
-        backend: fastflow backend for the op (None: the fastest available).
-        force: patch even on a zuko version other than 1.6.x (with a warning).
-
-    Returns:
-        A handle: ``handle.close()`` (or the end of a ``with accelerate():`` block) turns it off.
-    """
-    return INTEGRATION.accelerate(backend=backend, force=force)
-
-
-def restore() -> None:
-    """Turn the acceleration off now (zuko's original methods back, the same objects)."""
-    INTEGRATION.restore()
-
-
-def is_accelerated() -> bool:
-    return INTEGRATION.is_active()
+accelerate, restore, is_accelerated = INTEGRATION.public_functions(
+    __name__, "Route zuko's ``MonotonicRQSTransform`` to fastflow's fused spline op.")

@@ -36,7 +36,7 @@ PARAMETERIZATIONS = tuple(SPLINE_PARAMETERIZATIONS)
 
 
 def _box(parameterization, tail_bound, left, right, bottom, top):
-    if parameterization == "nflows":  # its square from tail_bound (zuko's is passed as a box)
+    if SPLINE_PARAMETERIZATIONS[parameterization].box == "tail_bound":  # the square [-B, B]^2
         return (-tail_bound, tail_bound, -tail_bound, tail_bound)
     return (left, right, bottom, top)
 
@@ -91,10 +91,11 @@ _rq_spline_op = define(OP, forward=_forward, outputs=("like:inputs", "like:input
 
 
 _MEMO = CheckMemo()
+_NAMES = ("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives")
+_ZUKO_NAMES = ("widths", "heights", "derivatives")
 
 
-def _check(inputs, uw, uh, ud, tail_bound, mbw, mbh, md, op="rq_spline", n_derivs=-1,
-           names=("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives")):
+def _check(inputs, uw, uh, ud, tail_bound, mbw, mbh, md, op="rq_spline", n_derivs=-1, names=_NAMES):
     if torch.compiler.is_compiling():
         return _check_all(inputs, uw, uh, ud, tail_bound, mbw, mbh, md, op, n_derivs, names)
     key = _MEMO.key((inputs, uw, uh, ud), (tail_bound, mbw, mbh, md, op, n_derivs))
@@ -183,25 +184,40 @@ def rq_spline(
         ``log|d outputs / d inputs|`` elementwise. A NaN input gives NaN in both at that element
         only; an empty input gives empty outputs.
     """
-    inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives = autocast_args(
-        inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives)  # float32 under autocast
-    tail_bound, mbw, mbh, md = _check(
-        inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
-        tail_bound, min_bin_width, min_bin_height, min_derivative,
-    )
-    name = resolve_backend(OP, inputs, backend)
-    params = _expand(inputs, (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
-    inverse = check_bool(OP, "inverse", inverse)
-    return _rq_spline_op(inputs, *params, inverse, tail_bound, mbw, mbh, md, name)
+    return _call("nflows", (inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives), inverse,
+                 backend, tail_bound, min_bin_width, min_bin_height, min_derivative)
+
+
+def _call(parameterization, tensors, inverse, backend, tail_bound, mbw, mbh, md, box=None, names=_NAMES,
+          slope=None):
+    """What every public function does after its signature: autocast, checks, backend, the op."""
+    row = SPLINE_PARAMETERIZATIONS[parameterization]
+    op = row.public
+    inputs, *params = autocast_args(*tensors)  # float32 under autocast
+    tail_bound, mbw, mbh, md = _check(inputs, *params, tail_bound, mbw, mbh, md, op, row.n_derivs, names)
+    if slope is not None:  # zuko's minimum slope, which the kernels read where min_derivative is
+        md = float(slope)
+        if not 0.0 < md < 1.0:
+            raise ValueError(f"{op}: slope must be in (0, 1), got {md}")
+    if row.box == "tail_bound":
+        box = (-tail_bound, tail_bound, -tail_bound, tail_bound)
+    else:
+        box = tuple(v if isinstance(v, torch.SymFloat) else float(v) for v in box)
+        # comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat
+        if not all(v == v and v != math.inf and v != -math.inf for v in box) or not (box[0] < box[1] and
+                                                                                     box[2] < box[3]):
+            raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={box[0]}, "
+                             f"right={box[1]}, bottom={box[2]}, top={box[3]}")
+    name = resolve_backend(OP, inputs, backend, parameterization=None if parameterization == "nflows"
+                           else parameterization, caller=op)
+    params = _expand(inputs, params)
+    inverse = check_bool(op, "inverse", inverse)
+    return _rq_spline_op(inputs, *params, inverse, tail_bound, mbw, mbh, md, name, parameterization, *box)
 
 
 def _expand(inputs, params):
-    out = []
-    for p in params:
-        if p.shape[:-1] != inputs.shape:
-            p = p.expand(*inputs.shape, p.shape[-1])  # autograd sums the gradient back
-        out.append(p)
-    return out
+    # parameters broadcast to inputs' shape are expanded (a view); autograd sums the gradient back
+    return [p if p.shape[:-1] == inputs.shape else p.expand(*inputs.shape, p.shape[-1]) for p in params]
 
 
 def rq_spline_bounded(
@@ -238,21 +254,8 @@ def rq_spline_bounded(
     Returns:
         ``(outputs, logabsdet)``, both of ``inputs.shape``.
     """
-    op = "rq_spline_bounded"
-    inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives = autocast_args(
-        inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
-    _, mbw, mbh, md = _check(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, 1.0,
-                             min_bin_width, min_bin_height, min_derivative, op=op, n_derivs=1)
-    box = tuple(v if isinstance(v, torch.SymFloat) else float(v) for v in (left, right, bottom, top))
-    # comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat
-    finite = [v == v and v != math.inf and v != -math.inf for v in box]
-    if not all(finite) or not (box[0] < box[1] and box[2] < box[3]):
-        raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={left}, right={right}, "
-                         f"bottom={bottom}, top={top}")
-    name = resolve_backend(OP, inputs, backend, parameterization="nflows_bounded", caller=op)
-    params = _expand(inputs, (unnormalized_widths, unnormalized_heights, unnormalized_derivatives))
-    inverse = check_bool(op, "inverse", inverse)
-    return _rq_spline_op(inputs, *params, inverse, 1.0, mbw, mbh, md, name, "nflows_bounded", *box)
+    return _call("nflows_bounded", (inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives),
+                 inverse, backend, 1.0, min_bin_width, min_bin_height, min_derivative, box=(left, right, bottom, top))
 
 
 def rq_spline_zuko(
@@ -286,18 +289,8 @@ def rq_spline_zuko(
     Returns:
         ``(outputs, logabsdet)``, both of ``inputs.shape``.
     """
-    op = "rq_spline_zuko"
-    inputs, widths, heights, derivatives = autocast_args(inputs, widths, heights, derivatives)
-    bound, _, _, _ = _check(inputs, widths, heights, derivatives, bound, 0.0, 0.0, 0.0, op=op,
-                            names=("widths", "heights", "derivatives"))
-    slope = float(slope)
-    if not 0.0 < slope < 1.0:
-        raise ValueError(f"{op}: slope must be in (0, 1), got {slope}")
-    name = resolve_backend(OP, inputs, backend, parameterization="zuko", caller=op)
-    params = _expand(inputs, (widths, heights, derivatives))
-    inverse = check_bool(op, "inverse", inverse)
-    return _rq_spline_op(inputs, *params, inverse, bound, 0.0, 0.0, slope, name, "zuko", -bound, bound, -bound,
-                         bound)
+    return _call("zuko", (inputs, widths, heights, derivatives), inverse, backend, bound, 0.0, 0.0, 0.0,
+                 names=_ZUKO_NAMES, slope=slope)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,9 +302,6 @@ MAX_BINS = _MAX_BINS
 
 
 def _raw_box(parameterization, tail_bound, box):
-    if parameterization == "zuko":  # zuko's box is [-bound, bound]^2, its bound in tail_bound
-        b = float(tail_bound)
-        return (-b, b, -b, b)
     return tuple(float(v) for v in _box(parameterization, float(tail_bound), *box))
 
 
