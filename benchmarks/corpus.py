@@ -5,8 +5,9 @@
 
 What is recorded (CPU; the Triton kernels under ``TRITON_INTERPRET=1``, which this script sets):
 
-- every declared op (``fastflow.ops._spec.SPECS``) x every backend that runs here x every dtype
-  that backend takes among float32/float64 x every declared option x forward/inverse: the outputs
+- every declared op (``fastflow.ops._samples.SPECS``) x the default choice (``backend=None``,
+  routes included) and every backend that runs here x every dtype that backend takes among
+  float32/float64 x every declared option x forward/inverse: the outputs
   and the gradients of a fixed random functional of them with respect to every gradient input;
 - every registered model (the tests' small configurations), with and without a large batch that
   reaches the fused kernels: ``log_prob`` of a fixed batch and every parameter's gradient, and a
@@ -48,15 +49,15 @@ def _ops(out: dict) -> None:
     from fastflow.backends import BACKENDS
 
     for spec in _specs().values():
-        for backend in spec.backends:
-            if not _runnable(backend):
+        for backend in (None, *spec.backends):  # None: the default choice, routes included
+            if backend is not None and not _runnable(backend):
                 continue
-            dtypes = [d for d in (torch.float32, torch.float64) if d in BACKENDS[backend].dtypes
+            dtypes = [d for d in (torch.float32, torch.float64) if backend is None or d in BACKENDS[backend].dtypes
                       or d in BACKENDS[backend].op_dtypes.get(spec.op, ())]
             for dtype in dtypes:
                 for i, option in enumerate(spec.options):
                     for inverse in (False, True):
-                        key = f"op/{spec.name}/{backend}/{str(dtype)[6:]}/o{i}/{'inv' if inverse else 'fwd'}"
+                        key = f"op/{spec.name}/{backend or 'default'}/{str(dtype)[6:]}/o{i}/{'inv' if inverse else 'fwd'}"
                         gen = torch.Generator().manual_seed(1234)
                         tensors, kwargs = spec.example(spec.shapes[0], dtype, "cpu", gen, **option)
                         idx = [spec.inputs.index(n) for n in spec.grad_inputs]

@@ -7,12 +7,16 @@ Five backends, tried in this order when ``backend=None``:
   float64 computed in float64 for the spline and coupling ops.
 - ``cuda``: hand-written CUDA C++ kernels from ``csrc/``, loaded through CuPy.
 - ``numba``: fused parallel CPU kernels; float32/float64, computed in float64.
-- ``torch``: tuned plain-PyTorch paths: a default only for the LU ops (any device and dtype); the
-  coupling ops' small-input routes (``ROUTES``) send calls to it too.
+- ``torch``: the LU maps' tuned plain-PyTorch launchers (any device and dtype).
 - ``reference``: pure torch, any device and floating dtype; the oracle and the last resort.
 
 ``backend="name"`` (or the ``FASTFLOW_BACKEND`` environment variable) forces one and raises
 :class:`BackendUnavailableError` with the reason when it cannot run the op on those tensors.
+
+Routes (``ROUTES``) send some ``backend=None`` calls past the order to :data:`COMPOSITE`: the
+op's maths as plain differentiable torch ops in the inputs' dtype, called outside the custom op
+(the coupling laws at small or nothing-to-fuse sizes, where a kernel launch costs more than
+fusing saves).
 """
 
 from __future__ import annotations
@@ -100,11 +104,16 @@ def add_backend(package: str, *, before: str | None = None) -> Backend:
 # fused; the crossover is measured by `fastflow bench coupling --sizes 128,512,2048,8192`.
 SMALL_CPU_ELEMS = 131072
 
+#: What a route sends a call to: not a backend but the op's composite (its maths in plain torch
+#: ops, in the inputs' dtype), called outside the custom op and differentiated by autograd.
+COMPOSITE = "composite"
+
 
 @dataclass(frozen=True)
 class Route:
-    """``backend=None`` sends ``op`` to ``backend`` for eager CPU float32/float64 inputs with at
-    most ``max_elements()`` elements (None: any size), for ``reason``."""
+    """``backend=None`` sends ``op`` to ``backend`` (:data:`COMPOSITE`) for eager CPU
+    float32/float64 inputs with at most ``max_elements()`` elements (None: any size), for
+    ``reason``."""
 
     op: str
     backend: str
@@ -114,15 +123,15 @@ class Route:
     def describe(self) -> str:
         n = self.max_elements()
         size = "at any size" if n is None else f"of at most {n} elements"
-        return f"{self.op}: eager CPU float32/float64 inputs {size} run on {self.backend!r} ({self.reason})"
+        return f"{self.op}: eager CPU float32/float64 inputs {size} run as plain torch ops ({self.reason})"
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("affine_coupling", "torch", lambda: SMALL_CPU_ELEMS,
+    Route("affine_coupling", COMPOSITE, lambda: SMALL_CPU_ELEMS,
           "a kernel launch from Python costs more than fusing saves there"),
-    Route("additive_coupling", "torch", lambda: None,
+    Route("additive_coupling", COMPOSITE, lambda: None,
           "one elementwise pass with nothing to fuse: PyTorch's own kernel was faster at every size measured"),
-    Route("rescale", "torch", lambda: None,
+    Route("rescale", COMPOSITE, lambda: None,
           "one elementwise pass with nothing to fuse: PyTorch's own kernel was faster at every size measured"),
 )
 
@@ -200,8 +209,12 @@ def _resolve_constant(op: str, device_str: str, dtype_str: str, backend: str | N
 
 
 def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None = None, *,
-                    parameterization: str | None = None, caller: str | None = None) -> str:
+                    parameterization: str | None = None, caller: str | None = None,
+                    routed: Callable[[], bool] | None = None) -> str:
     """Name of the backend that runs ``op`` on tensors like ``tensor``.
+
+    With ``routed`` (``routed() -> bool``: whether the caller's inputs are ordinary eager tensors)
+    and ``backend=None``, a route may answer first: :data:`COMPOSITE` (see ``ROUTES``).
 
     With a spline ``parameterization``: the backend ``backend=None`` picks when it declares that
     prologue (``Backend.parameterizations``), else the reference (on any device); a forced
@@ -211,6 +224,10 @@ def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None = None, *
         BackendUnavailableError: a forced backend cannot run here (the message says why).
         ValueError: an unknown backend name.
     """
+    if routed is not None and backend is None:
+        name = routed_backend(op, tensor, routed)
+        if name is not None:
+            return name
     if torch.compiler.is_compiling():
         name = _resolve_constant(op, str(tensor.device), str(tensor.dtype).replace("torch.", ""), backend)
     else:

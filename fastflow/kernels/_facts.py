@@ -107,8 +107,6 @@ class Backend:
         cpu_when: a test that lets a GPU backend take CPU tensors (Triton's interpreter).
         ops: op -> the kernel module implementing it, in ``package`` (``"spline"``,
             ``"coupling"``, ``"lu"``): what this backend runs.
-        outside_op: the ops whose kernels are plain differentiable torch ops called outside the
-            custom op (the ``torch`` backend's coupling routes).
         package: the package its kernel modules are in (default ``fastflow.kernels.<name>``).
         limits: named limits of its kernels (read by the kernels and shown by ``fastflow info``).
         notes: op -> one line for ``fastflow info`` (what the backend does differently for it).
@@ -127,7 +125,6 @@ class Backend:
     default_ops: tuple[str, ...] | None = None
     cpu_when: Callable[[], bool] | None = field(default=None, compare=False, hash=False)
     ops: dict = field(default_factory=dict, compare=False, hash=False)
-    outside_op: tuple[str, ...] = ()
     package: str | None = None
     limits: dict = field(default_factory=dict, compare=False, hash=False)
     notes: dict = field(default_factory=dict, compare=False, hash=False)

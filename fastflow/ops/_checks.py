@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
+
+from fastflow.kernels.torch.lu import tensor_version as _version
 
 
 def describe(t: torch.Tensor) -> str:
@@ -104,3 +107,51 @@ class CheckMemo:
         except TypeError:
             pass
         return value
+
+
+def check_batch(op: str, named: dict) -> None:
+    """Tensors of one floating dtype and device, the first with a batch dimension ``(B, ...)``
+    and every other of its shape (the coupling laws' arguments)."""
+    for name, t in named.items():
+        check_tensor(name, t, op=op)
+    check_same(op, named)
+    (n0, t0), *rest = named.items()
+    if t0.dim() < 1:
+        raise ValueError(f"{op}: {n0} must have a batch dimension (B, ...), got {describe(t0)}")
+    for name, t in rest:
+        if t.shape != t0.shape:
+            raise ValueError(f"{op}: {name} must have the shape of {n0} {tuple(t0.shape)}, got {describe(t)}")
+
+
+_VALIDATED: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def check_permutation_and_signs(op, perm, sign) -> None:
+    """perm is a permutation of 0..C-1 and sign is +-1 (data-dependent: skipped while compiling).
+
+    A (perm, sign) pair once found valid is remembered by ``data_ptr``/``_version`` (the entry
+    holds a reference, so the address cannot be reused): on GPUs a check would cost a device
+    sync, on the CPU ~20 us a call. CPU hits are confirmed against a snapshot (two small
+    ``torch.equal``), which also catches writes through ``.data`` that bump no version.
+    """
+    if torch.compiler.is_compiling():
+        return
+    try:
+        key = tuple((t.data_ptr(), _version(t), t.stride(), t.shape, t.dtype) for t in (perm, sign)) + (perm.device,)
+    except RuntimeError:  # functorch-wrapped tensors have no data pointer: check without the cache
+        key = None
+    hit = _VALIDATED.get(key) if key is not None else None
+    if hit is not None and (perm.device.type != "cpu" or (torch.equal(hit[2], perm) and torch.equal(hit[3], sign))):
+        return
+    c = perm.numel()
+    if not torch.equal(torch.sort(perm).values, torch.arange(c, device=perm.device, dtype=perm.dtype)):
+        got = perm.tolist() if c <= 32 else describe(perm)
+        raise ValueError(f"{op}: perm must be a permutation of 0..{c - 1} (each index exactly once), got {got}")
+    if not bool(((sign == 1) | (sign == -1)).all()):
+        raise ValueError(f"{op}: sign must hold only +1 and -1 (the fixed signs of W's diagonal), got {describe(sign)}")
+    if key is None:
+        return
+    snap = (perm.clone(), sign.clone()) if perm.device.type == "cpu" else (None, None)
+    _VALIDATED[key] = (perm, sign, *snap)
+    while len(_VALIDATED) > 256:
+        _VALIDATED.popitem(last=False)

@@ -83,11 +83,6 @@ class OpSpec:
         ops it runs (``Backend.ops``, ``fastflow/kernels/<name>/__init__.py``)."""
         return tuple(n for n, b in _registry.BACKENDS.items() if self.op in b.ops)
 
-    @property
-    def outside_op(self) -> tuple[str, ...]:
-        """Backends whose kernels for ``op`` are plain differentiable torch ops called outside the
-        custom op (no opcheck for them), as they declare."""
-        return tuple(n for n, b in _registry.BACKENDS.items() if self.op in b.outside_op)
 
 
     def __post_init__(self):

@@ -6,37 +6,29 @@
 - :func:`additive_coupling`: ``y = x + t``; Dinh et al., "NICE" (ICLR 2015 workshop).
 - :func:`rescale`: NICE's diagonal scaling ``y = exp(log_scale) * x``.
 
-Each is a custom op (``fastflow::affine_coupling``, ``fastflow::additive_coupling``,
-``fastflow::rescale``) with a fake impl and autograd; the backward of the affine and rescale
-laws is its own fused op that recomputes what it needs from the inputs. Inputs are read
-through their strides: the channel halves ``x[:, :C//2]`` and the conditioner's
-``h[:, ::2]``/``h[:, 1::2]`` or chunks are passed to the kernels as views, never copied.
-
-The kernels' launcher interface (``affine_fwd``, ``affine_bwd``, ``additive_fwd``,
-``rescale_fwd``, ``rescale_bwd`` on strided ``(B, M, N)`` views) is documented in
-:mod:`fastflow.kernels.reference.coupling`; this module turns any ``(B, ...)`` layout into such
-views (copying only what no view can express).
+Each is an op generated from its definition (``fastflow/ops/_opdef.py``); the affine and
+rescale laws' backward is a fused op recomputing what it needs from the inputs. Inputs are read
+through their strides (the channel halves ``x[:, :C//2]``, the conditioner's ``h[:, ::2]``):
+this module turns any ``(B, ...)`` layout into the strided ``(B, M, N)`` views of the kernels'
+launcher interface (:mod:`fastflow.kernels.reference.coupling`), copying only what no view can
+express. Small or nothing-to-fuse eager inputs are routed to the law's plain torch ops.
 """
 
 from __future__ import annotations
 
-
 import torch
 
-from fastflow.backends import SMALL_CPU_ELEMS, get_kernel, resolve_backend, routed_backend
+from fastflow.backends import COMPOSITE, SMALL_CPU_ELEMS, get_kernel, resolve_backend
 from fastflow.kernels.reference._precision import upcast
-from fastflow.kernels.reference.coupling import SCALES
-from fastflow.kernels.torch import coupling as _torch_laws  # plain torch ops: imported here, traced by dynamo
+from fastflow.kernels.reference import coupling as _laws  # plain torch ops: imported here, traced by dynamo
 from fastflow.ops._autocast import autocast_args
-from fastflow.ops._checks import check_bool, check_positive_float, check_same, check_tensor, describe
+from fastflow.ops._checks import check_batch, check_bool, check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._dispatch import _eager as _dispatch_eager
 from fastflow.ops._layout import as_3d as _as_3d
 from fastflow.ops._opdef import define
 
+SCALES = _laws.SCALES
 __all__ = ["affine_coupling", "additive_coupling", "rescale", "SCALES", "SMALL_CPU_ELEMS"]
-
-OPS = ("affine_coupling", "additive_coupling", "rescale")
-
 
 _OUT = ("like:x", "batch:x")  # (outputs, logabsdet (B,))
 
@@ -77,7 +69,7 @@ def _affine_shift_grad(args, grad_outputs, result):
 
 
 def _affine_composite(x, shift, raw_scale, scale, clamp, inverse, backend):
-    out, lad = _torch_laws.affine(*upcast(x, shift, raw_scale), scale, clamp, inverse)
+    out, lad = _laws.affine_in_dtype(*upcast(x, shift, raw_scale), scale, clamp, inverse)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
@@ -135,7 +127,7 @@ def _rescale_backward(grad_outputs, grad_logabsdet, x, log_scale, inverse, backe
 
 
 def _rescale_composite(x, log_scale, inverse, backend):
-    out, lad = _torch_laws.rescale(*upcast(x, log_scale), inverse)
+    out, lad = _laws.rescale_in_dtype(*upcast(x, log_scale), inverse)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
@@ -146,28 +138,6 @@ _rescale_op = define("rescale", forward=_rescale_forward, outputs=_OUT, backward
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-
-
-def _backend_for(op: str, backend, *tensors) -> str:
-    """The registry's choice: a route (``backend=None``, eager inputs) or the default order;
-    ``"torch"`` means plain torch ops, called outside the custom op."""
-    if backend is None:
-        routed = routed_backend(op, tensors[0], lambda: _dispatch_eager(tensors))
-        if routed is not None:
-            return routed
-    return resolve_backend(op, tensors[0], backend)
-
-
-def _check_batch(op: str, named: dict) -> None:
-    for name, t in named.items():
-        check_tensor(name, t, op=op)
-    check_same(op, named)
-    (n0, t0), *rest = named.items()
-    if t0.dim() < 1:
-        raise ValueError(f"{op}: {n0} must have a batch dimension (B, ...), got {describe(t0)}")
-    for name, t in rest:
-        if t.shape != t0.shape:
-            raise ValueError(f"{op}: {name} must have the shape of {n0} {tuple(t0.shape)}, got {describe(t)}")
 
 
 def affine_coupling(
@@ -210,14 +180,14 @@ def affine_coupling(
     """
     op = "affine_coupling"
     x, shift, raw_scale = autocast_args(x, shift, raw_scale)  # float32 under autocast
-    _check_batch(op, {"x": x, "shift": shift, "raw_scale": raw_scale})
+    check_batch(op, {"x": x, "shift": shift, "raw_scale": raw_scale})
     if not isinstance(scale, str) or scale not in SCALES:
         raise ValueError(f"{op}: scale must be one of {list(SCALES)}, got {scale!r}")
     clamp = check_positive_float(op, "clamp", clamp)
     inverse = check_bool(op, "inverse", inverse)
-    name = _backend_for(op, backend, x, shift, raw_scale)
-    if name == "torch":
-        return _torch_laws.affine(x, shift, raw_scale, scale, clamp, inverse)
+    name = resolve_backend(op, x, backend, routed=lambda: _dispatch_eager((x, shift, raw_scale)))
+    if name == COMPOSITE:
+        return _laws.affine_in_dtype(x, shift, raw_scale, scale, clamp, inverse)
     return _affine_coupling_op(x, shift, raw_scale, scale, clamp, inverse, name)
 
 
@@ -235,11 +205,11 @@ def additive_coupling(
     """
     op = "additive_coupling"
     x, shift = autocast_args(x, shift)
-    _check_batch(op, {"x": x, "shift": shift})
+    check_batch(op, {"x": x, "shift": shift})
     inverse = check_bool(op, "inverse", inverse)
-    name = _backend_for(op, backend, x, shift)
-    if name == "torch":
-        return _torch_laws.additive(x, shift, inverse)
+    name = resolve_backend(op, x, backend, routed=lambda: _dispatch_eager((x, shift)))
+    if name == COMPOSITE:
+        return _laws.additive_in_dtype(x, shift, inverse)
     return _additive_coupling_op(x, shift, inverse, name)
 
 
@@ -274,7 +244,7 @@ def rescale(
         raise ValueError(f"{op}: log_scale must have the event shape {tuple(event)} of x (or broadcast to it), "
                          f"got {describe(log_scale)}")
     inverse = check_bool(op, "inverse", inverse)
-    name = _backend_for(op, backend, x, log_scale)
-    if name == "torch":
-        return _torch_laws.rescale(x, log_scale.expand(event), inverse)
+    name = resolve_backend(op, x, backend, routed=lambda: _dispatch_eager((x, log_scale)))
+    if name == COMPOSITE:
+        return _laws.rescale_in_dtype(x, log_scale.expand(event), inverse)
     return _rescale_op(x, log_scale.expand(event), inverse, name)

@@ -13,50 +13,32 @@ Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", Neu
 - ``sign``: a fixed +-1 vector (floating, like the other parameters); ``log|det W| = sum(log_s)``.
 - ActNorm: ``an(x) = exp(an_logscale) * (x + an_bias)`` per channel (Glow's ``s * (x + b)``).
 
-Ops, each returning ``(y, logabsdet)`` with ``logabsdet`` of shape ``(B,)``:
-
-- :func:`lu_linear`: ``x (B, C)``, ``y = x W^T``, ``logabsdet = sum(log_s)``.
-- :func:`lu_conv1x1`: ``x (B, C, H, W)``, ``W`` over the channels at every pixel,
-  ``logabsdet = H*W*sum(log_s)``.
-- :func:`actnorm_conv1x1`: ``x (B, C, H, W)`` (or ``(B, C)``), ActNorm then the 1x1 convolution as
-  one per-pixel affine map ``y = W diag(a) x + W diag(a) b`` (``a = exp(an_logscale)``,
-  ``b = an_bias``): one pass over the data instead of two;
-  ``logabsdet = H*W*(sum(an_logscale) + sum(log_s))``.
-
-``inverse=True`` evaluates the inverse map (and the log-det of the inverse, the negative). The
-inverse never inverts a general matrix: ``W^-1 = M^-1 L^-1 P^T`` comes from two triangular solves,
-or, with fewer pixels than channels, the data are solved directly (no ``W^-1`` at all).
-
-Backends (kernels/<backend>/lu.py): ``triton`` (fused kernels, float32 storage), ``numba`` (CPU,
-float32/float64: the O(C^3) factor algebra compiled, forward and backward, the data pass torch's
-GEMM; up to the channel limit the numba backend declares, 32), ``torch`` (the
-tuned plain-PyTorch path on any device and dtype: GEMM layouts, a validated ``W^-1`` cache on
-the CPU; the default where the fused backends decline) and ``reference`` (the readable oracle:
-float64 on the CPU, no shortcuts).
-
-Custom ops ``fastflow::lu_linear``, ``fastflow::lu_conv1x1``, ``fastflow::actnorm_conv1x1`` with
-fake impls and autograd; their backward is ``fastflow::lu_backward`` (gradients for ``x``,
-``an_bias``, ``an_logscale``, ``lower``, ``upper``, ``log_s``; none for ``perm``/``sign``).
+Ops, each returning ``(y, logabsdet (B,))``: :func:`lu_linear` (``x (B, C)``, ``y = x W^T``),
+:func:`lu_conv1x1` (``x (B, C, H, W)``, ``W`` over the channels at every pixel) and
+:func:`actnorm_conv1x1` (ActNorm then the 1x1 convolution as one per-pixel affine map, one pass
+over the data). ``inverse=True`` evaluates the inverse map without inverting a general matrix:
+``W^-1 = M^-1 L^-1 P^T`` from two triangular solves, or, with fewer pixels than channels, the
+data solved directly. Each op is generated from its definition (``fastflow/ops/_opdef.py``), its
+backward a fused op (``fastflow::<op>_backward``: gradients for ``x``, the ActNorm parameters,
+``lower``, ``upper`` and ``log_s``; none for ``perm``/``sign``). The backends' kernels are in
+``kernels/<backend>/lu.py``; the numba backend's up to its declared channel limit.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections import OrderedDict
 
 import torch
 
 from fastflow.backends import get_kernel, resolve_backend
 from fastflow.kernels.reference import lu as ref
 from fastflow.kernels.torch.lu import compute_dtype as _compute_dtype
-from fastflow.kernels.torch.lu import tensor_version as _version
 from fastflow.ops._autocast import autocast_args
-from fastflow.ops._checks import check_bool, check_same, check_tensor, describe
+from fastflow.ops._checks import check_bool, check_permutation_and_signs, check_same, check_tensor, describe
 from fastflow.ops._opdef import define
 
 __all__ = ["lu_linear", "lu_conv1x1", "actnorm_conv1x1", "lu_weight", "clear_inverse_cache"]
-
-OPS = ("lu_linear", "lu_conv1x1", "actnorm_conv1x1")
 
 
 def lu_weight(perm, lower, upper, log_s, sign) -> torch.Tensor:
@@ -129,86 +111,47 @@ def _composite(x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse):
     return y3.to(x.dtype).reshape(x.shape), lad
 
 
-def _lu_op(name: str, forward, has_an: bool):
-    """One of the three maps: the same kernels with or without the ActNorm arguments."""
-    # the backward computes the parameters' gradients only when one of them needs one
-    params = (1, 2, 4, 5, 6) if has_an else (2, 3, 4)
+_T = torch.Tensor  # (the forward's annotations give the op its schema)
+
+
+def _lu_op(name: str, has_an: bool):
+    """One of the three maps: the same kernels with or without the ActNorm arguments; the
+    backward computes the parameters' gradients only when one of them needs one."""
     if has_an:
+        def forward(x: _T, an_bias: _T, an_logscale: _T, perm: _T, lower: _T, upper: _T, log_s: _T, sign: _T,
+                    inverse: bool, backend: str) -> tuple[_T, _T]:
+            return _forward(name, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, backend)
+
         def backward(gy, gl, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backend, need):
             return _backward(name, gy, gl, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need, backend)
 
         def composite(x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backend):
             return _composite(x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
     else:
+        def forward(x: _T, perm: _T, lower: _T, upper: _T, log_s: _T, sign: _T, inverse: bool, backend: str
+                    ) -> tuple[_T, _T]:
+            return _forward(name, x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
+
         def backward(gy, gl, x, perm, lower, upper, log_s, sign, inverse, backend, need):
             return _backward(name, gy, gl, x, None, None, perm, lower, upper, log_s, sign, inverse, need, backend)
 
         def composite(x, perm, lower, upper, log_s, sign, inverse, backend):
             return _composite(x, None, None, perm, lower, upper, log_s, sign, inverse)
-    grads = ("x", "an_bias", "an_logscale") if has_an else ("x",)
-    return define(name, forward=forward, outputs=("like:x", "batch:x"), backward=backward,
-                  grads=grads + ("lower", "upper", "log_s"), composite=composite,
-                  extra=lambda needs: (any(needs[i] for i in params),), extra_schema="bool need_param_grads")
+    params = ("an_bias", "an_logscale", "lower", "upper", "log_s") if has_an else ("lower", "upper", "log_s")
+    at = [list(inspect.signature(forward).parameters).index(p) for p in params]
+    return define(name, forward=forward, outputs=("like:x", "batch:x"), backward=backward, grads=("x",) + params,
+                  composite=composite, extra=lambda needs: (any(needs[i] for i in at),),
+                  extra_schema="bool need_param_grads")
 
 
-def _lu_linear(x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
-               sign: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward("lu_linear", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
-
-
-def _lu_conv1x1(x: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor,
-                sign: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
-
-
-def _actnorm_conv1x1(x: torch.Tensor, an_bias: torch.Tensor, an_logscale: torch.Tensor, perm: torch.Tensor,
-                     lower: torch.Tensor, upper: torch.Tensor, log_s: torch.Tensor, sign: torch.Tensor, inverse: bool,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, backend)
-
-
-_lu_linear_op = _lu_op("lu_linear", _lu_linear, False)
-_lu_conv1x1_op = _lu_op("lu_conv1x1", _lu_conv1x1, False)
-_actnorm_conv1x1_op = _lu_op("actnorm_conv1x1", _actnorm_conv1x1, True)
+_lu_linear_op = _lu_op("lu_linear", False)
+_lu_conv1x1_op = _lu_op("lu_conv1x1", False)
+_actnorm_conv1x1_op = _lu_op("actnorm_conv1x1", True)
 
 
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
-
-_VALIDATED: "OrderedDict[tuple, tuple]" = OrderedDict()
-
-
-def _check_values(op, perm, sign) -> None:
-    """perm is a permutation of 0..C-1 and sign is +-1 (data-dependent: skipped while compiling).
-
-    A (perm, sign) pair once found valid is remembered by ``data_ptr``/``_version`` (the entry
-    holds a reference, so the address cannot be reused): on GPUs a check would cost a device
-    sync, on the CPU ~20 us a call. CPU hits are confirmed against a snapshot (two small
-    ``torch.equal``), which also catches writes through ``.data`` that bump no version.
-    """
-    if torch.compiler.is_compiling():
-        return
-    try:
-        key = tuple((t.data_ptr(), _version(t), t.stride(), t.shape, t.dtype) for t in (perm, sign)) + (perm.device,)
-    except RuntimeError:  # functorch-wrapped tensors have no data pointer: check without the cache
-        key = None
-    hit = _VALIDATED.get(key) if key is not None else None
-    if hit is not None and (perm.device.type != "cpu" or (torch.equal(hit[2], perm) and torch.equal(hit[3], sign))):
-        return
-    c = perm.numel()
-    if not torch.equal(torch.sort(perm).values, torch.arange(c, device=perm.device, dtype=perm.dtype)):
-        got = perm.tolist() if c <= 32 else describe(perm)
-        raise ValueError(f"{op}: perm must be a permutation of 0..{c - 1} (each index exactly once), got {got}")
-    if not bool(((sign == 1) | (sign == -1)).all()):
-        raise ValueError(f"{op}: sign must hold only +1 and -1 (the fixed signs of W's diagonal), got {describe(sign)}")
-    if key is None:
-        return
-    snap = (perm.clone(), sign.clone()) if perm.device.type == "cpu" else (None, None)
-    _VALIDATED[key] = (perm, sign, *snap)
-    while len(_VALIDATED) > 256:
-        _VALIDATED.popitem(last=False)
-
 
 def _check(op, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, x_dims):
     named = {"x": x}
@@ -239,7 +182,7 @@ def _check(op, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, x_dims)
         raise ValueError(f"{op}: perm must be (C,) = ({c},) with C = x.shape[1], got {describe(perm)}")
     if perm.device != x.device:
         raise ValueError(f"{op}: perm is on device {perm.device} but x is on {x.device}; move them to one device")
-    _check_values(op, perm, sign)
+    check_permutation_and_signs(op, perm, sign)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,11 +223,7 @@ _ARGS_DOC = """
         for the inverse), O(C). Gradients flow to ``x, lower, upper, log_s``.
     """)
 def lu_linear(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
-    x, lower, upper, log_s, sign = autocast_args(x, lower, upper, log_s, sign)  # float32 under autocast
-    _check("lu_linear", x, None, None, perm, lower, upper, log_s, sign, (2,))
-    name = resolve_backend("lu_linear", x, backend)
-    inverse = check_bool("lu_linear", "inverse", inverse)
-    return _lu_linear_op(x, perm, lower, upper, log_s, sign, inverse, name)
+    return _call("lu_linear", _lu_linear_op, (2,), x, (), perm, lower, upper, log_s, sign, inverse, backend)
 
 
 @_with_doc("""Glow's LU-parameterised invertible 1x1 convolution (Kingma & Dhariwal, 2018, sec. 3.2).
@@ -297,11 +236,7 @@ def lu_linear(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None
         (negated for the inverse). Gradients flow to ``x, lower, upper, log_s``.
     """)
 def lu_conv1x1(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
-    x, lower, upper, log_s, sign = autocast_args(x, lower, upper, log_s, sign)
-    _check("lu_conv1x1", x, None, None, perm, lower, upper, log_s, sign, (4,))
-    name = resolve_backend("lu_conv1x1", x, backend)
-    inverse = check_bool("lu_conv1x1", "inverse", inverse)
-    return _lu_conv1x1_op(x, perm, lower, upper, log_s, sign, inverse, name)
+    return _call("lu_conv1x1", _lu_conv1x1_op, (4,), x, (), perm, lower, upper, log_s, sign, inverse, backend)
 
 
 @_with_doc("""One Glow step's ActNorm followed by its LU 1x1 convolution, fused into one affine map.
@@ -321,9 +256,14 @@ def lu_conv1x1(x, perm, lower, upper, log_s, sign, *, inverse=False, backend=Non
         ``x, an_bias, an_logscale, lower, upper, log_s``.
     """)
 def actnorm_conv1x1(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, *, inverse=False, backend=None):
-    x, an_bias, an_logscale, lower, upper, log_s, sign = autocast_args(
-        x, an_bias, an_logscale, lower, upper, log_s, sign)
-    _check("actnorm_conv1x1", x, an_bias, an_logscale, perm, lower, upper, log_s, sign, (2, 4))
-    name = resolve_backend("actnorm_conv1x1", x, backend)
-    inverse = check_bool("actnorm_conv1x1", "inverse", inverse)
-    return _actnorm_conv1x1_op(x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, name)
+    return _call("actnorm_conv1x1", _actnorm_conv1x1_op, (2, 4), x, (an_bias, an_logscale), perm, lower, upper, log_s,
+                 sign, inverse, backend)
+
+
+def _call(op, fused, x_dims, x, an, perm, lower, upper, log_s, sign, inverse, backend):
+    """What every public function does after its signature: autocast, checks, backend, the op."""
+    x, *an, lower, upper, log_s, sign = autocast_args(x, *an, lower, upper, log_s, sign)  # float32 under autocast
+    _check(op, x, *(an or (None, None)), perm, lower, upper, log_s, sign, x_dims)
+    name = resolve_backend(op, x, backend)
+    inverse = check_bool(op, "inverse", inverse)
+    return fused(x, *an, perm, lower, upper, log_s, sign, inverse, name)

@@ -191,6 +191,18 @@ def rq_spline(
 def _call(parameterization, tensors, inverse, backend, tail_bound, mbw, mbh, md, box=None, names=_NAMES,
           slope=None):
     """What every public function does after its signature: autocast, checks, backend, the op."""
+    inputs, params, tail_bound, mbw, mbh, md, box = _checked(parameterization, tensors, tail_bound, mbw, mbh, md, box,
+                                                             names, slope)
+    op = SPLINE_PARAMETERIZATIONS[parameterization].public
+    name = resolve_backend(OP, inputs, backend, parameterization=None if parameterization == "nflows"
+                           else parameterization, caller=op)
+    params = _expand(inputs, params)
+    inverse = check_bool(op, "inverse", inverse)
+    return _rq_spline_op(inputs, *params, inverse, tail_bound, mbw, mbh, md, name, parameterization, *box)
+
+
+def _checked(parameterization, tensors, tail_bound, mbw, mbh, md, box, names=_NAMES, slope=None):
+    """The public function's checks: ``(inputs, params, tail_bound, mbw, mbh, md, box)`` or an error."""
     row = SPLINE_PARAMETERIZATIONS[parameterization]
     op = row.public
     inputs, *params = autocast_args(*tensors)  # float32 under autocast
@@ -200,19 +212,13 @@ def _call(parameterization, tensors, inverse, backend, tail_bound, mbw, mbh, md,
         if not 0.0 < md < 1.0:
             raise ValueError(f"{op}: slope must be in (0, 1), got {md}")
     if row.box == "tail_bound":
-        box = (-tail_bound, tail_bound, -tail_bound, tail_bound)
-    else:
-        box = tuple(v if isinstance(v, torch.SymFloat) else float(v) for v in box)
-        # comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat
-        if not all(v == v and v != math.inf and v != -math.inf for v in box) or not (box[0] < box[1] and
-                                                                                     box[2] < box[3]):
-            raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={box[0]}, "
-                             f"right={box[1]}, bottom={box[2]}, top={box[3]}")
-    name = resolve_backend(OP, inputs, backend, parameterization=None if parameterization == "nflows"
-                           else parameterization, caller=op)
-    params = _expand(inputs, params)
-    inverse = check_bool(op, "inverse", inverse)
-    return _rq_spline_op(inputs, *params, inverse, tail_bound, mbw, mbh, md, name, parameterization, *box)
+        return inputs, params, tail_bound, mbw, mbh, md, (-tail_bound, tail_bound, -tail_bound, tail_bound)
+    box = tuple(v if isinstance(v, torch.SymFloat) else float(v) for v in box)
+    # comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat
+    if not all(v == v and v != math.inf and v != -math.inf for v in box) or not (box[0] < box[1] and box[2] < box[3]):
+        raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={box[0]}, right={box[1]}, "
+                         f"bottom={box[2]}, top={box[3]}")
+    return inputs, params, tail_bound, mbw, mbh, md, box
 
 
 def _expand(inputs, params):
@@ -301,10 +307,6 @@ def rq_spline_zuko(
 MAX_BINS = _MAX_BINS
 
 
-def _raw_box(parameterization, tail_bound, box):
-    return tuple(float(v) for v in _box(parameterization, float(tail_bound), *box))
-
-
 def rq_spline_accepts(inputs, uw, uh, ud, *, parameterization: str = "nflows", tail_bound: float = 1.0,
                       box=(0.0, 1.0, 0.0, 1.0), min_bin_width: float = 1e-3, min_bin_height: float = 1e-3,
                       min_derivative: float = 1e-3) -> bool:
@@ -316,18 +318,14 @@ def rq_spline_accepts(inputs, uw, uh, ud, *, parameterization: str = "nflows", t
     if parameterization not in SPLINE_PARAMETERIZATIONS:
         raise ValueError(f"rq_spline_accepts: parameterization={parameterization!r}, expected one of "
                          f"{PARAMETERIZATIONS}")
-    row = SPLINE_PARAMETERIZATIONS[parameterization]
-    op, n_derivs = row.public, row.n_derivs
     zuko = parameterization == "zuko"
     try:
-        _check(inputs, uw, uh, ud, tail_bound, 0.0 if zuko else min_bin_width, 0.0 if zuko else min_bin_height,
-               min_derivative, op=op, n_derivs=n_derivs)
-        left, right, bottom, top = _raw_box(parameterization, tail_bound, box)
+        _checked(parameterization, (inputs, uw, uh, ud), tail_bound, 0.0 if zuko else min_bin_width,
+                 0.0 if zuko else min_bin_height, 0.0 if zuko else min_derivative, box,
+                 slope=min_derivative if zuko else None)
     except (TypeError, ValueError):
         return False
-    if zuko and not 0.0 < float(min_derivative) < 1.0:
-        return False
-    return all(math.isfinite(v) for v in (left, right, bottom, top)) and left < right and bottom < top
+    return True
 
 
 def rq_spline_unchecked(inputs, uw, uh, ud, *, parameterization: str = "nflows", inverse: bool = False,
@@ -339,10 +337,10 @@ def rq_spline_unchecked(inputs, uw, uh, ud, *, parameterization: str = "nflows",
     says no). Arguments it would refuse give undefined results here, not a clear error. The
     backend is chosen as by the public functions (a forced one without this parameterisation's
     kernels raises ``BackendUnavailableError``)."""
-    name = resolve_backend(OP, inputs, backend, parameterization=parameterization,
-                           caller=SPLINE_PARAMETERIZATIONS[parameterization].public)
+    row = SPLINE_PARAMETERIZATIONS[parameterization]
+    name = resolve_backend(OP, inputs, backend, parameterization=parameterization, caller=row.public)
     zuko = parameterization == "zuko"
-    params = _expand(inputs, (uw, uh, ud))
-    return _rq_spline_op(inputs, *params, bool(inverse), float(tail_bound) if parameterization != "nflows_bounded"
-                         else 1.0, 0.0 if zuko else float(min_bin_width), 0.0 if zuko else float(min_bin_height),
-                         float(min_derivative), name, parameterization, *_raw_box(parameterization, tail_bound, box))
+    tb = float(tail_bound) if row.box == "tail_bound" else 1.0
+    return _rq_spline_op(inputs, *_expand(inputs, (uw, uh, ud)), bool(inverse), tb,
+                         0.0 if zuko else float(min_bin_width), 0.0 if zuko else float(min_bin_height),
+                         float(min_derivative), name, parameterization, *_box(parameterization, tb, *map(float, box)))

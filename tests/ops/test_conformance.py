@@ -43,7 +43,7 @@ def _cases(with_options=False, with_inverse=False, custom_op_only=False):
     out = []
     for spec in SPECS.values():
         for backend, marks in _RUN.items():
-            if not _available(spec, backend) or (custom_op_only and backend in spec.outside_op):
+            if not _available(spec, backend):
                 continue
             for i, option in enumerate(spec.options if with_options else ({},)):
                 for inverse in ((False, True) if with_inverse else (False,)):

@@ -13,6 +13,8 @@ written in torch ops (tested against autograd of the forward functions).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -155,3 +157,58 @@ def rescale_fwd(x, log_scale, inverse):
 def rescale_bwd(g_out, g_lad, x, log_scale, inverse):
     gx, gls = rescale_reference_backward(*upcast(g_out, g_lad, x, log_scale), inverse)
     return gx.to(x.dtype).contiguous(), gls.to(x.dtype).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# The laws in the inputs' dtype (16-bit storage computed in float32, rounded once), as plain
+# differentiable torch ops: the coupling ops' composite (fastflow/ops/coupling.py: for double
+# backward and the functorch transforms, on upcast inputs) and, as they are, the ops' routes
+# for small or nothing-to-fuse eager inputs (ROUTES in fastflow/backends.py). The same formulas
+# as the fused kernels: ``log s`` by the scale law, ``s = exp(log s)``; the affine log-det is
+# summed in the tensors' dtype, rescale's in float64 and rounded once (as the kernels).
+# --------------------------------------------------------------------------------------------
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(fn):
+    """``fn`` on 16-bit tensors computes in float32; its outputs are rounded to the input dtype once."""
+    def wrapper(x, *args, **kwargs):
+        if x.dtype not in _LOW:
+            return fn(x, *args, **kwargs)
+        up = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+        return tuple(o.to(x.dtype) for o in fn(x.float(), *up, **kwargs))
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+@_in_float32
+def affine_in_dtype(x, shift, raw_scale, scale: str, clamp: float, inverse: bool):
+    """``y = s * x + t`` (or ``x = (y - t) / s``), ``(B, ...)`` tensors; returns ``(y, logabsdet (B,))``."""
+    if scale == "exp":
+        logs = raw_scale
+    elif scale == "softclamp":
+        logs = clamp * torch.tanh(raw_scale / clamp)
+    else:
+        logs = torch.nn.functional.logsigmoid(raw_scale + 2.0)
+    lad = logs.reshape(logs.shape[0], math.prod(logs.shape[1:])).sum(1)  # (not -1: an empty batch)
+    if inverse:
+        return ((x - shift) * torch.exp(-logs)).contiguous(), -lad
+    return (x * torch.exp(logs) + shift).contiguous(), lad
+
+
+@_in_float32
+def additive_in_dtype(x, shift, inverse: bool):
+    """``y = x + t`` (or ``x = y - t``); returns ``(y, zeros (B,))``."""
+    out = (x - shift if inverse else x + shift).contiguous()
+    return out, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+
+@_in_float32
+def rescale_in_dtype(x, log_scale, inverse: bool):
+    """NICE's scaling with ``log_scale`` already expanded to the event shape; the log-det is
+    summed in float64 (as the kernels do) and rounded once."""
+    lad = log_scale.sum(dtype=torch.float64).to(x.dtype)
+    if inverse:
+        return (x * torch.exp(-log_scale)).contiguous(), (-lad).expand(x.shape[0]).contiguous()
+    return (x * torch.exp(log_scale)).contiguous(), lad.expand(x.shape[0]).contiguous()
