@@ -4,8 +4,13 @@ alternating round by round; medians over rounds of per-round medians.
 
     PYTHONPATH=. python benchmarks/ab_trees.py BEFORE_DIR AFTER_DIR [--rounds 5] [--out FILE]
 
-A refactor that should not change speed shows ratios near 1 (the order of the two processes in a
-round is fixed, so expect a few percent of bias toward the second).
+``AB_SIZES`` (comma-separated element counts, default 256,4096,65536,1048576) and ``AB_REPS``
+(timed calls per case and process, default 15) narrow it, e.g. to the per-call overhead:
+``AB_SIZES=256,4096 AB_REPS=200 ... --rounds 8``.
+
+A refactor that should not change speed shows ratios near 1. The two processes of a round swap
+places every round (the second of a pair runs warmer, by up to 15% on a shared 2-core machine),
+so use an even number of rounds.
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ import tempfile
 from datetime import datetime, timezone
 
 _SIDE = r'''
-import json, statistics, sys, time
+import json, os, statistics, sys, time
 import torch
 import fastflow as ff
+from fastflow.ops.rq_spline import rq_spline_zuko
 
 torch.manual_seed(0)
 res = {}
 
 
-def t(name, fn, reps=15):
+def t(name, fn, reps=int(os.environ.get("AB_REPS", "15"))):
     fn(); fn()
     ts = []
     for _ in range(reps):
@@ -36,7 +42,7 @@ def t(name, fn, reps=15):
     res[name] = statistics.median(ts)
 
 
-for n in (2**12, 2**16, 2**20):
+for n in [int(v) for v in os.environ.get("AB_SIZES", "256,4096,65536,1048576").split(",")]:
     k = 8
     x = torch.randn(n) * 0.6
     uw, uh, ud = torch.randn(n, k, requires_grad=True), torch.randn(n, k), torch.randn(n, k - 1)
@@ -46,6 +52,10 @@ for n in (2**12, 2**16, 2**20):
     def fb():
         y, lad = ff.rq_spline(x, uw, uh, ud); (y.sum() + lad.sum()).backward()
     t(f"rq_spline forward+backward {n}", fb)
+
+    def zfb():
+        y, lad = rq_spline_zuko(x, uw, uh, ud); (y.sum() + lad.sum()).backward()
+    t(f"rq_spline_zuko forward+backward {n}", zfb)
     d = 64; b = n // d
     xx, sh, h = torch.randn(b, d), torch.randn(b, d), torch.randn(b, d, requires_grad=True)
     t(f"affine_coupling forward {n}", lambda: ff.affine_coupling(xx, sh, h.detach()))
@@ -56,6 +66,10 @@ for n in (2**12, 2**16, 2**20):
     t(f"affine_coupling[numba] forward {n}", lambda: ff.affine_coupling(xx, sh, h.detach(), backend="numba"))
     t(f"additive_coupling forward {n}", lambda: ff.additive_coupling(xx, sh))
     t(f"rescale[numba] forward {n}", lambda: ff.rescale(xx, sh[0], backend="numba"))
+
+    def rfb():
+        y, lad = ff.rescale(xx, h[0]); (y.sum() + lad.sum()).backward()
+    t(f"rescale forward+backward {n}", rfb)
     for c in (16, 64):
         xi = torch.randn(max(1, n // (c * 64)), c, 8, 8)
         perm = torch.randperm(c)
@@ -84,7 +98,8 @@ def main(argv=None) -> int:
         with open(script, "w") as f:
             f.write(_SIDE)
         for r in range(a.rounds):
-            for side in ("before", "after"):
+            # the order alternates round by round: the second process of a round runs warmer
+            for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 out = os.path.join(tmp, f"{side}{r}.json")
                 env = dict(os.environ, PYTHONPATH=os.path.abspath(getattr(a, side)))
                 subprocess.run([sys.executable, script, out], env=env, check=True, cwd=tmp)

@@ -57,7 +57,8 @@ def _ops(out: dict) -> None:
             for dtype in dtypes:
                 for i, option in enumerate(spec.options):
                     for inverse in (False, True):
-                        key = f"op/{spec.name}/{backend or 'default'}/{str(dtype)[6:]}/o{i}/{'inv' if inverse else 'fwd'}"
+                        way = "inv" if inverse else "fwd"
+                        key = f"op/{spec.name}/{backend or 'default'}/{str(dtype)[6:]}/o{i}/{way}"
                         gen = torch.Generator().manual_seed(1234)
                         tensors, kwargs = spec.example(spec.shapes[0], dtype, "cpu", gen, **option)
                         idx = [spec.inputs.index(n) for n in spec.grad_inputs]

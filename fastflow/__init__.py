@@ -12,6 +12,8 @@ from fastflow.ops import (  # noqa: E402
     lu_linear,
     rescale,
     rq_spline,
+    rq_spline_bounded,
+    rq_spline_zuko,
 )
 
 # The models load on first use (``fastflow.build``...), so that ``import fastflow.ops`` -- all an
@@ -44,6 +46,8 @@ __all__ = [
     "HigherOrderError",
     "backend_status",
     "rq_spline",
+    "rq_spline_bounded",
+    "rq_spline_zuko",
     "affine_coupling",
     "additive_coupling",
     "rescale",

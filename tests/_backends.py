@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastflow.backends import BACKENDS
+from fastflow.kernels._facts import LOW
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
@@ -26,19 +27,23 @@ def run_table() -> dict:
     return out
 
 
-def gpu_backends():
-    out = []
-    if HAS_CUDA or INTERPRET:
-        out.append(pytest.param("triton", marks=pytest.mark.triton))
-    if HAS_CUDA:
-        out.append(pytest.param("cuda", marks=pytest.mark.gpu))
-    return out
+def backends_for(op: str) -> list:
+    """Every backend that runs ``op`` here (its declared ``ops``), as pytest parameters with the
+    marks of :func:`run_table`, in the registry's order."""
+    return [pytest.param(n, marks=m) if m else n for n, m in run_table().items() if op in BACKENDS[n].ops]
 
 
-# Backends the kernel tests run against the reference. Under TRITON_INTERPRET=1 (a separate
-# pytest invocation, `-m triton`) the Triton kernels run on CPU tensors.
-KERNEL_BACKENDS = ["numba"] + gpu_backends()
-ALL_BACKENDS = ["reference"] + KERNEL_BACKENDS
+def _name(param) -> str:
+    return getattr(param, "values", (param,))[0]
+
+
+# The spline kernel tests: every backend with spline kernels, and those other than the oracle.
+# Under TRITON_INTERPRET=1 (a separate pytest invocation, `-m triton`) the Triton kernels run on
+# CPU tensors.
+ALL_BACKENDS = backends_for("rq_spline")
+KERNEL_BACKENDS = [b for b in ALL_BACKENDS if _name(b) != "reference"]
+# those that run on CPU tensors without an interpreter (float64 among their dtypes)
+CPU_BACKENDS = [_name(b) for b in ALL_BACKENDS if {"cpu", "any"} & set(BACKENDS[_name(b)].devices)]
 
 
 def device_for(backend: str) -> str:
@@ -55,9 +60,10 @@ def float32_in_float32(backend: str, kernels: str) -> bool:
     return BACKENDS[backend].compute_dtype(kernels, torch.float32, device_for(backend)) == torch.float32
 
 
-def dtypes_for(backend: str):
-    if backend in ("triton", "cuda"):
-        return [torch.float32, torch.float16, torch.bfloat16]
-    return [torch.float32, torch.float64]
-
-
+def dtypes_for(backend: str) -> list:
+    """The storage dtypes the tests run ``backend`` in: those it declares, the 16-bit ones only for
+    a backend made for GPUs (a GPU storage format; the CPU backends' 16-bit paths are what the
+    autocast tests cover)."""
+    b = BACKENDS[backend]
+    gpu = "cpu" not in b.devices and "any" not in b.devices
+    return [d for d in b.dtypes if gpu or d not in LOW]

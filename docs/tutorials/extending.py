@@ -99,35 +99,38 @@ ax.set_yticks([])
 # %%
 # To make a law fast, give it a fused op and call that op in `__call__`, as `AffineLaw` calls
 # `fastflow.ops.affine_coupling` (ARCHITECTURE.md, "How to add an op": the reference maths in
-# `kernels/reference/`, a kernel per backend, the `torch.library` custom op with its backward,
-# `register_kernel` for each backend, and the tests against the reference).
+# `kernels/reference/`, a kernel per backend, and one `define(...)` in the op module, which
+# generates the `torch.library` custom ops, their backward and every derivative mode; the
+# conformance suite then tests it on every backend against the reference).
 #
 # ## Backends
 #
 # A backend is a kernel family with the devices and dtypes it takes and a probe that says why it
-# cannot run here. `backend_status()` reports them; `resolve_backend(op, tensor)` is the choice
-# `backend=None` makes for a tensor (the first of `triton`, `cuda`, `numba`, `reference` that can
-# run it, after the small-input routes).
+# cannot run here, each declared in its own kernel folder. `backend_status()` reports them;
+# `resolve_backend(op, tensor)` is the choice `backend=None` makes for a tensor (the first of
+# `triton`, `cuda`, `numba`, `torch`, `reference` that can run it, after the small-input routes).
 for name, status in backend_status()["backends"].items():
     print(f"{name:10s} {'available  ' if status['available'] else 'unavailable'}  "
           f"{status['reason'] or status['description']}")
 print("rq_spline on a (4096, 16) float32 CPU tensor ->", resolve_backend("rq_spline", torch.randn(4096, 16)))
 
 # %%
-# Adding one (ARCHITECTURE.md, "How to add a backend") takes three steps:
+# Adding one (ARCHITECTURE.md, "How to add a backend") is one kernel folder and one registry line:
 #
-# 1. in `fastflow/backends.py`, a `Backend(name, devices, dtypes, probe, description)` entry and
-#    its place in the default order; the probe returns the reason it cannot run here, or None;
-# 2. in `fastflow/kernels/<name>/`, the launchers of each op it implements, registered with
-#    `register_kernel(op, name, loader)` (the loader imports lazily, so a missing dependency
-#    costs nothing until the backend is chosen);
-# 3. the op test modules run with `backend=<name>` forced: every backend is checked against the
-#    reference.
+# 1. `mypkg/__init__.py` declares the backend's facts: `BACKEND = Backend(name, devices, dtypes,
+#    probe, description, ops={"rq_spline": "spline"}, ...)` (`fastflow/kernels/_facts.py`); the
+#    probe returns the reason it cannot run here, or None; keep this module light, the kernels
+#    are imported on first use;
+# 2. `mypkg/spline.py` implements the launchers of each op it runs (the interface documented at
+#    the bottom of `fastflow/kernels/reference/spline.py`);
+# 3. `fastflow.backends.add_backend("mypkg")` registers it (last in the default order unless
+#    `before=`); inside fastflow, its name in `_ORDER` in `backends.py`.
+#
+# The conformance suite then runs on it unchanged (`tests/ops/test_extra_backend.py` does this
+# with a test-only backend that wraps the reference).
 #
 # ```python
-# import importlib
+# from fastflow.backends import add_backend
 #
-# from fastflow.backends import register_kernel
-#
-# register_kernel("rq_spline", "mybackend", lambda: importlib.import_module("mypkg.spline").launch)
+# add_backend("mypkg", before="reference")
 # ```

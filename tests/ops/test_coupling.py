@@ -18,10 +18,10 @@ from fastflow import backends as backends_mod
 from fastflow.ops import coupling as coupling_mod
 from fastflow.ops._layout import as_3d as _as_3d
 from fastflow.testing import assert_close, outputs_and_grads, tolerances
-from tests._backends import ALL_BACKENDS, INTERPRET, KERNEL_BACKENDS, device_for, dtypes_for, float32_in_float32
+from tests._backends import (ALL_BACKENDS, CPU_BACKENDS, INTERPRET, KERNEL_BACKENDS, device_for, dtypes_for,
+                             float32_in_float32)
 
 SCALES = ["exp", "softclamp", "sigmoid"]
-CPU_BACKENDS = ["reference", "numba"]
 
 
 def tol(backend, dtype):

@@ -18,12 +18,11 @@ from fastflow.testing import (
     outputs_and_grads,
     tolerances,
 )
-from tests._backends import ALL_BACKENDS, KERNEL_BACKENDS, device_for, dtypes_for, float32_in_float32
+from tests._backends import ALL_BACKENDS, CPU_BACKENDS, KERNEL_BACKENDS, device_for, dtypes_for, float32_in_float32
 
 nflows_rq = pytest.importorskip("nflows.transforms.splines.rational_quadratic")
 nflows_spline = nflows_rq.unconstrained_rational_quadratic_spline
 
-CPU_BACKENDS = ["reference", "numba"]
 
 
 def tol(backend, dtype):

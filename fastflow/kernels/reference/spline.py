@@ -10,6 +10,7 @@ discriminant that rounding made slightly negative to zero instead of raising.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +114,7 @@ def rq_spline_reference_backward(
 #     ``exp(d)`` with unit boundary slopes, the identity with log-det 0 outside [-bound, bound].
 #     ``min_derivative`` carries zuko's ``slope``.
 
-PARAMETERIZATIONS = tuple(SPLINE_PARAMETERIZATIONS)
+PARAMETERIZATIONS = tuple(SPLINE_PARAMETERIZATIONS)  # the table's rows; PROLOGUES below has one for each
 
 
 def soft_clip(raw: torch.Tensor, scale: float) -> torch.Tensor:
@@ -128,6 +129,59 @@ def _nflows_raw_slopes(ud: torch.Tensor, min_derivative: float) -> torch.Tensor:
     return torch.cat([edge, ud, edge], -1)
 
 
+class Prologue(NamedTuple):
+    """A parameterisation in the reference: how raw values become the spline's knots and slopes,
+    and the chain rule back (one entry of :data:`PROLOGUES` per row of the table).
+
+    Attributes:
+        sizes: ``sizes(uw, uh, mbw, mbh, md) -> (vw, vh, mbw, mbh)``: the values the bins'
+            softmax normalises and the minimum bin sizes.
+        slopes: ``slopes(ud, md) -> (..., K+1)`` the slope at every knot.
+        chain: ``chain(g_vw, g_vh, g_slopes, uw, uh, ud, slopes, md) -> (g_uw, g_uh, g_ud)``.
+    """
+
+    sizes: Callable
+    slopes: Callable
+    chain: Callable
+
+
+def _log_slope_scales(md):
+    log_slope = math.log(md)
+    return 2.0 / log_slope, 1.0 / log_slope
+
+
+def _zuko_chain(g_vw, g_vh, g_d, uw, uh, ud, derivs, md):
+    # d/dw of w / (1 + |w c|) is 1 / (1 + |w c|)^2; slope = exp(clip(d)) at the interior knots
+    c_size, c_slope = _log_slope_scales(md)
+    return (g_vw / (1 + torch.abs(uw * c_size)) ** 2, g_vh / (1 + torch.abs(uh * c_size)) ** 2,
+            g_d[..., 1:-1] * derivs[..., 1:-1] / (1 + torch.abs(ud * c_slope)) ** 2)
+
+
+PROLOGUES: dict[str, Prologue] = {
+    "nflows": Prologue(
+        lambda uw, uh, mbw, mbh, md: (uw, uh, mbw, mbh),
+        lambda ud, md: md + F.softplus(_nflows_raw_slopes(ud, md)),
+        lambda g_vw, g_vh, g_d, uw, uh, ud, derivs, md: (g_vw, g_vh, g_d[..., 1:-1] * torch.sigmoid(ud))),
+    "nflows_bounded": Prologue(
+        lambda uw, uh, mbw, mbh, md: (uw, uh, mbw, mbh),
+        lambda ud, md: md + F.softplus(ud),
+        lambda g_vw, g_vh, g_d, uw, uh, ud, derivs, md: (g_vw, g_vh, g_d * torch.sigmoid(ud))),
+    "zuko": Prologue(
+        lambda uw, uh, mbw, mbh, md: (soft_clip(uw, _log_slope_scales(md)[0]),
+                                      soft_clip(uh, _log_slope_scales(md)[0]), 0.0, 0.0),
+        lambda ud, md: torch.exp(F.pad(soft_clip(ud, _log_slope_scales(md)[1]), (1, 1), value=0.0)),
+        _zuko_chain),
+}
+
+
+def _prologue(parameterization: str) -> Prologue:
+    try:
+        return PROLOGUES[parameterization]
+    except KeyError:
+        raise ValueError(f"unknown spline parameterization {parameterization!r}; expected one of "
+                         f"{tuple(PROLOGUES)}") from None
+
+
 def spline_prologue(
     parameterization: str,
     unnormalized_widths: torch.Tensor,
@@ -139,24 +193,14 @@ def spline_prologue(
     min_derivative: float,
 ):
     """Raw parameters -> knots ``cw, ch (..., K+1)``, bin sizes ``(..., K)`` and the K+1 knot
-    slopes ``(..., K+1)`` of ``parameterization`` (a row of the table)."""
+    slopes ``(..., K+1)`` of ``parameterization`` (its entry in :data:`PROLOGUES`)."""
     left, right, bottom, top = box
-    if parameterization == "nflows":
-        cw, widths = _knots(unnormalized_widths, left, right, min_bin_width)
-        ch, heights = _knots(unnormalized_heights, bottom, top, min_bin_height)
-        derivs = min_derivative + F.softplus(_nflows_raw_slopes(unnormalized_derivatives, min_derivative))
-    elif parameterization == "zuko":
-        log_slope = math.log(min_derivative)
-        cw, widths = _knots(soft_clip(unnormalized_widths, 2.0 / log_slope), left, right, 0.0)
-        ch, heights = _knots(soft_clip(unnormalized_heights, 2.0 / log_slope), bottom, top, 0.0)
-        derivs = torch.exp(F.pad(soft_clip(unnormalized_derivatives, 1.0 / log_slope), (1, 1), value=0.0))
-    elif parameterization == "nflows_bounded":
-        cw, widths = _knots(unnormalized_widths, left, right, min_bin_width)
-        ch, heights = _knots(unnormalized_heights, bottom, top, min_bin_height)
-        derivs = min_derivative + F.softplus(unnormalized_derivatives)
-    else:
-        raise ValueError(f"unknown spline parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
-    return cw, widths, ch, heights, derivs
+    p = _prologue(parameterization)
+    vw, vh, mbw, mbh = p.sizes(unnormalized_widths, unnormalized_heights, min_bin_width, min_bin_height,
+                               min_derivative)
+    cw, widths = _knots(vw, left, right, mbw)
+    ch, heights = _knots(vh, bottom, top, mbh)
+    return cw, widths, ch, heights, p.slopes(unnormalized_derivatives, min_derivative)
 
 
 def rq_spline_param_reference(
@@ -235,14 +279,9 @@ def rq_spline_param_reference_backward(
     go = torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs))
     gl = torch.where(inside, grad_logabsdet, torch.zeros_like(grad_logabsdet))
     k = unnormalized_widths.shape[-1]
-    zuko = parameterization == "zuko"
-    if zuko:
-        log_slope = math.log(min_derivative)
-        vw = soft_clip(unnormalized_widths, 2.0 / log_slope)
-        vh = soft_clip(unnormalized_heights, 2.0 / log_slope)
-        mbw = mbh = 0.0
-    else:
-        vw, vh, mbw, mbh = unnormalized_widths, unnormalized_heights, min_bin_width, min_bin_height
+    p = _prologue(parameterization)
+    vw, vh, mbw, mbh = p.sizes(unnormalized_widths, unnormalized_heights, min_bin_width, min_bin_height,
+                               min_derivative)
     pw, ph = torch.softmax(vw, dim=-1), torch.softmax(vh, dim=-1)
     cw, widths, ch, heights, derivs = spline_prologue(
         parameterization, unnormalized_widths, unnormalized_heights, unnormalized_derivatives, box,
@@ -301,16 +340,8 @@ def rq_spline_param_reference_backward(
     g_dk1 = a * dy_ddk1 + c * dl_ddk1
     g_d = torch.zeros_like(derivs)
     g_d = g_d.scatter_add(-1, idx[..., None], g_dk[..., None]).scatter_add(-1, idx[..., None] + 1, g_dk1[..., None])
-    if zuko:
-        # d/dw of w / (1 + |w c|) is 1 / (1 + |w c|)^2; slope = exp(clip(d)) at the interior knots
-        g_uw = g_uw / (1 + torch.abs(unnormalized_widths * (2.0 / log_slope))) ** 2
-        g_uh = g_uh / (1 + torch.abs(unnormalized_heights * (2.0 / log_slope))) ** 2
-        ud = unnormalized_derivatives
-        g_ud = g_d[..., 1:-1] * derivs[..., 1:-1] / (1 + torch.abs(ud * (1.0 / log_slope))) ** 2
-    elif parameterization == "nflows":
-        g_ud = g_d[..., 1:-1] * torch.sigmoid(unnormalized_derivatives)
-    else:
-        g_ud = g_d * torch.sigmoid(unnormalized_derivatives)
+    g_uw, g_uh, g_ud = p.chain(g_uw, g_uh, g_d, unnormalized_widths, unnormalized_heights,
+                               unnormalized_derivatives, derivs, min_derivative)
 
     mask = inside[..., None]
     zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
