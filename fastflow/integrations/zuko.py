@@ -171,8 +171,8 @@ def _spline(v, w, h, d, inverse, bound, slope):
     from fastflow.ops.rq_spline import rq_spline_unchecked
 
     w, h, d = w.contiguous(), h.contiguous(), d.contiguous()
-    return rq_spline_unchecked(v, w, h, d, parameterization="zuko", inverse=inverse, tail_bound=bound,
-                               min_derivative=slope, backend=INTEGRATION.backend)
+    return rq_spline_unchecked(v, w, h, d, parameterization="zuko", inverse=inverse, tail_bound=bound, slope=slope,
+                               backend=INTEGRATION.backend)
 
 
 def evaluate(t, v, inverse):
@@ -204,7 +204,7 @@ def evaluate(t, v, inverse):
         w, h, d = (p if p.shape[:-1] == shape else p.expand(*shape, p.shape[-1]) for p in (w, h, d))
     from fastflow.ops.rq_spline import rq_spline_accepts
 
-    if not rq_spline_accepts(v, w, h, d, parameterization="zuko", tail_bound=bound, min_derivative=slope):
+    if not rq_spline_accepts(v, w, h, d, parameterization="zuko", tail_bound=bound, slope=slope):
         return None  # bins, slopes or shapes the op refuses: zuko's own code (and its own errors)
     return _spline(v, w, h, d, inverse, bound, slope)
 

@@ -63,7 +63,10 @@ class SplineParameterization:
             right, bottom, top``).
         public: the public function of ``fastflow.ops`` that takes it.
         rule: one line: the prologue (widths/heights, slopes), as in the reference's
-            ``spline_prologue`` (``fastflow/kernels/reference/spline.py``).
+            ``PROLOGUES`` (``fastflow/kernels/reference/spline.py``).
+        own_slope: its minimum slope is its own argument (``slope``; zuko's), not
+            ``min_derivative``; the op hands it to the kernels, whose launchers take one
+            minimum-slope value, the one the row's rule reads.
     """
 
     code: int
@@ -71,6 +74,7 @@ class SplineParameterization:
     box: str
     public: str
     rule: str
+    own_slope: bool = False
 
 
 # The one parameterisation table: every backend reads its codes, declares which it has kernels
@@ -84,7 +88,8 @@ SPLINE_PARAMETERIZATIONS = {
         "min + (1 - min K) softmax(raw) sizes on the box, md + softplus(raw) slopes at all K+1 knots"),
     "zuko": SplineParameterization(
         2, -1, "tail_bound", "rq_spline_zuko",
-        "softmax(raw / (1 + |2 raw / log slope|)) sizes, exp(raw / (1 + |raw / log slope|)) interior slopes"),
+        "softmax(raw / (1 + |2 raw / log slope|)) sizes, exp(raw / (1 + |raw / log slope|)) interior slopes",
+        own_slope=True),
 }
 
 

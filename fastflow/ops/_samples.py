@@ -92,8 +92,8 @@ declare(OpSpec(
     name="rq_spline_zuko", fn=rq_spline_zuko, inputs=("x", "uw", "uh", "ud"),
     example=_spline_example(-1, -5.0, 5.0, {"slope": 2.0**-10}),  # bound 5: a tenth outside
     requires="zuko",
-    op_args=lambda t, kw, inverse, backend: (*t, inverse, 5.0, 0.0, 0.0, kw["slope"], backend, "zuko", -5.0, 5.0,
-                                             -5.0, 5.0),
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, 5.0, 0.0, 0.0, 0.0, backend, "zuko", -5.0, 5.0, -5.0, 5.0,
+                                             kw["slope"]),
     bad=_spline_bad("widths", "heights", "derivatives", "-1=4") + (
         BadInput("a slope of 1", lambda t, kw: (t, {**kw, "slope": 1.0}), ValueError, "slope must be in"),),
     **_SPLINE))

@@ -6,12 +6,10 @@ Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", Neu
 
     W = P L (U + diag(sign * exp(log_s)))
 
-- ``P = I[perm]``: ``(P z)[i] = z[perm[i]]``, so ``y[:, i] = (L M x)[:, perm[i]]``. ``perm`` is a
-  long tensor holding a permutation of ``0..C-1``.
-- ``L``: unit lower-triangular; only the strictly-lower part of ``lower`` is read.
-- ``U``: strictly upper-triangular; only the strictly-upper part of ``upper`` is read.
-- ``sign``: a fixed +-1 vector (floating, like the other parameters); ``log|det W| = sum(log_s)``.
-- ActNorm: ``an(x) = exp(an_logscale) * (x + an_bias)`` per channel (Glow's ``s * (x + b)``).
+``P = I[perm]`` (``(P z)[i] = z[perm[i]]``, ``perm`` a long tensor permuting ``0..C-1``), ``L`` unit
+lower-triangular and ``U`` strictly upper-triangular (only those parts of ``lower``/``upper`` are
+read), ``sign`` a fixed +-1 vector, so ``log|det W| = sum(log_s)``; ActNorm is
+``exp(an_logscale) * (x + an_bias)`` per channel (Glow's ``s * (x + b)``).
 
 Ops, each returning ``(y, logabsdet (B,))``: :func:`lu_linear` (``x (B, C)``, ``y = x W^T``),
 :func:`lu_conv1x1` (``x (B, C, H, W)``, ``W`` over the channels at every pixel) and
@@ -117,31 +115,24 @@ _T = torch.Tensor  # (the forward's annotations give the op its schema)
 def _lu_op(name: str, has_an: bool):
     """One of the three maps: the same kernels with or without the ActNorm arguments; the
     backward computes the parameters' gradients only when one of them needs one."""
+    def full(a):  # the arguments with the ActNorm pair (None, None without ActNorm)
+        return a if has_an else (a[0], None, None, *a[1:])
+
     if has_an:
         def forward(x: _T, an_bias: _T, an_logscale: _T, perm: _T, lower: _T, upper: _T, log_s: _T, sign: _T,
                     inverse: bool, backend: str) -> tuple[_T, _T]:
             return _forward(name, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse, backend)
-
-        def backward(gy, gl, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backend, need):
-            return _backward(name, gy, gl, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, need, backend)
-
-        def composite(x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backend):
-            return _composite(x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse)
     else:
         def forward(x: _T, perm: _T, lower: _T, upper: _T, log_s: _T, sign: _T, inverse: bool, backend: str
                     ) -> tuple[_T, _T]:
             return _forward(name, x, None, None, perm, lower, upper, log_s, sign, inverse, backend)
-
-        def backward(gy, gl, x, perm, lower, upper, log_s, sign, inverse, backend, need):
-            return _backward(name, gy, gl, x, None, None, perm, lower, upper, log_s, sign, inverse, need, backend)
-
-        def composite(x, perm, lower, upper, log_s, sign, inverse, backend):
-            return _composite(x, None, None, perm, lower, upper, log_s, sign, inverse)
     params = ("an_bias", "an_logscale", "lower", "upper", "log_s") if has_an else ("lower", "upper", "log_s")
     at = [list(inspect.signature(forward).parameters).index(p) for p in params]
-    return define(name, forward=forward, outputs=("like:x", "batch:x"), backward=backward, grads=("x",) + params,
-                  composite=composite, extra=lambda needs: (any(needs[i] for i in at),),
-                  extra_schema="bool need_param_grads")
+    return define(name, forward=forward, outputs=("like:x", "batch:x"), grads=("x",) + params,
+                  # backward(grad_y, grad_lad, *forward's arguments, need): need before backend in _backward
+                  backward=lambda gy, gl, *a: _backward(name, gy, gl, *full(a[:-2]), a[-1], a[-2]),
+                  composite=lambda *a: _composite(*full(a[:-1])),  # (without the backend)
+                  extra=lambda needs: (any(needs[i] for i in at),), extra_schema="bool need_param_grads")
 
 
 _lu_linear_op = _lu_op("lu_linear", False)

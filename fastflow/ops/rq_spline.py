@@ -19,6 +19,8 @@ import torch
 
 from fastflow.backends import get_kernel, resolve_backend
 from fastflow.kernels._facts import SPLINE_PARAMETERIZATIONS
+from fastflow.kernels.reference._precision import upcast
+from fastflow.kernels.reference.spline import evaluate
 from fastflow.ops._autocast import autocast_args
 from fastflow.ops._checks import CheckMemo, check_bool, check_positive_float, check_same, check_tensor, describe
 from fastflow.ops._opdef import define
@@ -41,6 +43,13 @@ def _box(parameterization, tail_bound, left, right, bottom, top):
     return (left, right, bottom, top)
 
 
+def _kernel_scalars(parameterization, tail_bound, mbw, mbh, md, left, right, bottom, top, slope):
+    """The launchers' ``(box, mbw, mbh, md)``: the row's box, and its minimum slope (zuko's own
+    ``slope`` argument, the others' ``min_derivative``) in the one slot the kernels read."""
+    md = slope if SPLINE_PARAMETERIZATIONS[parameterization].own_slope else md
+    return _box(parameterization, tail_bound, left, right, bottom, top), mbw, mbh, md
+
+
 # --------------------------------------------------------------------------------------------
 # The op (fastflow/ops/_opdef.py generates the custom ops, fakes and autograd from these)
 # --------------------------------------------------------------------------------------------
@@ -49,34 +58,31 @@ def _box(parameterization, tail_bound, left, right, bottom, top):
 def _forward(inputs: torch.Tensor, unnormalized_widths: torch.Tensor, unnormalized_heights: torch.Tensor,
              unnormalized_derivatives: torch.Tensor, inverse: bool, tail_bound: float, min_bin_width: float,
              min_bin_height: float, min_derivative: float, backend: str, parameterization: str = "nflows",
-             left: float = -1.0, right: float = 1.0, bottom: float = -1.0, top: float = 1.0,
+             left: float = -1.0, right: float = 1.0, bottom: float = -1.0, top: float = 1.0, slope: float = 1e-3,
              ) -> tuple[torch.Tensor, torch.Tensor]:
     if inputs.numel() == 0:
         return torch.empty_like(inputs), torch.empty_like(inputs)
-    box = _box(parameterization, tail_bound, left, right, bottom, top)
+    scalars = _kernel_scalars(parameterization, tail_bound, min_bin_width, min_bin_height, min_derivative, left,
+                              right, bottom, top, slope)
     return get_kernel(OP, backend).forward(inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
-                                           inverse, parameterization, box, min_bin_width, min_bin_height,
-                                           min_derivative)
+                                           inverse, parameterization, *scalars)
 
 
 def _backward(grad_outputs, grad_logabsdet, inputs, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend,
-              parameterization="nflows", left=-1.0, right=1.0, bottom=-1.0, top=1.0):
+              parameterization="nflows", left=-1.0, right=1.0, bottom=-1.0, top=1.0, slope=1e-3):
     # a fused kernel that recomputes the forward from the inputs (nothing else is saved)
     if inputs.numel() == 0:
         return torch.empty_like(inputs), *(torch.empty_like(p) for p in (uw, uh, ud))
-    box = _box(parameterization, tail_bound, left, right, bottom, top)
+    scalars = _kernel_scalars(parameterization, tail_bound, mbw, mbh, md, left, right, bottom, top, slope)
     return tuple(get_kernel(OP, backend).backward(grad_outputs, grad_logabsdet, inputs, uw, uh, ud, inverse,
-                                                  parameterization, box, mbw, mbh, md))
+                                                  parameterization, *scalars))
 
 
 def _composite(x, uw, uh, ud, inverse, tail_bound, mbw, mbh, md, backend, parameterization="nflows", left=-1.0,
-               right=1.0, bottom=-1.0, top=1.0):
+               right=1.0, bottom=-1.0, top=1.0, slope=1e-3):
     """The spline in differentiable torch ops (the reference)."""
-    from fastflow.kernels.reference._precision import upcast
-    from fastflow.kernels.reference.spline import evaluate
-
-    box = _box(parameterization, tail_bound, left, right, bottom, top)
-    out, lad = evaluate(*upcast(x, uw, uh, ud), inverse, parameterization, box, mbw, mbh, md)
+    scalars = _kernel_scalars(parameterization, tail_bound, mbw, mbh, md, left, right, bottom, top, slope)
+    out, lad = evaluate(*upcast(x, uw, uh, ud), inverse, parameterization, *scalars)
     return out.to(x.dtype), lad.to(x.dtype)
 
 
@@ -191,34 +197,36 @@ def rq_spline(
 def _call(parameterization, tensors, inverse, backend, tail_bound, mbw, mbh, md, box=None, names=_NAMES,
           slope=None):
     """What every public function does after its signature: autocast, checks, backend, the op."""
-    inputs, params, tail_bound, mbw, mbh, md, box = _checked(parameterization, tensors, tail_bound, mbw, mbh, md, box,
-                                                             names, slope)
+    inputs, params, tail_bound, mbw, mbh, md, box, slope = _checked(parameterization, tensors, tail_bound, mbw, mbh,
+                                                                    md, box, names, slope)
     op = SPLINE_PARAMETERIZATIONS[parameterization].public
     name = resolve_backend(OP, inputs, backend, parameterization=None if parameterization == "nflows"
                            else parameterization, caller=op)
     params = _expand(inputs, params)
     inverse = check_bool(op, "inverse", inverse)
-    return _rq_spline_op(inputs, *params, inverse, tail_bound, mbw, mbh, md, name, parameterization, *box)
+    return _rq_spline_op(inputs, *params, inverse, tail_bound, mbw, mbh, md, name, parameterization, *box, slope)
 
 
 def _checked(parameterization, tensors, tail_bound, mbw, mbh, md, box, names=_NAMES, slope=None):
-    """The public function's checks: ``(inputs, params, tail_bound, mbw, mbh, md, box)`` or an error."""
+    """The public function's checks: ``(inputs, params, tail_bound, mbw, mbh, md, box, slope)`` or an error."""
     row = SPLINE_PARAMETERIZATIONS[parameterization]
     op = row.public
     inputs, *params = autocast_args(*tensors)  # float32 under autocast
     tail_bound, mbw, mbh, md = _check(inputs, *params, tail_bound, mbw, mbh, md, op, row.n_derivs, names)
-    if slope is not None:  # zuko's minimum slope, which the kernels read where min_derivative is
-        md = float(slope)
-        if not 0.0 < md < 1.0:
-            raise ValueError(f"{op}: slope must be in (0, 1), got {md}")
+    if row.own_slope:  # zuko's minimum slope, its own argument
+        slope = float(slope)
+        if not 0.0 < slope < 1.0:
+            raise ValueError(f"{op}: slope must be in (0, 1), got {slope}")
+    else:
+        slope = 0.0  # (unused by the row)
     if row.box == "tail_bound":
-        return inputs, params, tail_bound, mbw, mbh, md, (-tail_bound, tail_bound, -tail_bound, tail_bound)
+        return inputs, params, tail_bound, mbw, mbh, md, (-tail_bound, tail_bound, -tail_bound, tail_bound), slope
     box = tuple(v if isinstance(v, torch.SymFloat) else float(v) for v in box)
     # comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat
     if not all(v == v and v != math.inf and v != -math.inf for v in box) or not (box[0] < box[1] and box[2] < box[3]):
         raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={box[0]}, right={box[1]}, "
                          f"bottom={box[2]}, top={box[3]}")
-    return inputs, params, tail_bound, mbw, mbh, md, box
+    return inputs, params, tail_bound, mbw, mbh, md, box, slope
 
 
 def _expand(inputs, params):
@@ -309,20 +317,19 @@ MAX_BINS = _MAX_BINS
 
 def rq_spline_accepts(inputs, uw, uh, ud, *, parameterization: str = "nflows", tail_bound: float = 1.0,
                       box=(0.0, 1.0, 0.0, 1.0), min_bin_width: float = 1e-3, min_bin_height: float = 1e-3,
-                      min_derivative: float = 1e-3) -> bool:
+                      min_derivative: float = 1e-3, slope: float = 1e-3) -> bool:
     """Whether the public function of ``parameterization`` (:func:`rq_spline`,
     :func:`rq_spline_bounded` with ``box = (left, right, bottom, top)``, :func:`rq_spline_zuko`
-    with ``tail_bound`` its bound and ``min_derivative`` its slope) would take these arguments:
-    its own checks (remembered per shapes and values, so asking is cheap), as a predicate. A
-    caller with a fallback of its own asks this, then calls :func:`rq_spline_unchecked`."""
+    with ``tail_bound`` its bound and ``slope`` its slope) would take these arguments: its own
+    checks (remembered per shapes and values, so asking is cheap), as a predicate. A caller with
+    a fallback of its own asks this, then calls :func:`rq_spline_unchecked`."""
     if parameterization not in SPLINE_PARAMETERIZATIONS:
         raise ValueError(f"rq_spline_accepts: parameterization={parameterization!r}, expected one of "
                          f"{PARAMETERIZATIONS}")
-    zuko = parameterization == "zuko"
+    own = SPLINE_PARAMETERIZATIONS[parameterization].own_slope  # (zuko: no minimum sizes)
     try:
-        _checked(parameterization, (inputs, uw, uh, ud), tail_bound, 0.0 if zuko else min_bin_width,
-                 0.0 if zuko else min_bin_height, 0.0 if zuko else min_derivative, box,
-                 slope=min_derivative if zuko else None)
+        _checked(parameterization, (inputs, uw, uh, ud), tail_bound, 0.0 if own else min_bin_width,
+                 0.0 if own else min_bin_height, 0.0 if own else min_derivative, box, slope=slope)
     except (TypeError, ValueError):
         return False
     return True
@@ -330,7 +337,8 @@ def rq_spline_accepts(inputs, uw, uh, ud, *, parameterization: str = "nflows", t
 
 def rq_spline_unchecked(inputs, uw, uh, ud, *, parameterization: str = "nflows", inverse: bool = False,
                         tail_bound: float = 1.0, box=(0.0, 1.0, 0.0, 1.0), min_bin_width: float = 1e-3,
-                        min_bin_height: float = 1e-3, min_derivative: float = 1e-3, backend: str | None = None):
+                        min_bin_height: float = 1e-3, min_derivative: float = 1e-3, slope: float = 1e-3,
+                        backend: str | None = None):
     """The fused spline op of ``parameterization`` without the public functions' argument checks
     (arguments as for :func:`rq_spline_accepts`): for callers that asked
     :func:`rq_spline_accepts` first (the peer integrations, which run the peer's own code where it
@@ -339,8 +347,7 @@ def rq_spline_unchecked(inputs, uw, uh, ud, *, parameterization: str = "nflows",
     kernels raises ``BackendUnavailableError``)."""
     row = SPLINE_PARAMETERIZATIONS[parameterization]
     name = resolve_backend(OP, inputs, backend, parameterization=parameterization, caller=row.public)
-    zuko = parameterization == "zuko"
     tb = float(tail_bound) if row.box == "tail_bound" else 1.0
-    return _rq_spline_op(inputs, *_expand(inputs, (uw, uh, ud)), bool(inverse), tb,
-                         0.0 if zuko else float(min_bin_width), 0.0 if zuko else float(min_bin_height),
-                         float(min_derivative), name, parameterization, *_box(parameterization, tb, *map(float, box)))
+    mins = (0.0, 0.0, 0.0) if row.own_slope else (float(min_bin_width), float(min_bin_height), float(min_derivative))
+    return _rq_spline_op(inputs, *_expand(inputs, (uw, uh, ud)), bool(inverse), tb, *mins, name, parameterization,
+                         *_box(parameterization, tb, *map(float, box)), float(slope) if row.own_slope else 0.0)

@@ -313,7 +313,7 @@ def _entry_kwargs(name, kwargs):
     kw = dict(kwargs)
     if name == "rq_spline_zuko":
         kw["tail_bound"] = kw.pop("bound", 5.0)
-        kw["min_derivative"] = kw.pop("slope", 1e-3)
+        kw["slope"] = kw.pop("slope", 1e-3)  # zuko's slope is its own argument there too
     if name == "rq_spline_bounded":
         kw["box"] = tuple(kw.pop(k, d) for k, d in (("left", 0.0), ("right", 1.0), ("bottom", 0.0), ("top", 1.0)))
     return kw

@@ -36,7 +36,7 @@ MIN = 2.0**-10  # minimum bin sizes and slopes (exact in float32, see the module
 BOXES = {"nflows_bounded": (-2.5, 3.0, -1.75, 2.25), "zuko": (-4.0, 4.0, -4.0, 4.0)}
 SETTINGS = {  # the op's scalar arguments: (min_bin_width, min_bin_height, min_derivative)
     "nflows_bounded": (MIN, MIN, MIN),
-    "zuko": (0.0, 0.0, MIN),  # min_derivative carries zuko's slope
+    "zuko": (0.0, 0.0, MIN),  # the launchers' md slot holds zuko's slope
 }
 F64_RTOL = 1e-10
 

@@ -112,7 +112,8 @@ def rq_spline_reference_backward(
 #     soft-bounded, ``w / (1 + |2w / log slope|)`` for widths and heights and ``d / (1 + |d /
 #     log slope|)`` for the K-1 interior slopes, softmax without a minimum bin size, slopes
 #     ``exp(d)`` with unit boundary slopes, the identity with log-det 0 outside [-bound, bound].
-#     ``min_derivative`` carries zuko's ``slope``.
+#     The launchers' ``min_derivative`` slot holds zuko's ``slope`` (the op's own ``slope``
+#     argument: the table row's ``own_slope``).
 
 PARAMETERIZATIONS = tuple(SPLINE_PARAMETERIZATIONS)  # the table's rows; PROLOGUES below has one for each
 
@@ -360,7 +361,8 @@ def rq_spline_param_reference_backward(
 #   backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md)
 #       -> (g_x, g_uw, g_uh, g_ud)
 # box = (left, right, bottom, top); "nflows" uses (-tail_bound, tail_bound, -tail_bound,
-# tail_bound) and "zuko" (-bound, bound, -bound, bound) with md = zuko's slope.
+# tail_bound) and "zuko" (-bound, bound, -bound, bound); md is the row's minimum slope (zuko's
+# own slope argument, which the op passes here).
 # --------------------------------------------------------------------------------------------
 
 
