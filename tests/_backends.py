@@ -33,7 +33,8 @@ def backends_for(op: str) -> list:
     return [pytest.param(n, marks=m) if m else n for n, m in run_table().items() if op in BACKENDS[n].ops]
 
 
-def _name(param) -> str:
+def backend_name(param) -> str:
+    """The backend name of a :func:`backends_for` entry (a name or a pytest parameter)."""
     return getattr(param, "values", (param,))[0]
 
 
@@ -41,9 +42,9 @@ def _name(param) -> str:
 # Under TRITON_INTERPRET=1 (a separate pytest invocation, `-m triton`) the Triton kernels run on
 # CPU tensors.
 ALL_BACKENDS = backends_for("rq_spline")
-KERNEL_BACKENDS = [b for b in ALL_BACKENDS if _name(b) != "reference"]
+KERNEL_BACKENDS = [b for b in ALL_BACKENDS if backend_name(b) != "reference"]
 # those that run on CPU tensors without an interpreter (float64 among their dtypes)
-CPU_BACKENDS = [_name(b) for b in ALL_BACKENDS if {"cpu", "any"} & set(BACKENDS[_name(b)].devices)]
+CPU_BACKENDS = [backend_name(b) for b in ALL_BACKENDS if {"cpu", "any"} & set(BACKENDS[backend_name(b)].devices)]
 
 
 def device_for(backend: str) -> str:

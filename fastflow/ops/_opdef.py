@@ -26,7 +26,6 @@ maps' switch that skips the parameters' gradients).
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Callable
 
 import torch
@@ -106,20 +105,10 @@ def define(name: str, *, forward: Callable, outputs: tuple[str, ...], composite:
         bwd_op.register_fake(fake_outputs(g_names + params + extra_names, tuple(f"like:{g}" for g in grads)))
     fillers = _zero_fillers(params, outputs)
     grad_at = tuple(params.index(g) for g in grads)
-    # the tensor arguments' positions, from the annotations (the schema says the same); an op
-    # whose annotations are not plain tensors falls back to asking each argument
-    annotations = [str(p.annotation) for p in inspect.signature(forward).parameters.values()]
-    tensor_at = tuple(i for i, a in enumerate(annotations) if a in ("torch.Tensor", str(torch.Tensor)))
-    if any("Tensor" in a for i, a in enumerate(annotations) if i not in tensor_at):
-        tensor_at = None
-    take = operator.itemgetter(*tensor_at) if tensor_at and len(tensor_at) > 1 else None
 
     def setup_context(ctx, inputs, output):
-        # every tensor argument, in order (what _saved_args and the backward rebuild the arguments from)
-        if take is not None:
-            ctx.save_for_backward(*take(inputs))
-        else:
-            ctx.save_for_backward(*[a for a in inputs if isinstance(a, torch.Tensor)])
+        # every tensor argument, in order: what _saved_args rebuilds the arguments from
+        ctx.save_for_backward(*[a for a in inputs if isinstance(a, torch.Tensor)])
 
     def autograd_backward(ctx, *grad_outputs):
         args = _saved_args(ctx)

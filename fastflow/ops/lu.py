@@ -75,7 +75,7 @@ def _forward(op, x, an_b, an_ls, perm, lower, upper, log_s, sign, inverse, backe
 
 
 def _backward(op, grad_y, grad_logabsdet, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, inverse,
-              need_param_grads, backend):
+              backend, need_param_grads):
     """Gradients ``(x, [an_bias, an_logscale,] lower, upper, log_s)``; the parameters' are zeros
     unless ``need_param_grads``."""
     cd = _compute_dtype(x.dtype)
@@ -129,8 +129,8 @@ def _lu_op(name: str, has_an: bool):
     params = ("an_bias", "an_logscale", "lower", "upper", "log_s") if has_an else ("lower", "upper", "log_s")
     at = [list(inspect.signature(forward).parameters).index(p) for p in params]
     return define(name, forward=forward, outputs=("like:x", "batch:x"), grads=("x",) + params,
-                  # backward(grad_y, grad_lad, *forward's arguments, need): need before backend in _backward
-                  backward=lambda gy, gl, *a: _backward(name, gy, gl, *full(a[:-2]), a[-1], a[-2]),
+                  # backward(grad_y, grad_lad, *forward's arguments, need_param_grads)
+                  backward=lambda gy, gl, *a: _backward(name, gy, gl, *full(a[:-2]), *a[-2:]),
                   composite=lambda *a: _composite(*full(a[:-1])),  # (without the backend)
                   extra=lambda needs: (any(needs[i] for i in at),), extra_schema="bool need_param_grads")
 

@@ -46,12 +46,15 @@ def _basis(t: torch.Tensor, degree: int) -> torch.Tensor:
     return binom * t**i * (1 - t) ** (degree - i)
 
 
+def _poly(t: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``f(t)`` of the polynomial with coefficients ``theta`` (``(..., M + 1)``)."""
+    return (_basis(t, theta.shape[-1] - 1) * theta).sum(-1)
+
+
 def _poly_and_slope(t: torch.Tensor, theta: torch.Tensor):
-    """``f(t)`` and ``df/dt`` of the polynomial with coefficients ``theta`` (``(..., M + 1)``)."""
+    """``f(t)`` and ``df/dt``."""
     m = theta.shape[-1] - 1
-    y = (_basis(t, m) * theta).sum(-1)
-    slope = m * (_basis(t, m - 1) * (theta[..., 1:] - theta[..., :-1])).sum(-1)
-    return y, slope
+    return _poly(t, theta), m * (_basis(t, m - 1) * (theta[..., 1:] - theta[..., :-1])).sum(-1)
 
 
 def bernstein(x: torch.Tensor, raw: torch.Tensor, bound: float = 5.0, eps: float = 1e-6):
@@ -79,8 +82,7 @@ def bernstein_inverse(y: torch.Tensor, raw: torch.Tensor, bound: float = 5.0, ep
     # bisection to the dtype's resolution: each step halves [lo, hi] (monotone f)
     for _ in range(int(-math.log2(torch.finfo(y.dtype).eps)) + 8):
         mid = 0.5 * (lo + hi)
-        f_mid, _ = _poly_and_slope(mid, theta)
-        go_up = f_mid < target
+        go_up = _poly(mid, theta) < target
         lo = torch.where(go_up, mid, lo)
         hi = torch.where(go_up, hi, mid)
     t = 0.5 * (lo + hi)
