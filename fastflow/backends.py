@@ -243,8 +243,11 @@ def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None = None, *
             _RESOLVED[key] = name
     if parameterization is None or _has_parameterization(name, parameterization):
         return name
+    having = [n for n in _ORDER if parameterization in BACKENDS[n].parameterizations]
+    if not having:
+        raise BackendUnavailableError(f"{caller or op}: no backend has kernels for the {parameterization!r} spline "
+                                      "parameterization (a table row without a prologue)")
     if backend is not None or env_backend() is not None:
-        having = [n for n in _ORDER if parameterization in BACKENDS[n].parameterizations]
         raise BackendUnavailableError(
             f"{caller or op}: backend {name!r} has no kernels for the {parameterization!r} spline parameterization; "
             f"use backend=None or one of {having}")

@@ -155,3 +155,35 @@ def check_permutation_and_signs(op, perm, sign) -> None:
     _VALIDATED[key] = (perm, sign, *snap)
     while len(_VALIDATED) > 256:
         _VALIDATED.popitem(last=False)
+
+
+def check_elementwise(op: str, named: dict, dim: str = "parameter") -> None:
+    """An elementwise law's arguments: ``inputs`` (the first) and per-element parameters
+    ``(..., M)`` whose leading dims equal ``inputs.shape`` or broadcast to it, all of one floating
+    dtype and device."""
+    for name, t in named.items():
+        check_tensor(name, t, op=op)
+    check_same(op, named)
+    (_, inputs), *params = named.items()
+    for name, t in params:
+        if t.dim() < 1:
+            raise ValueError(f"{op}: {name} needs a trailing {dim} dimension, got {describe(t)}")
+        if t.shape[:-1] == inputs.shape:
+            continue  # the common case; torch.broadcast_shapes costs microseconds of Python
+        try:
+            shape = torch.broadcast_shapes(t.shape[:-1], inputs.shape)
+        except RuntimeError:
+            shape = None
+        if shape != inputs.shape:
+            raise ValueError(f"{op}: {name} must have leading shape {tuple(inputs.shape)} (that of inputs, or "
+                             f"broadcastable to it) plus the {dim} dimension, got {describe(t)}")
+
+
+def check_box(op: str, box) -> tuple:
+    """``(left, right, bottom, top)`` finite with ``left < right`` and ``bottom < top``."""
+    box = tuple(v if isinstance(v, torch.SymFloat) else float(v) for v in box)
+    # comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat
+    if not all(v == v and v != math.inf and v != -math.inf for v in box) or not (box[0] < box[1] and box[2] < box[3]):
+        raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={box[0]}, right={box[1]}, "
+                         f"bottom={box[2]}, top={box[3]}")
+    return box

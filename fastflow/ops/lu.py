@@ -16,10 +16,8 @@ Ops, each returning ``(y, logabsdet (B,))``: :func:`lu_linear` (``x (B, C)``, ``
 :func:`actnorm_conv1x1` (ActNorm then the 1x1 convolution as one per-pixel affine map, one pass
 over the data). ``inverse=True`` evaluates the inverse map without inverting a general matrix:
 ``W^-1 = M^-1 L^-1 P^T`` from two triangular solves, or, with fewer pixels than channels, the
-data solved directly. Each op is generated from its definition (``fastflow/ops/_opdef.py``), its
-backward a fused op (``fastflow::<op>_backward``: gradients for ``x``, the ActNorm parameters,
-``lower``, ``upper`` and ``log_s``; none for ``perm``/``sign``). The backends' kernels are in
-``kernels/<backend>/lu.py``; the numba backend's up to its declared channel limit.
+data solved directly. Each op's backward is a fused op (``fastflow::<op>_backward``: gradients
+for ``x``, the ActNorm parameters, ``lower``, ``upper`` and ``log_s``; none for ``perm``/``sign``).
 """
 
 from __future__ import annotations
@@ -53,10 +51,7 @@ def clear_inverse_cache() -> None:
     clear()
 
 
-# --------------------------------------------------------------------------------------------
 # The ops (fastflow/ops/_opdef.py generates the custom ops, fakes and autograd from these)
-# --------------------------------------------------------------------------------------------
-
 
 def _as3(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
@@ -140,10 +135,7 @@ _lu_conv1x1_op = _lu_op("lu_conv1x1", False)
 _actnorm_conv1x1_op = _lu_op("actnorm_conv1x1", True)
 
 
-# --------------------------------------------------------------------------------------------
 # Argument checks
-# --------------------------------------------------------------------------------------------
-
 def _check(op, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, x_dims):
     named = {"x": x}
     if an_bias is not None:
@@ -176,10 +168,7 @@ def _check(op, x, an_bias, an_logscale, perm, lower, upper, log_s, sign, x_dims)
     check_permutation_and_signs(op, perm, sign)
 
 
-# --------------------------------------------------------------------------------------------
 # Public API
-# --------------------------------------------------------------------------------------------
-
 def _with_doc(head: str, tail: str):
     """Give a public op its docstring: ``head`` + the shared argument list + ``tail`` (an
     expression after a ``def`` is not a docstring, so it is set here)."""

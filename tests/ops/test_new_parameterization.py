@@ -74,3 +74,26 @@ def test_a_forced_backend_without_it_is_refused(affine_box):
     x, uw, uh, ud = _inputs()
     with pytest.raises(BackendUnavailableError, match="'affine_box'"):
         rq_spline_unchecked(x, uw, uh, ud, parameterization=affine_box, box=BOX, backend="numba")
+
+
+def test_a_row_alone_is_claimed_by_no_backend(monkeypatch):
+    # step 1 without step 2: no backend runs the row (a compiled kernel would otherwise take an
+    # unknown code down another row's branch), and the call says so
+    monkeypatch.setitem(_facts.SPLINE_PARAMETERIZATIONS, "affine_box", _facts.SplineParameterization(
+        code=3, n_derivs=-1, box="box", public="rq_spline_affine_box", rule="(no prologue anywhere)"))
+    x, uw, uh, ud = _inputs()
+    with pytest.raises(BackendUnavailableError, match="no backend has kernels for the 'affine_box'"):
+        rq_spline_unchecked(x, uw, uh, ud, parameterization="affine_box", box=BOX)
+
+
+def test_each_backend_declares_the_prologues_its_kernels_have():
+    # the declaration (Backend.parameterizations) is what each kernel module implements
+    assert set(BACKENDS["reference"].parameterizations) == set(ref.PROLOGUES)
+    from fastflow.kernels.numba import spline as nb_spline
+
+    codes = {nb_spline.NFLOWS, nb_spline.BOUNDED, nb_spline.ZUKO}
+    assert {_facts.SPLINE_PARAMETERIZATIONS[n].code for n in BACKENDS["numba"].parameterizations} == codes
+    pytest.importorskip("triton")
+    from fastflow.kernels.triton import spline as tr_spline
+
+    assert tuple(tr_spline.KINDS) == BACKENDS["triton"].parameterizations

@@ -4,7 +4,7 @@ importing this package only declares the backend's facts (no numba import)."""
 
 import torch
 
-from fastflow.kernels._facts import COUPLING, FLOATS, LU, SPLINE, SPLINE_PARAMETERIZATIONS, Backend, import_reason
+from fastflow.kernels._facts import COUPLING, FLOATS, LU, SPLINE, Backend, import_reason
 
 
 def _probe():
@@ -23,7 +23,9 @@ _LU_MAX_CHANNELS = 32
 BACKEND = Backend(
     "numba", ("cpu",), FLOATS, _probe, "fused parallel Numba CPU kernels", compute=_compute,
     ops={**SPLINE, **COUPLING, **LU}, limits={"lu_max_channels": _LU_MAX_CHANNELS},
-    parameterizations=tuple(SPLINE_PARAMETERIZATIONS),
+    # the prologues its kernels have (their `kind` branches, kernels/numba/spline.py): a row added to the
+    # table is not claimed until the kernels have its branch
+    parameterizations=("nflows", "nflows_bounded", "zuko"),
     notes={op: f"compiled factor algebra up to {_LU_MAX_CHANNELS} channels, the torch backend's above; the data "
                "pass is torch's GEMM either way" for op in LU},
 )

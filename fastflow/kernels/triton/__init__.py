@@ -4,7 +4,7 @@ float64 for the spline and coupling ops (the LU kernels stay float32-only)."""
 
 import torch
 
-from fastflow.kernels._facts import (COUPLING, LOW, LU, SPLINE, SPLINE_PARAMETERIZATIONS, Backend, import_reason,
+from fastflow.kernels._facts import (COUPLING, LOW, LU, SPLINE, Backend, import_reason,
                                      interpreting)
 
 
@@ -20,5 +20,6 @@ def _probe():
 BACKEND = Backend(
     "triton", ("cuda",), (torch.float32,) + LOW, _probe, "fused Triton GPU kernels",
     op_dtypes={op: (torch.float64,) for op in ("rq_spline", "affine_coupling", "additive_coupling", "rescale")},
-    cpu_when=interpreting, ops={**SPLINE, **COUPLING, **LU}, parameterizations=tuple(SPLINE_PARAMETERIZATIONS),
+    cpu_when=interpreting, ops={**SPLINE, **COUPLING, **LU},
+    parameterizations=("nflows", "nflows_bounded", "zuko"),  # its KIND branches (kernels/triton/spline.py)
 )

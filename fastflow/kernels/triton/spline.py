@@ -390,7 +390,7 @@ def _rq_spline_bwd_kernel(
 # The prologues (raw parameters -> knots and slopes) the kernels' KIND constexpr selects, by the
 # codes of the one table (kernels/_facts.py; the kernels test KIND == 1 for "nflows_bounded" and
 # KIND == 2 for "zuko"); see kernels/reference/spline.py.
-KINDS = {name: p.code for name, p in SPLINE_PARAMETERIZATIONS.items()}
+KINDS = {name: SPLINE_PARAMETERIZATIONS[name].code for name in BACKEND.parameterizations}
 assert KINDS == {"nflows": 0, "nflows_bounded": 1, "zuko": 2}, "the kernels' KIND literals follow the table"
 
 
