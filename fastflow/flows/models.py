@@ -15,15 +15,16 @@ from typing import Callable
 
 from fastflow.flows.distributions import DiagonalNormal, StandardLogistic, StandardNormal
 from fastflow.flows.flow import Flow
-from fastflow.nn.autoregressive import MaskedAffineAutoregressive, MaskedRQAutoregressive
+from fastflow.nn.autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive, MaskedRQAutoregressive
 from fastflow.nn.base import CompositeTransform, InverseTransform, Reshape
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling, Rescale, RQSplineCoupling
+from fastflow.nn.laws import BernsteinLaw
 from fastflow.nn.glow import ActNorm, ActNormInvConv1x1, InvConv1x1, LULinear, MultiScale, Squeeze
 from fastflow.nn.masks import alternating_mask, channel_mask, checkerboard_mask
 from fastflow.nn.normalization import BatchNormFlow
 from fastflow.nn.permutations import RandomPermutation, ReversePermutation
 
-__all__ = ["build", "names", "register", "realnvp", "nice", "glow", "maf", "iaf", "nsf", "nsf_ar"]
+__all__ = ["build", "names", "register", "realnvp", "nice", "glow", "maf", "iaf", "nsf", "nsf_ar", "bpf"]
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -242,6 +243,21 @@ def nsf_ar(shape, context_features=None, *, num_layers=5, hidden_features=128, n
     def make(d):
         return MaskedRQAutoregressive(d, hidden_features, num_blocks, context_features, num_bins=num_bins,
                                       tail_bound=tail_bound, backend=backend)
+
+    return _autoregressive(shape, context_features, num_layers, make, permutation, batch_norm, base)
+
+
+@register("bpf")
+def bpf(shape, context_features=None, *, num_layers=3, hidden_features=64, num_blocks=2, degree=16, bound=5.0,
+        permutation="reverse", batch_norm=False, base="normal", backend=None) -> Flow:
+    """Bernstein polynomial flow (zuko's ``BPF``: Sick et al. 2020; Arpogaus et al. 2022):
+    MADE-parameterised Bernstein polynomial laws (``degree + 1`` coefficients per feature, the
+    identity outside ``[-bound, bound]``: standardise the data first), order reversals between
+    layers. zuko's defaults: 3 layers, two hidden layers of 64."""
+
+    def make(d):
+        return MaskedAutoregressive(d, BernsteinLaw(degree, bound, backend), hidden_features, num_blocks,
+                                    context_features)
 
     return _autoregressive(shape, context_features, num_layers, make, permutation, batch_norm, base)
 

@@ -13,7 +13,7 @@ from fastflow.nn.conditioners import MLP, ConvNet, ConvResNet, ResidualMLP
 from fastflow.nn.continuous import CNF, ODEVectorField
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling, Coupling, Rescale, RQSplineCoupling
 from fastflow.nn.glow import ActNorm, ActNormInvConv1x1, InvConv1x1, LULinear, MultiScale, Squeeze
-from fastflow.nn.laws import AdditiveLaw, AffineLaw, Law, SplineLaw, make_law
+from fastflow.nn.laws import AdditiveLaw, AffineLaw, BernsteinLaw, Law, SplineLaw, make_law
 from fastflow.nn.linear import CholeskyAffine
 from fastflow.nn.masks import alternating_mask, channel_mask, checkerboard_mask, half_mask, random_mask
 from fastflow.nn.mixture import MixtureLogisticCDF
@@ -32,5 +32,5 @@ __all__ = [
     "half_mask", "random_mask",
     "CNF", "ConvergenceError", "LipSwish", "LipschitzMLP", "ODEVectorField", "PlanarFlow", "RadialFlow",
     "ResidualBlock", "SpectralNormLinear",
-    "Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "make_law", "MaskedAutoregressive",
+    "Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "BernsteinLaw", "make_law", "MaskedAutoregressive",
 ]

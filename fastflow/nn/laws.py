@@ -21,9 +21,10 @@ from __future__ import annotations
 import math
 
 from fastflow.ops.coupling import SCALES, additive_coupling, affine_coupling
+from fastflow.ops.polynomial import MAX_PARAMS, bernstein
 from fastflow.ops.rq_spline import rq_spline
 
-__all__ = ["Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "make_law"]
+__all__ = ["Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "BernsteinLaw", "make_law"]
 
 
 class Law:
@@ -114,11 +115,40 @@ class SplineLaw(Law):
         return y, lad.flatten(1).sum(dim=1)
 
 
-_LAWS = {"affine": AffineLaw, "additive": AdditiveLaw, "spline": SplineLaw}
+class BernsteinLaw(Law):
+    """Bernstein polynomial law (Bernstein-Polynomial Normalizing Flows; zuko's ``BPF``):
+    ``degree + 1`` raw coefficients per element, as zuko's ``BPF(degree=...)`` (the polynomial
+    itself has degree ``degree + 5``: two fixed steps at each end make the slope 1 and the
+    curvature 0 there); op :func:`fastflow.ops.bernstein`. A zero conditioner output gives equal
+    steps, the identity: a fresh layer is the identity.
+
+    Args:
+        degree: zuko's ``degree`` (``>= 1``).
+        bound: the polynomial acts on ``[-bound, bound]``, the identity (slope 1) outside.
+        backend: forces the op's backend (None: the fastest available).
+    """
+
+    def __init__(self, degree: int = 16, bound: float = 5.0, backend: str | None = None):
+        if isinstance(degree, bool) or not isinstance(degree, int) or not 1 <= degree <= MAX_PARAMS - 1:
+            raise ValueError(f"BernsteinLaw: degree must be an integer in 1..{MAX_PARAMS - 1}, got {degree!r}")
+        if not isinstance(bound, (int, float)) or not 0 < float(bound) < float("inf"):
+            raise ValueError(f"BernsteinLaw: bound must be a finite positive number, got {bound!r}")
+        self.degree = degree
+        self.bound = float(bound)
+        self.backend = backend
+        self.params_per_element = degree + 1
+
+    def __call__(self, x, params, inverse):
+        y, lad = bernstein(x, params, inverse=inverse, bound=self.bound, backend=self.backend)
+        return y, lad.flatten(1).sum(dim=1)
+
+
+_LAWS = {"affine": AffineLaw, "additive": AdditiveLaw, "spline": SplineLaw, "bernstein": BernsteinLaw}
 
 
 def make_law(law, **kwargs) -> Law:
-    """A law object from a law, or a name (``"affine"``, ``"additive"``, ``"spline"``) and its arguments."""
+    """A law object from a law, or a name (``"affine"``, ``"additive"``, ``"spline"``,
+    ``"bernstein"``) and its arguments."""
     if isinstance(law, str):
         if law not in _LAWS:
             raise ValueError(f"unknown law {law!r}; expected one of {sorted(_LAWS)} or a Law object")

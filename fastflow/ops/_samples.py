@@ -16,6 +16,7 @@ from fastflow.ops._spec import SPECS, BadInput, OpSpec, declare
 from fastflow.ops.coupling import (_additive_coupling_op, _affine_coupling_op, _rescale_op, additive_coupling,
                                    affine_coupling, rescale)
 from fastflow.ops.lu import _actnorm_conv1x1_op, _lu_conv1x1_op, _lu_linear_op, actnorm_conv1x1, lu_conv1x1, lu_linear
+from fastflow.ops.polynomial import _bernstein_op, bernstein
 from fastflow.ops.rq_spline import OP, _rq_spline_op, rq_spline, rq_spline_bounded, rq_spline_zuko
 
 __all__ = ["SPECS"]
@@ -97,6 +98,44 @@ declare(OpSpec(
     bad=_spline_bad("widths", "heights", "derivatives", "-1=4") + (
         BadInput("a slope of 1", lambda t, kw: (t, {**kw, "slope": 1.0}), ValueError, "slope must be in"),),
     **_SPLINE))
+
+
+# --------------------------------------------------------------------------------------------
+# The Bernstein polynomial law (kernels/<backend>/bernstein.py implement the launcher interface
+# documented in kernels/reference/bernstein.py)
+# --------------------------------------------------------------------------------------------
+
+def _bernstein_example(shape, dtype, device, gen, n=5):
+    # inputs over [-B, B] and a little past it (linear there), raw coefficients of either sign
+    x = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2.4 - 1.2) * 3.0
+    theta = torch.randn(*shape, n, generator=gen, dtype=torch.float64) * 1.5
+    return [x.to(dtype=dtype, device=device), theta.to(dtype=dtype, device=device)], {"bound": 3.0}
+
+
+declare(OpSpec(
+    name="bernstein", op="bernstein", fn=bernstein, kernels="bernstein", inputs=("x", "theta"),
+    grad_inputs=("x", "theta"), outputs=("like:x", "like:x"), logdet="elementwise", shapes=_SPLINE_SHAPES,
+    fused=lambda: _bernstein_op, example=_bernstein_example, options=({"n": 2}, {"n": 5}, {"n": 17}),
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, kw["bound"], backend),
+    bad=(
+        BadInput("one raw coefficient", lambda t, kw: ([t[0], t[1][..., :1]], kw), ValueError,
+                 "theta must have 2..507 raw coefficients"),
+        BadInput("theta of another batch", lambda t, kw: ([t[0], t[1][:2]], kw), ValueError,
+                 "theta must have leading shape"),
+        BadInput("theta without a coefficient dim", lambda t, kw: ([t[0], t[1].sum()], kw), ValueError,
+                 "theta needs a trailing parameter dimension"),
+        BadInput("integer inputs", lambda t, kw: ([torch.arange(t[0].numel()).view(t[0].shape), t[1]], kw),
+                 TypeError, "inputs must have a floating dtype"),
+        BadInput("mixed dtypes", lambda t, kw: ([t[0], t[1].to(torch.float16)], kw), TypeError,
+                 "theta has dtype float16 but inputs has"),
+        BadInput("a list", lambda t, kw: ([t[0], t[1].tolist()], kw), TypeError, "must be a torch.Tensor"),
+        BadInput("another device", lambda t, kw: ([t[0], t[1].to("meta")], kw), ValueError,
+                 "is on device meta but inputs is on"),
+        BadInput("a negative bound", lambda t, kw: (t, {**kw, "bound": -1.0}), ValueError,
+                 "bound must be a finite positive"),
+        BadInput("a NaN bound", lambda t, kw: (t, {**kw, "bound": float("nan")}), ValueError,
+                 "bound must be a finite positive"),
+    )))
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ SMALL = {
     "maf": dict(num_layers=2, hidden_features=16, num_blocks=1),
     "iaf": dict(num_layers=2, hidden_features=16, num_blocks=1),
     "nsf-ar": dict(num_layers=2, hidden_features=16, num_blocks=1, num_bins=4),
+    "bpf": dict(num_layers=2, hidden_features=16, num_blocks=1, degree=6, bound=4.0),
     "glow": dict(levels=2, depth=1, hidden_channels=8),
     "realnvp-image": dict(levels=2, hidden_channels=8, num_blocks=1),
     "resflow": dict(num_layers=2, hidden_features=16),

@@ -15,7 +15,7 @@ from tests.flows._autocast_models import IMAGE
 from tests.flows._autocast_models import SMALL as ALL_SMALL
 
 # the closed-form models' small configurations (shared with the compile, autocast and export tests)
-SMALL = {k: v for k, v in ALL_SMALL.items() if k in ("nsf", "realnvp", "nice", "maf", "iaf", "nsf-ar", "glow",
+SMALL = {k: v for k, v in ALL_SMALL.items() if k in ("nsf", "realnvp", "nice", "maf", "iaf", "nsf-ar", "bpf", "glow",
                                                      "realnvp-image")}
 
 
@@ -66,7 +66,7 @@ def test_log_prob_matches_jacobian_and_samples(name, context):
     torch.testing.assert_close(lps.reshape(-1), flow.log_prob(flat_x, flat_c), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["nsf", "realnvp", "nice", "maf", "iaf", "nsf-ar"])
+@pytest.mark.parametrize("name", ["nsf", "realnvp", "nice", "maf", "iaf", "nsf-ar", "bpf"])
 def test_2d_density_integrates_to_one(name):
     flow, _ = _flow(name, shape=(2,))
     lim, n = 9.0, 400
@@ -94,7 +94,7 @@ def test_checkpoint_rebuild_and_json_spec():
     assert fastflow.build is build and fastflow.Flow is Flow
 
 
-@pytest.mark.parametrize("name", ["nsf", "glow", "maf"])
+@pytest.mark.parametrize("name", ["nsf", "glow", "maf", "bpf"])
 def test_compile_fullgraph_log_prob(name):
     torch._dynamo.reset()
     flow, shape = _flow(name, dtype=torch.float32)

@@ -22,6 +22,7 @@ TOY = {
     "maf": dict(num_layers=4, hidden_features=32, num_blocks=2),
     "iaf": dict(num_layers=4, hidden_features=32, num_blocks=2),
     "nsf-ar": dict(num_layers=2, hidden_features=32, num_blocks=1, num_bins=8),
+    "bpf": dict(num_layers=3, hidden_features=32, num_blocks=2, degree=16),
 }
 
 

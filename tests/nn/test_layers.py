@@ -64,6 +64,9 @@ CASES = {
     "maf-order": (lambda c: fnn.MaskedAffineAutoregressive(4, 16, 1, c, order=[2, 0, 3, 1], scale="exp"), (4,)),
     "iaf": (lambda c: fnn.InverseAutoregressive(4, hidden_features=16, context_features=c), (4,)),
     "nsf-ar": (lambda c: fnn.MaskedRQAutoregressive(4, 16, 2, c, num_bins=4, tail_bound=2.0), (4,)),
+    "bernstein-ar": (lambda c: fnn.MaskedAutoregressive(4, fnn.BernsteinLaw(5, 2.5), 16, 2, c), (4,)),
+    "bernstein-coupling": (lambda c: fnn.Coupling(fnn.alternating_mask(5), law=fnn.BernsteinLaw(4, 2.0),
+                                                  context_features=c, hidden_features=8), (5,)),
     "actnorm": (lambda c: fnn.ActNorm(3).eval(), (3, 2, 2)),
     "actnorm-vector": (lambda c: fnn.ActNorm(4).eval(), (4,)),
     "invconv": (lambda c: fnn.InvConv1x1(3), (3, 2, 2)),
@@ -87,7 +90,8 @@ CASES = {
 }
 CONDITIONAL = {"affine-half", "affine-resmlp", "affine-checkerboard", "affine-channel", "affine-channel-gather",
                "additive-channel-flip", "additive",
-               "additive-checkerboard", "spline", "spline-image", "maf", "iaf", "nsf-ar", "mixture", "composite",
+               "additive-checkerboard", "spline", "spline-image", "maf", "iaf", "nsf-ar", "bernstein-ar",
+               "bernstein-coupling", "mixture", "composite",
                "multiscale"}
 
 
