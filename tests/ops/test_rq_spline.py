@@ -278,7 +278,10 @@ def test_property_monotone_invertible(k, n, scale, bound, seed):
     assert torch.all(y.abs() <= torch.maximum(x.abs(), torch.tensor(bound, dtype=x.dtype)) + 1e-12)
     x2, lad2 = rq_spline(y, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), inverse=True,
                          tail_bound=bound, backend="numba")
-    torch.testing.assert_close(x2, x, rtol=1e-9, atol=1e-9 * bound)
+    # the inverse's error is y's rounding times |dx/dy| = exp(-lad): large where a bin is steep
+    # (scale ~16 makes slopes of 1e-6 possible), so the bound carries that conditioning
+    cond = torch.exp(-lad).clamp_min(1.0)
+    assert bool(((x2 - x).abs() <= 1e-9 * bound + 64 * 2.0**-52 * bound * cond + 1e-9 * x.abs()).all())
     torch.testing.assert_close(lad + lad2, torch.zeros_like(lad), rtol=0, atol=1e-7)
     ref = rq_spline_reference(x, uw[:1].expand(n, k), uh[:1].expand(n, k), ud[:1].expand(n, k - 1), tail_bound=bound)
     torch.testing.assert_close(y, ref[0], **tolerances(torch.float64))
