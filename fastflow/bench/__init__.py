@@ -23,7 +23,7 @@ import torch
 SUITES = ["spline", "lu", "logdet", "coupling"]
 # Suites run only when named (``fastflow bench gpu-model``): the resource and roofline model
 # compiles kernels rather than timing them.
-EXTRA_SUITES = ["gpu-model", "integrations", "models", "overhead"]
+EXTRA_SUITES = ["gpu-model", "integrations", "laws", "models", "overhead"]
 
 
 def sync(device: str | torch.device) -> None:

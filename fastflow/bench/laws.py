@@ -1,0 +1,154 @@
+"""Laws suite: the elementwise monotone laws beyond the spline, each fastflow backend against the
+peer's own implementation of the same law (zuko's transform, eager and under ``torch.compile``),
+on the same inputs: forward, inverse and forward+backward (a loss of the outputs and log-dets,
+back to the inputs and the raw parameters), float32.
+
+The implementations of one case are timed in alternation, round by round
+(:func:`fastflow.bench.time_interleaved`); a compiled peer is compiled for its case first
+(``torch._dynamo.reset()``, static shapes) and warmed twice, untimed. ``fastflow bench laws``
+runs every law at 2^16, 2^20 and 2^22 elements (``--quick``: 2^12, 2^16).
+
+Laws (``LAWS``): ``bernstein`` (zuko's ``BoundedBernsteinTransform``, 17 raw coefficients per
+element as zuko's ``BPF(degree=16)``, bound 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastflow.backends import BACKENDS, BackendUnavailableError, resolve_backend
+from fastflow.bench import add_ratios, sync, time_interleaved
+
+SUITE = "laws"
+DEFAULT_SIZES = (2**16, 2**20, 2**22)
+QUICK_SIZES = (2**12, 2**16)
+REFERENCE_MAX_N = 2**16  # the readable oracle is timed up to this size only
+PEERS = ("zuko", "zuko+compile")
+TABLE_COLUMNS = ["op", "impl", "mode", "n", "median_s", "ns_per_element", "speedup_vs_zuko",
+                 "speedup_vs_zuko+compile"]
+
+
+@dataclass(frozen=True)
+class BenchLaw:
+    """A law as timed here: the op's name, ``inputs(n, device, dtype) -> (x, params)``, the op
+    ``ours(x, params, inverse, backend)`` and the peer's ``peer(x, params, inverse)``, each
+    returning ``(y, logabsdet)``."""
+
+    op: str
+    inputs: Callable
+    ours: Callable
+    peer: Callable | None
+
+
+def _bernstein_inputs(n, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 2.0  # mostly inside [-5, 5], as after standardisation
+    theta = torch.randn(n, 17, generator=g)
+    return x.to(device=device, dtype=dtype), (theta.to(device=device, dtype=dtype),)
+
+
+def _bernstein_ours(x, p, inverse, backend):
+    from fastflow.ops import bernstein
+
+    return bernstein(x, *p, inverse=inverse, bound=5.0, backend=backend)
+
+
+def _bernstein_peer():
+    try:
+        from zuko.transforms import BoundedBernsteinTransform
+    except ImportError:
+        return None
+
+    def zuko_bernstein(x, p, inverse):
+        t = BoundedBernsteinTransform(p[0], bound=5.0)
+        return (t.inv if inverse else t).call_and_ladj(x)
+
+    return zuko_bernstein
+
+
+LAWS = {"bernstein": BenchLaw("bernstein", _bernstein_inputs, _bernstein_ours, _bernstein_peer())}
+
+
+def _compiled(fn):
+    compiled = {}
+
+    def call(x, p, inverse):
+        if inverse not in compiled:
+            compiled[inverse] = torch.compile(lambda x, *p: fn(x, p, inverse), dynamic=False)
+        return compiled[inverse](x, *p)
+
+    return call
+
+
+def _impls(law: BenchLaw, device, dtype, n):
+    impls = {}
+    probe = torch.empty(1, device=device, dtype=dtype)
+    for name in BACKENDS:
+        if law.op not in BACKENDS[name].ops or (name == "reference" and n > REFERENCE_MAX_N):
+            continue
+        try:
+            resolve_backend(law.op, probe, name)
+        except BackendUnavailableError:
+            continue
+        impls[name] = lambda x, p, inv, name=name: law.ours(x, p, inv, name)
+    if law.peer is not None:
+        torch._dynamo.reset()  # every case its own static-shape graphs
+        impls["zuko"] = law.peer
+        impls["zuko+compile"] = _compiled(law.peer)
+    return impls
+
+
+def _calls(impls, mode, x, y, params):
+    calls = {}
+    for name, fn in impls.items():
+        if mode == "forward":
+            def call(fn=fn):
+                with torch.no_grad():
+                    return fn(x, params, False)
+        elif mode == "inverse":
+            def call(fn=fn):
+                with torch.no_grad():
+                    return fn(y, params, True)
+        else:
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, *params)]
+
+            def call(fn=fn, leaves=leaves):
+                out, lad = fn(leaves[0], leaves[1:], False)
+                (out.sum() + lad.sum()).backward()
+                for t in leaves:
+                    t.grad = None
+        calls[name] = call
+    return calls
+
+
+def run(device="cpu", sizes=None, repeats=5, quick=False, laws=None, modes=None, dtype=torch.float32):
+    """Rows of every (law, size, mode) case."""
+    sizes = sizes or (QUICK_SIZES if quick else DEFAULT_SIZES)
+    modes = modes or ("forward", "inverse", "forward+backward")
+    rows = []
+    for law_name in laws or LAWS:
+        law = LAWS[law_name]
+        for n in sizes:
+            x, params = law.inputs(n, device, dtype)
+            with torch.no_grad():
+                y = law.ours(x, params, False, None)[0]
+            for mode in modes:
+                calls = _calls(_impls(law, device, dtype, n), mode, x, y, params)
+                for name in PEERS:  # compile (and warm) untimed; a failure is reported by the rounds
+                    if name in calls:
+                        try:
+                            calls[name]()
+                            calls[name]()
+                            sync(device)
+                        except Exception:  # noqa: S110
+                            pass
+                for name, stats in time_interleaved(calls, device, repeats=repeats, warmup=1).items():
+                    row = {"op": law.op, "impl": name, "mode": mode, "n": n, "dtype": str(dtype).replace("torch.", ""),
+                           **stats}
+                    if "median_s" in stats:
+                        row["ns_per_element"] = stats["median_s"] / n * 1e9
+                    rows.append(row)
+    return add_ratios(rows, baselines=PEERS)
