@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in (
                                 reason="compiles need the real triton JIT, not the interpreter")
 triton = pytest.importorskip("triton")
 
-MODULES = ("spline", "coupling", "lu")
+MODULES = ("spline", "coupling", "lu", "bernstein")
 TARGETS = (80, 90)
 
 
@@ -189,6 +189,26 @@ def test_coupling_launch_uses_its_spec(monkeypatch, dtype):
     spec = coupling.coupling_spec("affine_bwd", dtype, 64, 3, 1024,
                                   (g.stride(), gl.stride(0), x.stride(), h.stride(), h.stride()), "exp", True)
     _assert_matches(spec, kernel, args, kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n_raw", [2, 17, 60])
+def test_bernstein_launch_uses_its_spec(monkeypatch, n_raw, dtype):
+    from fastflow.kernels.triton import bernstein
+
+    calls = _capture(monkeypatch)
+    n = 4096
+    x, theta = torch.zeros(n, dtype=dtype), torch.zeros(n, n_raw, dtype=dtype)
+    keys = {s.key() for s in bernstein.specializations()}
+    for inverse in (False, True):
+        bernstein.forward(x, theta, inverse, 5.0)
+        bernstein.backward(x, x, x, theta, inverse, 5.0)
+        (kf, af, kwf), (kb, ab, kwb) = calls[-2:]
+        _assert_matches(bernstein.launch_spec(n_raw, dtype, inverse, False, n), kf, af, kwf)
+        _assert_matches(bernstein.launch_spec(n_raw, dtype, inverse, True, n), kb, ab, kwb)
+        if dtype != torch.bfloat16 or n_raw == 17:  # the ahead-of-time compile covers this launch
+            for backward in (False, True):
+                assert bernstein.launch_spec(n_raw, dtype, inverse, backward, 2**20).key() in keys
 
 
 def test_lu_launch_uses_its_spec(monkeypatch):

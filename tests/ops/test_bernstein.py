@@ -122,8 +122,7 @@ def test_a_zero_parameter_layer_is_the_identity():
     torch.testing.assert_close(lad, torch.zeros_like(x), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_backends_without_its_kernels_refuse(backend):
+def test_a_backend_without_its_kernels_refuses():
     x, theta = _inputs(3, shape=(4,))
-    with pytest.raises(BackendUnavailableError):
-        bernstein(x, theta, backend=backend)
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        bernstein(x, theta, backend="cuda")

@@ -1,10 +1,10 @@
 """Triton GPU kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``, which is how they
 are tested without a GPU). float32/float16/bfloat16 computed in float32; float64 computed in
-float64 for the spline and coupling ops (the LU kernels stay float32-only)."""
+float64 for the spline, coupling and Bernstein ops (the LU kernels stay float32-only)."""
 
 import torch
 
-from fastflow.kernels._facts import (COUPLING, LOW, LU, SPLINE, Backend, import_reason,
+from fastflow.kernels._facts import (BERNSTEIN, COUPLING, LOW, LU, SPLINE, Backend, import_reason,
                                      interpreting)
 
 
@@ -19,7 +19,8 @@ def _probe():
 
 BACKEND = Backend(
     "triton", ("cuda",), (torch.float32,) + LOW, _probe, "fused Triton GPU kernels",
-    op_dtypes={op: (torch.float64,) for op in ("rq_spline", "affine_coupling", "additive_coupling", "rescale")},
-    cpu_when=interpreting, ops={**SPLINE, **COUPLING, **LU},
+    op_dtypes={op: (torch.float64,) for op in ("rq_spline", "affine_coupling", "additive_coupling", "rescale",
+                                              "bernstein")},
+    cpu_when=interpreting, ops={**SPLINE, **COUPLING, **LU, **BERNSTEIN},
     parameterizations=("nflows", "nflows_bounded", "zuko"),  # its KIND branches (kernels/triton/spline.py)
 )
