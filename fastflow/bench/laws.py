@@ -9,7 +9,8 @@ The implementations of one case are timed in alternation, round by round
 runs every law at 2^16, 2^20 and 2^22 elements (``--quick``: 2^12, 2^16).
 
 Laws (``LAWS``): ``bernstein`` (zuko's ``BoundedBernsteinTransform``, 17 raw coefficients per
-element as zuko's ``BPF(degree=16)``, bound 5).
+element as zuko's ``BPF(degree=16)``, bound 5) and ``sos_polynomial`` (zuko's
+``SOSPolynomialTransform``, 3 polynomials of degree 4 as its ``SOSPF``).
 """
 
 from __future__ import annotations
@@ -69,7 +70,34 @@ def _bernstein_peer():
     return zuko_bernstein
 
 
-LAWS = {"bernstein": BenchLaw("bernstein", _bernstein_inputs, _bernstein_ours, _bernstein_peer())}
+def _sos_inputs(n, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 2.0
+    a = torch.randn(n, 3, 5, generator=g) * 0.5  # zuko's SOSPF: 3 polynomials of degree 4
+    return x.to(device=device, dtype=dtype), (a.to(device=device, dtype=dtype),)
+
+
+def _sos_ours(x, p, inverse, backend):
+    from fastflow.ops import sos_polynomial
+
+    return sos_polynomial(x, *p, inverse=inverse, backend=backend)
+
+
+def _sos_peer():
+    try:
+        from zuko.transforms import SOSPolynomialTransform
+    except ImportError:
+        return None
+
+    def zuko_sos(x, p, inverse):
+        t = SOSPolynomialTransform(p[0], slope=1e-3)
+        return (t.inv if inverse else t).call_and_ladj(x)
+
+    return zuko_sos
+
+
+LAWS = {"bernstein": BenchLaw("bernstein", _bernstein_inputs, _bernstein_ours, _bernstein_peer()),
+        "sos_polynomial": BenchLaw("sos_polynomial", _sos_inputs, _sos_ours, _sos_peer())}
 
 
 def _compiled(fn):

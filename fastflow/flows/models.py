@@ -16,15 +16,15 @@ from typing import Callable
 from fastflow.flows.distributions import DiagonalNormal, StandardLogistic, StandardNormal
 from fastflow.flows.flow import Flow
 from fastflow.nn.autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive, MaskedRQAutoregressive
-from fastflow.nn.base import CompositeTransform, InverseTransform, Reshape
+from fastflow.nn.base import CompositeTransform, InverseTransform, Reshape, Softclip
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling, Rescale, RQSplineCoupling
-from fastflow.nn.laws import BernsteinLaw
+from fastflow.nn.laws import BernsteinLaw, SOSLaw
 from fastflow.nn.glow import ActNorm, ActNormInvConv1x1, InvConv1x1, LULinear, MultiScale, Squeeze
 from fastflow.nn.masks import alternating_mask, channel_mask, checkerboard_mask
 from fastflow.nn.normalization import BatchNormFlow
 from fastflow.nn.permutations import RandomPermutation, ReversePermutation
 
-__all__ = ["build", "names", "register", "realnvp", "nice", "glow", "maf", "iaf", "nsf", "nsf_ar", "bpf"]
+__all__ = ["build", "names", "register", "realnvp", "nice", "glow", "maf", "iaf", "nsf", "nsf_ar", "bpf", "sospf"]
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -260,6 +260,26 @@ def bpf(shape, context_features=None, *, num_layers=3, hidden_features=64, num_b
                                     context_features)
 
     return _autoregressive(shape, context_features, num_layers, make, permutation, batch_norm, base)
+
+
+@register("sospf")
+def sospf(shape, context_features=None, *, num_layers=3, hidden_features=64, num_blocks=2, degree=4, polynomials=3,
+          slope=1e-3, clip=11.0, permutation="reverse", base="normal", backend=None) -> Flow:
+    """Sum-of-squares polynomial flow (zuko's ``SOSPF``: Jaini et al. 2019): MADE-parameterised
+    sum-of-squares polynomial laws plus a shift, with order reversals and, as zuko, a
+    :class:`~fastflow.nn.Softclip` to ``(-clip, clip)`` between layers (stacked polynomials
+    otherwise leave any range). zuko's defaults: 3 layers of degree 4 with 3 polynomials.
+
+    As zuko's, the flow is not onto the latent line: past the first Softclip every layer sees
+    ``(-clip, clip)``, so the latent image is a bounded interval and the density integrates to
+    the base distribution's mass over it (close to 1 once trained, below 1 in general)."""
+    layers, d = _flatten(shape)
+    for i in range(num_layers):
+        if i > 0:
+            layers += [Softclip(clip)] + _mixer(permutation, d, i)
+        layers.append(MaskedAutoregressive(d, SOSLaw(polynomials, degree, 10.0, slope, backend), hidden_features,
+                                           num_blocks, context_features))
+    return Flow(CompositeTransform(layers), _base(base, (d,), context_features))
 
 
 @register("glow")

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "import_reason", "interpreting", "FLOATS", "LOW", "SPLINE", "COUPLING", "LU", "BERNSTEIN",
+__all__ = ["Backend", "import_reason", "interpreting", "FLOATS", "LOW", "SPLINE", "COUPLING", "LU", "BERNSTEIN", "SOS",
            "SplineParameterization", "SPLINE_PARAMETERIZATIONS"]
 
 FLOATS = (torch.float32, torch.float64)
@@ -49,6 +49,7 @@ SPLINE = {"rq_spline": "spline"}
 COUPLING = {"affine_coupling": "coupling", "additive_coupling": "coupling", "rescale": "coupling"}
 LU = {"lu_linear": "lu", "lu_conv1x1": "lu", "actnorm_conv1x1": "lu"}
 BERNSTEIN = {"bernstein": "bernstein"}
+SOS = {"sos_polynomial": "sos"}
 
 
 @dataclass(frozen=True)

@@ -89,3 +89,27 @@ class Reshape(Transform):
 
     def extra_repr(self):
         return f"{self.in_shape} -> {self.out_shape}"
+
+
+class Softclip(Transform):
+    """``y = x / (1 + |x| / B)``: the real line onto ``(-B, B)``, elementwise (zuko's
+    ``SoftclipTransform``, which its SOSPF puts between layers to keep stacked polynomials in
+    range); log-det ``-2 log(1 + |x| / B)`` summed per sample, inverse ``x = y / (1 - |y| / B)``
+    (defined for ``|y| < B``)."""
+
+    def __init__(self, bound: float = 1.0):
+        super().__init__()
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 < float(bound) < math.inf:
+            raise ValueError(f"Softclip: bound must be a finite positive number, got {bound!r}")
+        self.bound = float(bound)
+
+    def forward(self, x, context=None):
+        d = 1 + x.abs() / self.bound
+        return x / d, -2 * torch.log(d).flatten(1).sum(1)
+
+    def inverse(self, y, context=None):
+        d = 1 - y.abs() / self.bound
+        return y / d, -2 * torch.log(d).flatten(1).sum(1)
+
+    def extra_repr(self):
+        return f"bound={self.bound}"

@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 
 from fastflow.ops.coupling import SCALES, additive_coupling, affine_coupling
-from fastflow.ops.polynomial import MAX_PARAMS, bernstein
+from fastflow.ops.polynomial import MAX_PARAMS, MAX_SOS_DEGREE, bernstein, sos_polynomial
 from fastflow.ops.rq_spline import rq_spline
 
-__all__ = ["Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "BernsteinLaw", "make_law"]
+__all__ = ["Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "BernsteinLaw", "SOSLaw", "make_law"]
 
 
 class Law:
@@ -143,12 +143,45 @@ class BernsteinLaw(Law):
         return y, lad.flatten(1).sum(dim=1)
 
 
-_LAWS = {"affine": AffineLaw, "additive": AdditiveLaw, "spline": SplineLaw, "bernstein": BernsteinLaw}
+class SOSLaw(Law):
+    """Sum-of-squares polynomial law plus a shift (zuko's ``SOSPF`` layer: its
+    ``SOSPolynomialTransform`` then an additive constant): ``K (L + 1) + 1`` parameters per
+    element, the coefficients ``a (K, L + 1)`` then the shift; op
+    :func:`fastflow.ops.sos_polynomial`. A zero conditioner output gives ``y = (1 + slope) x``.
+
+    Args:
+        polynomials: ``K``; degree: ``L`` (zuko's defaults 3 and 4).
+        bound: the polynomials' argument scale (zuko's 10); slope: the minimum slope.
+        backend: forces the op's backend (None: the fastest available).
+    """
+
+    def __init__(self, polynomials: int = 3, degree: int = 4, bound: float = 10.0, slope: float = 1e-3,
+                 backend: str | None = None):
+        for name, v, lo, hi in (("polynomials", polynomials, 1, 4096), ("degree", degree, 0, MAX_SOS_DEGREE)):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"SOSLaw: {name} must be an integer in {lo}..{hi}, got {v!r}")
+        self.polynomials, self.degree = polynomials, degree
+        self.bound, self.slope, self.backend = float(bound), float(slope), backend
+        self.params_per_element = polynomials * (degree + 1) + 1
+
+    def __call__(self, x, params, inverse):
+        a = params[..., :-1].unflatten(-1, (self.polynomials, self.degree + 1))
+        shift = params[..., -1]
+        kw = dict(bound=self.bound, slope=self.slope, backend=self.backend)
+        if inverse:
+            y, lad = sos_polynomial(x - shift, a, inverse=True, **kw)
+        else:
+            y, lad = sos_polynomial(x, a, **kw)
+            y = y + shift
+        return y, lad.flatten(1).sum(dim=1)
+
+
+_LAWS = {"affine": AffineLaw, "additive": AdditiveLaw, "spline": SplineLaw, "bernstein": BernsteinLaw, "sos": SOSLaw}
 
 
 def make_law(law, **kwargs) -> Law:
     """A law object from a law, or a name (``"affine"``, ``"additive"``, ``"spline"``,
-    ``"bernstein"``) and its arguments."""
+    ``"bernstein"``, ``"sos"``) and its arguments."""
     if isinstance(law, str):
         if law not in _LAWS:
             raise ValueError(f"unknown law {law!r}; expected one of {sorted(_LAWS)} or a Law object")

@@ -14,11 +14,11 @@ from fastflow.ops._dispatch import HigherOrderError
 from fastflow.ops._export import load_exported
 from fastflow.ops.coupling import additive_coupling, affine_coupling, rescale
 from fastflow.ops.lu import actnorm_conv1x1, lu_conv1x1, lu_linear
-from fastflow.ops.polynomial import bernstein
+from fastflow.ops.polynomial import bernstein, sos_polynomial
 from fastflow.ops.rq_spline import rq_spline, rq_spline_bounded, rq_spline_zuko
 
 __all__ = ["additive_coupling", "affine_coupling", "rescale", "actnorm_conv1x1", "lu_conv1x1", "lu_linear", "rq_spline",
-           "rq_spline_bounded", "rq_spline_zuko", "bernstein", "HigherOrderError", "load_exported"]
+           "rq_spline_bounded", "rq_spline_zuko", "bernstein", "sos_polynomial", "HigherOrderError", "load_exported"]
 
 # Inside torch.autocast every fastflow op computes in float32 (ops/_autocast.py), also when a
 # graph (an exported program) calls the custom op directly.

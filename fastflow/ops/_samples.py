@@ -16,7 +16,7 @@ from fastflow.ops._spec import SPECS, BadInput, OpSpec, declare
 from fastflow.ops.coupling import (_additive_coupling_op, _affine_coupling_op, _rescale_op, additive_coupling,
                                    affine_coupling, rescale)
 from fastflow.ops.lu import _actnorm_conv1x1_op, _lu_conv1x1_op, _lu_linear_op, actnorm_conv1x1, lu_conv1x1, lu_linear
-from fastflow.ops.polynomial import _bernstein_op, bernstein
+from fastflow.ops.polynomial import _bernstein_op, _sos_op, bernstein, sos_polynomial
 from fastflow.ops.rq_spline import OP, _rq_spline_op, rq_spline, rq_spline_bounded, rq_spline_zuko
 
 __all__ = ["SPECS"]
@@ -134,6 +134,36 @@ declare(OpSpec(
         BadInput("a negative bound", lambda t, kw: (t, {**kw, "bound": -1.0}), ValueError,
                  "bound must be a finite positive"),
         BadInput("a NaN bound", lambda t, kw: (t, {**kw, "bound": float("nan")}), ValueError,
+                 "bound must be a finite positive"),
+    )))
+
+
+def _sos_example(shape, dtype, device, gen, k=3, degree=4):
+    # inputs over the polynomials' range and past it, coefficients of either sign
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 4.0
+    a = torch.randn(*shape, k, degree + 1, generator=gen, dtype=torch.float64) * 0.6
+    return [x.to(dtype=dtype, device=device), a.to(dtype=dtype, device=device)], {"bound": 5.0, "slope": 0.01}
+
+
+declare(OpSpec(
+    name="sos_polynomial", op="sos_polynomial", fn=sos_polynomial, kernels="sos", inputs=("x", "a"),
+    grad_inputs=("x", "a"), outputs=("like:x", "like:x"), logdet="elementwise", shapes=_SPLINE_SHAPES,
+    fused=lambda: _sos_op, example=_sos_example, options=({"k": 1, "degree": 0}, {}, {"k": 2, "degree": 7}),
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, kw["bound"], kw["slope"], backend),
+    bad=(
+        BadInput("a without the polynomial dims", lambda t, kw: ([t[0], t[1][..., 0, 0]], kw), ValueError,
+                 r"a must be \(\.\.\., K, L \+ 1\)"),
+        BadInput("too high a degree", lambda t, kw: ([t[0], t[1][..., :1].expand(*t[1].shape[:-1], 40)], kw),
+                 ValueError, "degree 0..31"),
+        BadInput("a of another batch", lambda t, kw: ([t[0], t[1][:2]], kw), ValueError, "a must have leading shape"),
+        BadInput("integer inputs", lambda t, kw: ([torch.arange(t[0].numel()).view(t[0].shape), t[1]], kw),
+                 TypeError, "inputs must have a floating dtype"),
+        BadInput("mixed dtypes", lambda t, kw: ([t[0], t[1].to(torch.float16)], kw), TypeError,
+                 "a has dtype float16 but inputs has"),
+        BadInput("a list", lambda t, kw: ([t[0], t[1].tolist()], kw), TypeError, "must be a torch.Tensor"),
+        BadInput("a zero slope", lambda t, kw: (t, {**kw, "slope": 0.0}), ValueError,
+                 "slope must be a finite positive"),
+        BadInput("an infinite bound", lambda t, kw: (t, {**kw, "bound": float("inf")}), ValueError,
                  "bound must be a finite positive"),
     )))
 

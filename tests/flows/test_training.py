@@ -23,6 +23,7 @@ TOY = {
     "iaf": dict(num_layers=4, hidden_features=32, num_blocks=2),
     "nsf-ar": dict(num_layers=2, hidden_features=32, num_blocks=1, num_bins=8),
     "bpf": dict(num_layers=3, hidden_features=32, num_blocks=2, degree=16),
+    "sospf": dict(num_layers=3, hidden_features=32, num_blocks=2),
 }
 
 

@@ -65,6 +65,8 @@ CASES = {
     "iaf": (lambda c: fnn.InverseAutoregressive(4, hidden_features=16, context_features=c), (4,)),
     "nsf-ar": (lambda c: fnn.MaskedRQAutoregressive(4, 16, 2, c, num_bins=4, tail_bound=2.0), (4,)),
     "bernstein-ar": (lambda c: fnn.MaskedAutoregressive(4, fnn.BernsteinLaw(5, 2.5), 16, 2, c), (4,)),
+    "sos-ar": (lambda c: fnn.MaskedAutoregressive(4, fnn.SOSLaw(2, 3), 16, 2, c), (4,)),
+    "softclip": (lambda c: fnn.Softclip(3.0), (4,)),
     "bernstein-coupling": (lambda c: fnn.Coupling(fnn.alternating_mask(5), law=fnn.BernsteinLaw(4, 2.0),
                                                   context_features=c, hidden_features=8), (5,)),
     "actnorm": (lambda c: fnn.ActNorm(3).eval(), (3, 2, 2)),
@@ -90,7 +92,7 @@ CASES = {
 }
 CONDITIONAL = {"affine-half", "affine-resmlp", "affine-checkerboard", "affine-channel", "affine-channel-gather",
                "additive-channel-flip", "additive",
-               "additive-checkerboard", "spline", "spline-image", "maf", "iaf", "nsf-ar", "bernstein-ar",
+               "additive-checkerboard", "spline", "spline-image", "maf", "iaf", "nsf-ar", "bernstein-ar", "sos-ar",
                "bernstein-coupling", "mixture", "composite",
                "multiscale"}
 
@@ -161,7 +163,7 @@ def test_gradcheck(name):
     assert torch.autograd.gradcheck(g, inv_inputs, eps=1e-6, atol=1e-5)
 
 
-PARAMETER_FREE = {"squeeze", "reverse", "random-perm"}
+PARAMETER_FREE = {"squeeze", "reverse", "random-perm", "softclip"}
 
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - PARAMETER_FREE))

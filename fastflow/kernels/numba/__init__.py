@@ -4,7 +4,7 @@ importing this package only declares the backend's facts (no numba import)."""
 
 import torch
 
-from fastflow.kernels._facts import BERNSTEIN, COUPLING, FLOATS, LU, SPLINE, Backend, import_reason
+from fastflow.kernels._facts import BERNSTEIN, COUPLING, SOS, FLOATS, LU, SPLINE, Backend, import_reason
 
 
 def _probe():
@@ -13,7 +13,7 @@ def _probe():
 
 def _compute(kernels, dtype, device_type):
     # the elementwise kernels accumulate float32 in float64; the LU data pass is torch's GEMM
-    return torch.float64 if kernels in ("spline", "coupling", "bernstein") and dtype == torch.float32 else None
+    return torch.float64 if kernels in ("spline", "coupling", "bernstein", "sos") and dtype == torch.float32 else None
 
 
 # The LU kernels compile the O(C^3) factor algebra as scalar loops, which lose to BLAS on wide
@@ -22,7 +22,7 @@ _LU_MAX_CHANNELS = 32
 
 BACKEND = Backend(
     "numba", ("cpu",), FLOATS, _probe, "fused parallel Numba CPU kernels", compute=_compute,
-    ops={**SPLINE, **COUPLING, **LU, **BERNSTEIN}, limits={"lu_max_channels": _LU_MAX_CHANNELS},
+    ops={**SPLINE, **COUPLING, **LU, **BERNSTEIN, **SOS}, limits={"lu_max_channels": _LU_MAX_CHANNELS},
     # the prologues its kernels have (their `kind` branches, kernels/numba/spline.py): a row added to the
     # table is not claimed until the kernels have its branch
     parameterizations=("nflows", "nflows_bounded", "zuko"),
