@@ -120,7 +120,7 @@ class MaskedAutoregressive(Transform):
         self.law = make_law(law)
         self.law.bind(hidden_features)
         self.made = MADE(features, self.law.params_per_element, hidden_features, num_layers, context_features, order,
-                         activation)
+                         activation, zero_init=getattr(self.law, "zero_init", True))
 
     @property
     def params_per_feature(self) -> int:

@@ -108,6 +108,8 @@ class Coupling(Transform):
                     f"{type(self).__name__}: conditioner={conditioner!r} for a {self.mode} mask; expected one of "
                     f"{sorted(table)}"
                 )
+            if self.law is not None and not getattr(self.law, "zero_init", True):
+                kw = {"zero_init": False, **kw}
             return table[conditioner](in_size, out_size, context_features=context_features, **kw)
         if callable(conditioner):
             return conditioner(in_size, out_size)

@@ -31,6 +31,10 @@ class Law:
     """Base of the elementwise laws (see the module docstring for the protocol)."""
 
     params_per_element: int = 1
+    # Whether the conditioner's output layer may start at zero (a fresh layer then starts at the
+    # law's zero-parameter map). False for a law whose parameters enter symmetrically, which an
+    # all-zero start would keep equal forever.
+    zero_init: bool = True
 
     def bind(self, hidden_features: int | None) -> None:
         """The conditioner's width, for laws that normalise their raw parameters by it."""
@@ -147,13 +151,19 @@ class SOSLaw(Law):
     """Sum-of-squares polynomial law plus a shift (zuko's ``SOSPF`` layer: its
     ``SOSPolynomialTransform`` then an additive constant): ``K (L + 1) + 1`` parameters per
     element, the coefficients ``a (K, L + 1)`` then the shift; op
-    :func:`fastflow.ops.sos_polynomial`. A zero conditioner output gives ``y = (1 + slope) x``.
+    :func:`fastflow.ops.sos_polynomial`. A zero conditioner output gives ``y = (1 + slope) x``,
+    but the conditioner does not start at zero (``zero_init = False``: see the attribute).
 
     Args:
         polynomials: ``K``; degree: ``L`` (zuko's defaults 3 and 4).
         bound: the polynomials' argument scale (zuko's 10); slope: the minimum slope.
         backend: forces the op's backend (None: the fastest available).
     """
+
+    # The K polynomials enter symmetrically (a mean of squares): from an all-zero output layer they
+    # would get equal gradients and stay equal, K collapsing to 1. The conditioner starts at
+    # PyTorch's default initialisation instead, as zuko's does.
+    zero_init = False
 
     def __init__(self, polynomials: int = 3, degree: int = 4, bound: float = 10.0, slope: float = 1e-3,
                  backend: str | None = None):
