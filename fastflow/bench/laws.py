@@ -22,6 +22,7 @@ import torch
 
 from fastflow.backends import BACKENDS, BackendUnavailableError, resolve_backend
 from fastflow.bench import add_ratios, sync, time_interleaved
+from fastflow.bench.spline import _calls  # the same three modes, timed the same way
 
 SUITE = "laws"
 DEFAULT_SIZES = (2**16, 2**20, 2**22)
@@ -127,29 +128,6 @@ def _impls(law: BenchLaw, device, dtype, n):
         impls["zuko"] = law.peer
         impls["zuko+compile"] = _compiled(law.peer)
     return impls
-
-
-def _calls(impls, mode, x, y, params):
-    calls = {}
-    for name, fn in impls.items():
-        if mode == "forward":
-            def call(fn=fn):
-                with torch.no_grad():
-                    return fn(x, params, False)
-        elif mode == "inverse":
-            def call(fn=fn):
-                with torch.no_grad():
-                    return fn(y, params, True)
-        else:
-            leaves = [t.detach().clone().requires_grad_(True) for t in (x, *params)]
-
-            def call(fn=fn, leaves=leaves):
-                out, lad = fn(leaves[0], leaves[1:], False)
-                (out.sum() + lad.sum()).backward()
-                for t in leaves:
-                    t.grad = None
-        calls[name] = call
-    return calls
 
 
 def run(device="cpu", sizes=None, repeats=5, quick=False, laws=None, modes=None, dtype=torch.float32):

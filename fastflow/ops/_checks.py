@@ -168,13 +168,7 @@ def check_elementwise(op: str, named: dict, dim: str = "parameter") -> None:
     for name, t in params:
         if t.dim() < 1:
             raise ValueError(f"{op}: {name} needs a trailing {dim} dimension, got {describe(t)}")
-        if t.shape[:-1] == inputs.shape:
-            continue  # the common case; torch.broadcast_shapes costs microseconds of Python
-        try:
-            shape = torch.broadcast_shapes(t.shape[:-1], inputs.shape)
-        except RuntimeError:
-            shape = None
-        if shape != inputs.shape:
+        if not broadcasts_to(t.shape[:-1], inputs.shape):
             raise ValueError(f"{op}: {name} must have leading shape {tuple(inputs.shape)} (that of inputs, or "
                              f"broadcastable to it) plus the {dim} dimension, got {describe(t)}")
 
@@ -187,3 +181,14 @@ def check_box(op: str, box) -> tuple:
         raise ValueError(f"{op}: needs finite left < right and bottom < top, got left={box[0]}, right={box[1]}, "
                          f"bottom={box[2]}, top={box[3]}")
     return box
+
+
+def broadcasts_to(leading, shape) -> bool:
+    """Whether per-element parameters with leading dims ``leading`` broadcast to ``shape``
+    exactly (equal shapes first: torch.broadcast_shapes costs microseconds of Python)."""
+    if leading == shape:
+        return True
+    try:
+        return torch.broadcast_shapes(leading, shape) == shape
+    except RuntimeError:
+        return False

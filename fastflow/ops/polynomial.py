@@ -22,8 +22,8 @@ from fastflow.kernels.reference._precision import upcast
 from fastflow.kernels.reference import sos as _sos_ref
 from fastflow.kernels.reference.bernstein import MAX_PARAMS, evaluate
 from fastflow.ops._autocast import autocast_args
-from fastflow.ops._checks import (CheckMemo, check_bool, check_elementwise, check_positive_float, check_same,
-                                  check_tensor, describe)
+from fastflow.ops._checks import (CheckMemo, broadcasts_to, check_bool, check_elementwise, check_positive_float,
+                                  check_same, check_tensor, describe)
 from fastflow.ops._opdef import define
 
 __all__ = ["bernstein", "sos_polynomial", "MAX_PARAMS", "MAX_SOS_DEGREE"]
@@ -143,13 +143,8 @@ def _sos_check_all(inputs, a, bound, slope):
     if a.shape[-2] < 1 or not 1 <= a.shape[-1] <= MAX_SOS_DEGREE + 1:
         raise ValueError(f"{SOS}: a must have K >= 1 polynomials of degree 0..{MAX_SOS_DEGREE} in its last two "
                          f"dims, got {describe(a)}")
-    if a.shape[:-2] != inputs.shape:
-        try:
-            shape = torch.broadcast_shapes(a.shape[:-2], inputs.shape)
-        except RuntimeError:
-            shape = None
-        if shape != inputs.shape:
-            raise ValueError(f"{SOS}: a must have leading shape {tuple(inputs.shape)} (that of inputs, or "
+    if not broadcasts_to(a.shape[:-2], inputs.shape):
+        raise ValueError(f"{SOS}: a must have leading shape {tuple(inputs.shape)} (that of inputs, or "
                              f"broadcastable to it) plus (K, L + 1), got {describe(a)}")
     bound = check_positive_float(SOS, "bound", bound)
     slope = check_positive_float(SOS, "slope", slope)

@@ -22,6 +22,7 @@ import torch
 
 from fastflow.kernels.numba._math import exp as _exp
 from fastflow.kernels.numba._math import log as _log
+from fastflow.kernels.numba._bridge import rows
 from fastflow.kernels.numba._threads import launch
 from fastflow.kernels.reference.bernstein import EPS
 
@@ -297,16 +298,10 @@ def _tasks(n: int) -> int:
     return (n + _CHUNK - 1) // _CHUNK
 
 
-def _rows(t, k=0):
-    a = (t.detach() if t.requires_grad else t).numpy()
-    a = a.reshape(-1, k) if k else a.reshape(-1)
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
-
-
 # The launcher interface of kernels/<backend>/bernstein.py (see kernels/reference/bernstein.py).
 
 def forward(x, raw, inverse, bound):
-    z, r = _rows(x), _rows(raw, raw.shape[-1])
+    z, r = rows(x), rows(raw, raw.shape[-1])
     out = np.empty_like(z)
     lad = np.empty_like(z)
     if z.shape[0]:
@@ -316,10 +311,10 @@ def forward(x, raw, inverse, bound):
 
 
 def backward(g_out, g_lad, x, raw, inverse, bound):
-    z, r = _rows(x), _rows(raw, raw.shape[-1])
+    z, r = rows(x), rows(raw, raw.shape[-1])
     g_z = np.empty_like(z)
     g_r = np.empty_like(r)
     if z.shape[0]:
-        launch(_bwd_kernel, _tasks(z.shape[0]), _rows(g_out), _rows(g_lad), z, r, bool(inverse), float(bound),
+        launch(_bwd_kernel, _tasks(z.shape[0]), rows(g_out), rows(g_lad), z, r, bool(inverse), float(bound),
                _binoms(r.shape[1] + 4), EPS, g_z, g_r)
     return torch.from_numpy(g_z.reshape(x.shape)), torch.from_numpy(g_r.reshape(raw.shape))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fastflow.kernels.numba._math import log as _log
+from fastflow.kernels.numba._bridge import rows
 from fastflow.kernels.numba._threads import launch
 
 _CHUNK = 1024  # elements per parallel task
@@ -153,17 +154,11 @@ def _tasks(n: int) -> int:
     return (n + _CHUNK - 1) // _CHUNK
 
 
-def _rows(t, k=0):
-    a = (t.detach() if t.requires_grad else t).numpy()
-    a = a.reshape(-1, k) if k else a.reshape(-1)
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
-
-
 # The launcher interface of kernels/<backend>/sos.py (see kernels/reference/sos.py).
 
 def forward(x, a, inverse, bound, slope):
     kk, n1 = a.shape[-2], a.shape[-1]
-    z, r = _rows(x), _rows(a, kk * n1)
+    z, r = rows(x), rows(a, kk * n1)
     out = np.empty_like(z)
     lad = np.empty_like(z)
     if z.shape[0]:
@@ -173,10 +168,10 @@ def forward(x, a, inverse, bound, slope):
 
 def backward(g_out, g_lad, x, a, inverse, bound, slope):
     kk, n1 = a.shape[-2], a.shape[-1]
-    z, r = _rows(x), _rows(a, kk * n1)
+    z, r = rows(x), rows(a, kk * n1)
     g_z = np.empty_like(z)
     g_a = np.empty_like(r)
     if z.shape[0]:
-        launch(_bwd_kernel, _tasks(z.shape[0]), _rows(g_out), _rows(g_lad), z, r, kk, bool(inverse), float(bound),
+        launch(_bwd_kernel, _tasks(z.shape[0]), rows(g_out), rows(g_lad), z, r, kk, bool(inverse), float(bound),
                float(slope), g_z, g_a)
     return torch.from_numpy(g_z.reshape(x.shape)), torch.from_numpy(g_a.reshape(a.shape))

@@ -42,6 +42,7 @@ from fastflow.kernels.numba._math import log as _log
 from fastflow.kernels.numba._math import log1p_unit as _log1p_unit
 from fastflow.kernels.numba._math import log1p_unit32 as _log1p_unit32
 from fastflow.kernels._facts import SPLINE_PARAMETERIZATIONS
+from fastflow.kernels.numba._bridge import rows
 from fastflow.kernels.numba._threads import launch
 
 # Elements per parallel task: large enough to amortise the scratch allocation and scheduling,
@@ -585,16 +586,9 @@ def _kind(parameterization):
     return SPLINE_PARAMETERIZATIONS[parameterization].code
 
 
-def _rows(t, k=0):
-    """``t`` as C-contiguous numpy rows ((N,) or (N, k)), sharing its memory when it can."""
-    a = (t.detach() if t.requires_grad else t).numpy()
-    a = a.reshape(-1, k) if k else a.reshape(-1)
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
-
-
 def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
     k = uw.shape[-1]
-    out, lad = rq_spline_fwd(_rows(x), _rows(uw, k), _rows(uh, k), _rows(ud, ud.shape[-1]), inverse,
+    out, lad = rq_spline_fwd(rows(x), rows(uw, k), rows(uh, k), rows(ud, ud.shape[-1]), inverse,
                              _kind(parameterization), box, mbw, mbh, md)
     shape = x.shape
     return torch.from_numpy(out.reshape(shape)), torch.from_numpy(lad.reshape(shape))
@@ -602,6 +596,6 @@ def forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
 
 def backward(g_out, g_lad, x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
     k, kd = uw.shape[-1], ud.shape[-1]
-    g = rq_spline_bwd(_rows(g_out), _rows(g_lad), _rows(x), _rows(uw, k), _rows(uh, k), _rows(ud, kd), inverse,
+    g = rq_spline_bwd(rows(g_out), rows(g_lad), rows(x), rows(uw, k), rows(uh, k), rows(ud, kd), inverse,
                       _kind(parameterization), box, mbw, mbh, md)
     return tuple(torch.from_numpy(gi.reshape(t.shape)) for gi, t in zip(g, (x, uw, uh, ud)))

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from fastflow.kernels.reference.bernstein import EPS
 from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, make_spec, ptr, unique
-from fastflow.kernels.triton.coupling import _ct
+from fastflow.kernels.triton.coupling import _ct, _device
 
 NUM_WARPS = 4
 _TILE = 2048  # elements x columns per program
@@ -200,14 +200,6 @@ def specializations() -> list[Spec]:
     return unique(out)
 
 
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _run(z, raw, go, gl, inverse, bound, backward):
     n = z.numel()
     n_raw = raw.shape[-1]
@@ -219,7 +211,7 @@ def _run(z, raw, go, gl, inverse, bound, backward):
         logc = _log_binomials(n_raw + 4, cx["MP"], z.device)
         grid = (triton.cdiv(n, cx["BLOCK"]),)
         lad, graw = (out, second) if backward else (second, out)
-        with torch.cuda.device(z.device) if z.is_cuda else _nullctx():
+        with _device(z):
             spec.kernel[grid](z, raw, go, gl, out, lad, graw, logc, n, float(bound), float(EPS),
                               **spec.launch_kwargs())
     return out, second
