@@ -17,9 +17,10 @@ from pathlib import Path
 from mkdocs.structure.files import File
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-BASELINES = {"spline": "nflows", "coupling": "eager", "lu": "torch_eager"}
+BASELINES = {"spline": "nflows", "coupling": "eager", "lu": "torch_eager", "laws": "zuko"}
 TITLES = {"spline": "Rational-quadratic spline (`rq_spline`)", "coupling": "Couplings (`affine_coupling`, ...)",
-          "lu": "LU linear maps and 1x1 convolutions"}
+          "lu": "LU linear maps and 1x1 convolutions",
+          "laws": "Polynomial laws (`bernstein`, `sos_polynomial`) against zuko's own transforms"}
 
 
 def _fmt(v) -> str:
@@ -90,11 +91,11 @@ def _speedups(suite, name, payload, images) -> list[str]:
     ax.legend(fontsize=8)
     img = f"img/perf_{suite}.png"
     images[img] = _png(fig)
-    header = ["op", "mode", "n", "dtype", size_key or "", *[f"{i} ms" for i in impls],
+    header = ["op", "mode", "n", "dtype", *([size_key] if size_key else []), *[f"{i} ms" for i in impls],
               *[f"{i} / {base}" for i in others]]
     table = []
     for g in groups:
-        table.append([*g, *[1e3 * med[(g, i)] if (g, i) in med else None for i in impls],
+        table.append([*(g if size_key else g[:-1]), *[1e3 * med[(g, i)] if (g, i) in med else None for i in impls],
                       *[med[(g, base)] / med[(g, i)] if (g, base) in med and (g, i) in med else None for i in others]])
     return [f"## {TITLES[suite]}", "", _env(payload, name), "", f"![{suite} speed-ups]({img})", "",
             f"Median time per call, and the speed-up of each implementation over `{base}` "
@@ -233,7 +234,7 @@ def _page() -> tuple[str, dict]:
            "Generated at build time from the JSON files in `benchmarks/results/` (written by "
            "`fastflow bench` and the scripts in `benchmarks/`); each section names its file, machine and date. "
            "Timings from a shared machine are indicative; ratios are of medians timed in the same run.", ""]
-    for suite in ("spline", "coupling", "lu"):
+    for suite in ("spline", "coupling", "lu", "laws"):
         got = _latest(suite)
         if got:
             out += _speedups(suite, *got, images)
