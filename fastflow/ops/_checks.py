@@ -97,6 +97,15 @@ class CheckMemo:
         except TypeError:  # an unhashable argument: the checks will say what is wrong with it
             return None
 
+    def check(self, check, tensors, scalars):
+        """``check(*tensors, *scalars)``'s result, run once per key (every call while
+        torch.compile traces); a failing check raises each time."""
+        if torch.compiler.is_compiling():
+            return check(*tensors, *scalars)
+        key = self.key(tensors, scalars)
+        done = self.get(key)
+        return done if done is not None else self.put(key, check(*tensors, *scalars))
+
     def put(self, key, value):
         if key is None:
             return value

@@ -90,12 +90,7 @@ def bernstein(inputs: torch.Tensor, theta: torch.Tensor, *, inverse: bool = Fals
         both at that element only; an empty input gives empty outputs.
     """
     inputs, theta = autocast_args(inputs, theta)  # float32 under autocast
-    if torch.compiler.is_compiling():
-        bound = _check_all(inputs, theta, bound)
-    else:
-        key = _MEMO.key((inputs, theta), (bound,))
-        done = _MEMO.get(key)
-        bound = done if done is not None else _MEMO.put(key, _check_all(inputs, theta, bound))
+    bound = _MEMO.check(_check_all, (inputs, theta), (bound,))
     name = resolve_backend(OP, inputs, backend, caller=OP)
     inverse = check_bool(OP, "inverse", inverse)
     if theta.shape[:-1] != inputs.shape:  # broadcast: a view; autograd sums the gradient back
@@ -174,12 +169,7 @@ def sos_polynomial(inputs: torch.Tensor, a: torch.Tensor, *, inverse: bool = Fal
         both at that element only; an empty input gives empty outputs.
     """
     inputs, a = autocast_args(inputs, a)  # float32 under autocast
-    if torch.compiler.is_compiling():
-        bound, slope = _sos_check_all(inputs, a, bound, slope)
-    else:
-        key = _SOS_MEMO.key((inputs, a), (bound, slope))
-        done = _SOS_MEMO.get(key)
-        bound, slope = done if done is not None else _SOS_MEMO.put(key, _sos_check_all(inputs, a, bound, slope))
+    bound, slope = _SOS_MEMO.check(_sos_check_all, (inputs, a), (bound, slope))
     name = resolve_backend(SOS, inputs, backend, caller=SOS)
     inverse = check_bool(SOS, "inverse", inverse)
     if a.shape[:-2] != inputs.shape:  # broadcast: a view; autograd sums the gradient back

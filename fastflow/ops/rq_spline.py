@@ -78,13 +78,7 @@ def _checked(parameterization, tensors, tail_bound, mbw, mbh, md, box=_SQUARE, s
     ``(inputs, params, (tail_bound, mbw, mbh, md, box, slope))`` or an error."""
     inputs, *params = autocast_args(*tensors)  # float32 under autocast
     scalars = (parameterization, tail_bound, mbw, mbh, md, box, slope)
-    if torch.compiler.is_compiling():
-        return inputs, params, _check_all(inputs, *params, *scalars)
-    key = _MEMO.key((inputs, *params), scalars)
-    done = _MEMO.get(key)
-    if done is None:
-        done = _MEMO.put(key, _check_all(inputs, *params, *scalars))
-    return inputs, params, done
+    return inputs, params, _MEMO.check(_check_all, (inputs, *params), scalars)
 
 
 def _check_all(inputs, uw, uh, ud, parameterization, tail_bound, mbw, mbh, md, box, slope):

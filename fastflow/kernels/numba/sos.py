@@ -15,7 +15,6 @@ the float64 resolution. Everything is computed in float64 and stored in the inpu
 
 from __future__ import annotations
 
-
 import numba as nb
 import numpy as np
 import torch
@@ -62,16 +61,15 @@ def _root(y, a, e, kk, n1, bound, slope, pw):
     it (bisection where it would leave it) to the float64 resolution."""
     lo = -bound
     hi = bound
-    for _ in range(1100):  # (f(x) = y has a root: f increases with slope >= slope, down to -inf)
-        if _f_g(lo, a, e, kk, n1, bound, slope, pw)[0] <= y:
+    for _ in range(2200):  # (f(x) = y has a root: f increases with slope >= slope, down to -inf)
+        if _f_g(lo, a, e, kk, n1, bound, slope, pw)[0] > y:  # (f increases: then f(hi) > y too)
+            hi = lo
+            lo *= 2.0
+        elif _f_g(hi, a, e, kk, n1, bound, slope, pw)[0] < y:
+            lo = hi
+            hi *= 2.0
+        else:
             break
-        hi = lo
-        lo *= 2.0
-    for _ in range(1100):
-        if _f_g(hi, a, e, kk, n1, bound, slope, pw)[0] >= y:
-            break
-        lo = hi
-        hi *= 2.0
     x = min(max(y, lo), hi)
     for _ in range(200):
         f, g, _ = _f_g(x, a, e, kk, n1, bound, slope, pw)
