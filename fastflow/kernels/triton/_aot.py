@@ -48,6 +48,26 @@ class Spec:
         return (self.name, self.signature, self.constexprs, self.num_warps, self.divisible)
 
 
+def f64(value) -> object:
+    """A scalar argument the kernel declares ``tl.float64``. Compiled, the kernel receives the
+    float64 its signature says. Triton's interpreter (``TRITON_INTERPRET=1``) would hand the
+    kernel the Python float, which ``tl.cast`` first turns into an fp32 constant (pi arrives 9e-8
+    off): there it travels as a float64 interpreter tensor instead, so float64 tests see what a
+    GPU computes."""
+    value = float(value)
+    if not _interpreting():
+        return value
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    return tl.tensor(TensorHandle(np.array([value], dtype=np.float64), tl.float64), tl.float64)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
 def make_spec(kernel, types: dict, constexprs: dict, num_warps: int, label: str = "", ints: dict | None = None) -> Spec:
     """``types`` maps runtime arguments of ``kernel`` to their Triton type (``"*fp32"``,
     ``"fp64"``); ``ints`` maps integer arguments to a representative value, typed as the JIT

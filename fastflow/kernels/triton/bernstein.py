@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from fastflow.kernels.reference.bernstein import EPS
-from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, make_spec, ptr, unique
+from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, f64, make_spec, ptr, unique
 from fastflow.kernels.triton.coupling import _ct, _device
 
 NUM_WARPS = 4
@@ -212,7 +212,7 @@ def _run(z, raw, go, gl, inverse, bound, backward):
         grid = (triton.cdiv(n, cx["BLOCK"]),)
         lad, graw = (out, second) if backward else (second, out)
         with _device(z):
-            spec.kernel[grid](z, raw, go, gl, out, lad, graw, logc, n, float(bound), float(EPS),
+            spec.kernel[grid](z, raw, go, gl, out, lad, graw, logc, n, f64(bound), f64(EPS),
                               **spec.launch_kwargs())
     return out, second
 

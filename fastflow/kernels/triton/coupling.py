@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, make_spec, ptr, unique
+from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, f64, make_spec, ptr, unique
 
 _KINDS = {"exp": 0, "softclamp": 1, "sigmoid": 2}
 NUM_WARPS = 4
@@ -311,7 +311,7 @@ def affine_fwd(x, shift, raw_scale, scale, clamp, inverse):
                          scale, bool(inverse))
     grid = (triton.cdiv(b, dict(spec.constexprs)["ROWS"]),)
     _launch(spec, grid, (x, shift, raw_scale, out, lad, b, m * n, n, *x.stride(), *shift.stride(),
-                         *raw_scale.stride(), float(clamp)))
+                         *raw_scale.stride(), f64(clamp)))
     return out, lad
 
 
@@ -324,7 +324,7 @@ def affine_bwd(g_out, g_lad, x, shift, raw_scale, scale, clamp, inverse):
                                                           raw_scale.stride()), scale, bool(inverse))
     grid = (triton.cdiv(b, dict(spec.constexprs)["ROWS"]),)
     _launch(spec, grid, (g_out, g_lad, x, shift, raw_scale, gx, gh, b, m * n, n, *g_out.stride(), g_lad.stride(0),
-                         *x.stride(), *shift.stride(), *raw_scale.stride(), float(clamp)))
+                         *x.stride(), *shift.stride(), *raw_scale.stride(), f64(clamp)))
     return gx, gh
 
 

@@ -33,7 +33,7 @@ import triton.language as tl
 from fastflow.kernels._facts import SPLINE_PARAMETERIZATIONS
 from fastflow.kernels.reference.spline import flat_rows
 from fastflow.kernels.triton import BACKEND
-from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, make_spec, ptr, unique
+from fastflow.kernels.triton._aot import TRITON_TYPES, Spec, f64, make_spec, ptr, unique
 
 
 NUM_WARPS = 4
@@ -448,8 +448,8 @@ def _launch(spec: Spec, n: int, args):
 
 
 def _scalars(parameterization, box, mbw, mbh, md):
-    left, right, bottom, top = (float(v) for v in box)
-    return (right, float(mbw), float(mbh), float(md), left, right, bottom, top)
+    left, right, bottom, top = box
+    return tuple(map(f64, (right, mbw, mbh, md, left, right, bottom, top)))
 
 
 def _forward(x, uw, uh, ud, inverse, parameterization, box, mbw, mbh, md):
