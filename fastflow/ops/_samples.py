@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastflow.ops._spec import SPECS, BadInput, OpSpec, declare
+from fastflow.ops.circular import _circular_op, rq_spline_circular
 from fastflow.ops.coupling import (_additive_coupling_op, _affine_coupling_op, _rescale_op, additive_coupling,
                                    affine_coupling, rescale)
 from fastflow.ops.lu import _actnorm_conv1x1_op, _lu_conv1x1_op, _lu_linear_op, actnorm_conv1x1, lu_conv1x1, lu_linear
@@ -98,6 +99,22 @@ declare(OpSpec(
     bad=_spline_bad("widths", "heights", "derivatives", "-1=4") + (
         BadInput("a slope of 1", lambda t, kw: (t, {**kw, "slope": 1.0}), ValueError, "slope must be in"),),
     **_SPLINE))
+
+
+
+def _circular_example(shape, dtype, device, gen, k=5):
+    # angles inside [-pi, pi) (any real is taken mod 2 pi, so a round trip returns x mod 2 pi):
+    # the spline example's range, 1.2 times [-2.58, 2.58], is [-3.096, 3.096]
+    return _spline_example(-1, -2.58, 2.58, {"slope": 2.0**-10})(shape, dtype, device, gen, k)
+
+
+declare(OpSpec(
+    name="rq_spline_circular", fn=rq_spline_circular, inputs=("x", "uw", "uh", "ud"), example=_circular_example,
+    requires="zuko", options=({"k": 2}, {"k": 5}, {"k": 23}),
+    op_args=lambda t, kw, inverse, backend: (*t, inverse, kw["slope"], backend),
+    bad=_spline_bad("widths", "heights", "derivatives", "-1=4") + (
+        BadInput("a slope of 0", lambda t, kw: (t, {**kw, "slope": 0.0}), ValueError, "slope must be in"),),
+    **{**_SPLINE, "fused": lambda: _circular_op}))
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,17 +73,18 @@ _SQUARE = (-1.0, 1.0, -1.0, 1.0)  # (a tail_bound row's box: the op makes it [-B
 _NAMES = ("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives")
 
 
-def _checked(parameterization, tensors, tail_bound, mbw, mbh, md, box=_SQUARE, slope=0.0):
+def _checked(parameterization, tensors, tail_bound, mbw, mbh, md, box=_SQUARE, slope=0.0, caller=None):
     """The public function's checks (autocast first; remembered per shapes and values):
-    ``(inputs, params, (tail_bound, mbw, mbh, md, box, slope))`` or an error."""
+    ``(inputs, params, (tail_bound, mbw, mbh, md, box, slope))`` or an error naming ``caller``
+    (default: the parameterisation's public function)."""
     inputs, *params = autocast_args(*tensors)  # float32 under autocast
-    scalars = (parameterization, tail_bound, mbw, mbh, md, box, slope)
+    scalars = (parameterization, tail_bound, mbw, mbh, md, box, slope, caller)
     return inputs, params, _MEMO.check(_check_all, (inputs, *params), scalars)
 
 
-def _check_all(inputs, uw, uh, ud, parameterization, tail_bound, mbw, mbh, md, box, slope):
+def _check_all(inputs, uw, uh, ud, parameterization, tail_bound, mbw, mbh, md, box, slope, caller):
     row = SPLINE_PARAMETERIZATIONS[parameterization]
-    op, n_derivs = row.public, row.n_derivs
+    op, n_derivs = caller or row.public, row.n_derivs
     names = ("widths", "heights", "derivatives") if row.own_slope else _NAMES  # (zuko's names)
     check_elementwise(op, {"inputs": inputs, names[0]: uw, names[1]: uh, names[2]: ud}, dim="bin")
     k = uw.shape[-1]
