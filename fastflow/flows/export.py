@@ -9,7 +9,8 @@ Two small modules wrap a flow so that ``torch.export.export`` sees tensors in an
   generator state baked in). For the normal bases ``eps`` is exactly what the flow's own sampling
   draws (``Sampler(flow)(torch.randn(n, *shape))`` equals ``flow.sample_and_log_prob(n)`` under
   the same seed); for the logistic base (``nice``) it is mapped through the normal CDF and the
-  logistic quantile, which is a logistic sample too. With a context ``(B, F)`` each row of ``eps``
+  logistic quantile, which is a logistic sample too (for the box-uniform base of ``ncsf``, through the
+  normal CDF onto the box). With a context ``(B, F)`` each row of ``eps``
   is sampled under its row of the context.
 
 :func:`export_flow` builds either and calls ``torch.export.export`` with a fixed or dynamic batch
@@ -40,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from fastflow.flows.distributions import DiagonalNormal, StandardLogistic, StandardNormal
+from fastflow.flows.distributions import BoxUniform, DiagonalNormal, StandardLogistic, StandardNormal
 from fastflow.flows.flow import Flow
 
 __all__ = ["LogProb", "Sampler", "export_flow", "NotExportableError", "WHAT"]
@@ -73,6 +74,9 @@ def _base_sample(base, eps: torch.Tensor, context):
         # u = Phi(eps) is uniform; the logistic quantile log(u) - log(1 - u), written with log_ndtr
         # for both tails so that |eps| up to ~37 stays finite in float32
         z = torch.special.log_ndtr(eps) - torch.special.log_ndtr(-eps)
+        return z, base.log_prob(z)
+    if isinstance(base, BoxUniform):  # u = Phi(eps), uniform on [0, 1]
+        z = base.low + (base.high - base.low) * torch.special.ndtr(eps)
         return z, base.log_prob(z)
     raise NotExportableError(f"Sampler: base distribution {type(base).__name__} has no standard-normal "
                              "reparameterisation here; export log_prob, or sample in Python")

@@ -13,18 +13,19 @@ import math
 import numbers
 from typing import Callable
 
-from fastflow.flows.distributions import DiagonalNormal, StandardLogistic, StandardNormal
+from fastflow.flows.distributions import BoxUniform, DiagonalNormal, StandardLogistic, StandardNormal
 from fastflow.flows.flow import Flow
 from fastflow.nn.autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive, MaskedRQAutoregressive
-from fastflow.nn.base import CompositeTransform, InverseTransform, Reshape, Softclip
+from fastflow.nn.base import CircularWrap, CompositeTransform, InverseTransform, Reshape, Softclip
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling, Rescale, RQSplineCoupling
-from fastflow.nn.laws import BernsteinLaw, SOSLaw
+from fastflow.nn.laws import BernsteinLaw, CircularSplineLaw, SOSLaw
 from fastflow.nn.glow import ActNorm, ActNormInvConv1x1, InvConv1x1, LULinear, MultiScale, Squeeze
 from fastflow.nn.masks import alternating_mask, channel_mask, checkerboard_mask
 from fastflow.nn.normalization import BatchNormFlow
 from fastflow.nn.permutations import RandomPermutation, ReversePermutation
 
-__all__ = ["build", "names", "register", "realnvp", "nice", "glow", "maf", "iaf", "nsf", "nsf_ar", "bpf", "sospf"]
+__all__ = ["build", "names", "register", "realnvp", "nice", "glow", "maf", "iaf", "nsf", "nsf_ar", "bpf", "sospf",
+           "ncsf"]
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -280,6 +281,33 @@ def sospf(shape, context_features=None, *, num_layers=3, hidden_features=64, num
         layers.append(MaskedAutoregressive(d, SOSLaw(polynomials, degree, 10.0, slope, backend), hidden_features,
                                            num_blocks, context_features))
     return Flow(CompositeTransform(layers), _base(base, (d,), context_features))
+
+
+@register("ncsf")
+def ncsf(shape, context_features=None, *, num_layers=3, hidden_features=64, num_blocks=2, num_bins=8, slope=1e-3,
+         permutation="reverse", backend=None) -> Flow:
+    """Neural circular spline flow (zuko's ``NCSF``; Rezende et al. 2020): a density on the torus
+    ``[-pi, pi)^D`` of angles. MADE-parameterised circular spline laws with order reversals, and a
+    uniform base on ``[-pi - 1e-5, pi + 1e-5]^D`` as zuko's. Inputs are first wrapped onto
+    ``[-pi, pi)`` (:class:`~fastflow.nn.CircularWrap`: ``log_prob`` of an angle equals that of the
+    same angle plus a turn; zuko's conditioners see the raw value) and samples lie in
+    ``[-pi, pi)``. As zuko's, the conditioners take the angles as numbers, so the density of one
+    feature given the others may jump where a conditioning angle crosses ``+-pi``. zuko's
+    defaults: 3 layers, two hidden layers of 64, 8 bins.
+
+    Only permutations keep the torus (``permutation``: ``"reverse"``, ``"random"`` or ``"none"``).
+    """
+    if permutation not in ("reverse", "random", "none", None):
+        raise ValueError(f"ncsf: permutation={permutation!r}; a circular flow takes 'reverse', 'random' or 'none' "
+                         "(a linear mixer would leave the torus)")
+    layers, d = _flatten(shape)
+    layers.append(CircularWrap())  # any turn of an angle: [-pi, pi), what the conditioners see
+    for i in range(num_layers):
+        if i > 0:
+            layers += _mixer(permutation, d, i)
+        layers.append(MaskedAutoregressive(d, CircularSplineLaw(num_bins, slope, backend), hidden_features, num_blocks,
+                                           context_features))
+    return Flow(CompositeTransform(layers), BoxUniform((d,), -math.pi - 1e-5, math.pi + 1e-5))
 
 
 @register("glow")

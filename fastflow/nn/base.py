@@ -113,3 +113,19 @@ class Softclip(Transform):
 
     def extra_repr(self):
         return f"bound={self.bound}"
+
+
+class CircularWrap(Transform):
+    """Angles onto ``[-pi, pi)``: ``(x + pi) mod 2 pi - pi``, both ways, log-det 0 (on the
+    circle it is the identity). First in a circular flow, so that the density of an angle does not
+    depend on the turn it is given in (``[0, 2 pi)`` or ``[-pi, pi)`` data alike)."""
+
+    @staticmethod
+    def _wrap(x):
+        return torch.remainder(x + math.pi, 2 * math.pi) - math.pi
+
+    def forward(self, x, context=None):
+        return self._wrap(x), x.new_zeros(x.shape[0])
+
+    def inverse(self, y, context=None):
+        return self._wrap(y), y.new_zeros(y.shape[0])

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 
+from fastflow.ops.circular import rq_spline_circular
 from fastflow.ops.coupling import SCALES, additive_coupling, affine_coupling
 from fastflow.ops.polynomial import MAX_PARAMS, MAX_SOS_DEGREE, bernstein, sos_polynomial
-from fastflow.ops.rq_spline import rq_spline
+from fastflow.ops.rq_spline import MAX_BINS, rq_spline
 
-__all__ = ["Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "BernsteinLaw", "SOSLaw", "make_law"]
+__all__ = ["Law", "AffineLaw", "AdditiveLaw", "SplineLaw", "CircularSplineLaw", "BernsteinLaw", "SOSLaw",
+           "make_law"]
 
 
 class Law:
@@ -119,6 +121,35 @@ class SplineLaw(Law):
         return y, lad.flatten(1).sum(dim=1)
 
 
+class CircularSplineLaw(Law):
+    """Circular rational-quadratic spline on angles (Rezende et al. 2020; zuko's ``NCSF`` layer):
+    ``3K - 1`` raw parameters per element in zuko's parameterisation (``K`` widths, ``K`` heights,
+    ``K - 1`` interior slopes, used as the conditioner gives them); op
+    :func:`fastflow.ops.rq_spline_circular`. Inputs are angles (any real is taken modulo
+    ``2 pi``), outputs lie in ``[-pi, pi]``. A zero conditioner output gives the identity spline
+    after zuko's rotation by ``pi``.
+
+    Args:
+        num_bins: ``K`` (``>= 2``).
+        slope: the minimum slope, in ``(0, 1)``.
+        backend: forces the op's backend (None: the fastest available).
+    """
+
+    def __init__(self, num_bins: int = 8, slope: float = 1e-3, backend: str | None = None):
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 2 <= num_bins <= MAX_BINS:
+            raise ValueError(f"CircularSplineLaw: num_bins must be an integer in 2..{MAX_BINS}, got {num_bins!r}")
+        if not isinstance(slope, (int, float)) or not 0.0 < float(slope) < 1.0:
+            raise ValueError(f"CircularSplineLaw: slope must be in (0, 1), got {slope!r}")
+        self.num_bins, self.slope, self.backend = num_bins, float(slope), backend
+        self.params_per_element = 3 * num_bins - 1
+
+    def __call__(self, x, params, inverse):
+        k = self.num_bins
+        y, lad = rq_spline_circular(x, params[..., :k], params[..., k : 2 * k], params[..., 2 * k :],
+                                    inverse=inverse, slope=self.slope, backend=self.backend)
+        return y, lad.flatten(1).sum(dim=1)
+
+
 class BernsteinLaw(Law):
     """Bernstein polynomial law (Bernstein-Polynomial Normalizing Flows; zuko's ``BPF``):
     ``degree + 1`` raw coefficients per element, as zuko's ``BPF(degree=...)`` (the polynomial
@@ -186,12 +217,13 @@ class SOSLaw(Law):
         return y, lad.flatten(1).sum(dim=1)
 
 
-_LAWS = {"affine": AffineLaw, "additive": AdditiveLaw, "spline": SplineLaw, "bernstein": BernsteinLaw, "sos": SOSLaw}
+_LAWS = {"affine": AffineLaw, "additive": AdditiveLaw, "spline": SplineLaw, "circular": CircularSplineLaw,
+         "bernstein": BernsteinLaw, "sos": SOSLaw}
 
 
 def make_law(law, **kwargs) -> Law:
     """A law object from a law, or a name (``"affine"``, ``"additive"``, ``"spline"``,
-    ``"bernstein"``, ``"sos"``) and its arguments."""
+    ``"circular"``, ``"bernstein"``, ``"sos"``) and its arguments."""
     if isinstance(law, str):
         if law not in _LAWS:
             raise ValueError(f"unknown law {law!r}; expected one of {sorted(_LAWS)} or a Law object")

@@ -16,6 +16,7 @@ SMALL = {
     "nsf-ar": dict(num_layers=2, hidden_features=16, num_blocks=1, num_bins=4),
     "bpf": dict(num_layers=2, hidden_features=16, num_blocks=1, degree=6, bound=4.0),
     "sospf": dict(num_layers=2, hidden_features=16, num_blocks=1, degree=2, polynomials=2),
+    "ncsf": dict(num_layers=2, hidden_features=16, num_blocks=1, num_bins=4),
     "glow": dict(levels=2, depth=1, hidden_channels=8),
     "realnvp-image": dict(levels=2, hidden_channels=8, num_blocks=1),
     "resflow": dict(num_layers=2, hidden_features=16),

@@ -14,6 +14,7 @@ TINY = {
     "nsf-ar": dict(num_layers=1, hidden_features=8, num_blocks=1, num_bins=4),
     "bpf": dict(num_layers=1, hidden_features=8, num_blocks=1, degree=4),
     "sospf": dict(num_layers=2, hidden_features=8, num_blocks=1, degree=2, polynomials=2),
+    "ncsf": dict(num_layers=2, hidden_features=8, num_blocks=1, num_bins=4),
     "glow": dict(levels=1, depth=1, hidden_channels=4),
     "realnvp-image": dict(levels=1, hidden_channels=4, num_blocks=1),
 }

@@ -16,7 +16,7 @@ from tests.flows._autocast_models import SMALL as ALL_SMALL
 
 # the closed-form models' small configurations (shared with the compile, autocast and export tests)
 SMALL = {k: v for k, v in ALL_SMALL.items() if k in ("nsf", "realnvp", "nice", "maf", "iaf", "nsf-ar", "bpf", "sospf",
-                                                     "glow", "realnvp-image")}
+                                                     "ncsf", "glow", "realnvp-image")}
 
 
 def _perturb(module, scale=0.2):
@@ -66,8 +66,9 @@ def test_log_prob_matches_jacobian_and_samples(name, context):
     torch.testing.assert_close(lps.reshape(-1), flow.log_prob(flat_x, flat_c), rtol=1e-6, atol=1e-6)
 
 
-# (not sospf: as zuko's SOSPF, its Softclip between layers maps the line onto (-11, 11), so the
-# latent image is bounded and the density integrates to the base's mass there, below 1)
+# (not ncsf, a density on the torus: its own test below; not sospf: as zuko's SOSPF, its Softclip
+# between layers maps the line onto (-11, 11), so the latent image is bounded and the density
+# integrates to the base's mass there, below 1)
 @pytest.mark.parametrize("name", ["nsf", "realnvp", "nice", "maf", "iaf", "nsf-ar", "bpf"])
 def test_2d_density_integrates_to_one(name):
     flow, _ = _flow(name, shape=(2,))
@@ -80,6 +81,26 @@ def test_2d_density_integrates_to_one(name):
     cell = (g[1] - g[0]) ** 2
     mass = float(p.sum() * cell)
     assert abs(mass - 1.0) < 1e-2, mass
+
+
+def test_ncsf_density_integrates_to_one_on_the_torus():
+    """A density of angles: mass 1 over [-pi, pi)^2 (midpoint rule), the same log-density one
+    turn away, samples inside [-pi, pi)."""
+    flow, _ = _flow("ncsf", shape=(2,))
+    n = 400
+    g = (torch.arange(n, dtype=torch.float64) + 0.5) * (2 * math.pi / n) - math.pi
+    xx, yy = torch.meshgrid(g, g, indexing="ij")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    with torch.no_grad():
+        lp = flow.log_prob(pts)
+        mass = float(lp.exp().sum() * (2 * math.pi / n) ** 2)
+        assert abs(mass - 1.0) < 1e-2, mass
+        torch.testing.assert_close(flow.log_prob(pts + torch.tensor([2 * math.pi, -6 * math.pi],
+                                                                    dtype=torch.float64)), lp, rtol=0, atol=1e-8)
+        xs = flow.sample(2000)
+    assert float(xs.min()) >= -math.pi and float(xs.max()) < math.pi
+    with pytest.raises(ValueError, match="a linear mixer would leave the torus"):
+        build("ncsf", (2,), permutation="lu")
 
 
 def test_checkpoint_rebuild_and_json_spec():
@@ -96,7 +117,7 @@ def test_checkpoint_rebuild_and_json_spec():
     assert fastflow.build is build and fastflow.Flow is Flow
 
 
-@pytest.mark.parametrize("name", ["nsf", "glow", "maf", "bpf", "sospf"])
+@pytest.mark.parametrize("name", ["nsf", "glow", "maf", "bpf", "sospf", "ncsf"])
 def test_compile_fullgraph_log_prob(name):
     torch._dynamo.reset()
     flow, shape = _flow(name, dtype=torch.float32)

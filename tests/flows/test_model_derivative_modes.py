@@ -11,7 +11,7 @@ import torch
 
 from tests.flows.test_flows import _flow
 
-MODELS = ["nsf", "realnvp", "nice", "maf", "nsf-ar", "bpf", "sospf", "glow"]
+MODELS = ["nsf", "realnvp", "nice", "maf", "nsf-ar", "bpf", "sospf", "ncsf", "glow"]
 
 
 def _reference_copy(flow, name):

@@ -24,6 +24,7 @@ TOY = {
     "nsf-ar": dict(num_layers=2, hidden_features=32, num_blocks=1, num_bins=8),
     "bpf": dict(num_layers=3, hidden_features=32, num_blocks=2, degree=16),
     "sospf": dict(num_layers=3, hidden_features=32, num_blocks=2),
+    "ncsf": dict(num_layers=3, hidden_features=32, num_blocks=2),  # (on the torus: moons past pi wrap)
 }
 
 

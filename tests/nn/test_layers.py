@@ -67,6 +67,11 @@ CASES = {
     "bernstein-ar": (lambda c: fnn.MaskedAutoregressive(4, fnn.BernsteinLaw(5, 2.5), 16, 2, c), (4,)),
     "sos-ar": (lambda c: fnn.MaskedAutoregressive(4, fnn.SOSLaw(2, 3), 16, 2, c), (4,)),
     "softclip": (lambda c: fnn.Softclip(3.0), (4,)),
+    # (angles: the inputs below, torch.randn under the suite's seed, all lie in [-pi, pi))
+    "circular-ar": (lambda c: fnn.MaskedAutoregressive(4, fnn.CircularSplineLaw(5), 16, 2, c), (4,)),
+    "circular-coupling": (lambda c: fnn.Coupling(fnn.alternating_mask(5), law="circular", context_features=c,
+                                                 hidden_features=8), (5,)),
+    "circular-wrap": (lambda c: fnn.CircularWrap(), (4,)),
     "bernstein-coupling": (lambda c: fnn.Coupling(fnn.alternating_mask(5), law=fnn.BernsteinLaw(4, 2.0),
                                                   context_features=c, hidden_features=8), (5,)),
     "actnorm": (lambda c: fnn.ActNorm(3).eval(), (3, 2, 2)),
@@ -93,7 +98,7 @@ CASES = {
 CONDITIONAL = {"affine-half", "affine-resmlp", "affine-checkerboard", "affine-channel", "affine-channel-gather",
                "additive-channel-flip", "additive",
                "additive-checkerboard", "spline", "spline-image", "maf", "iaf", "nsf-ar", "bernstein-ar", "sos-ar",
-               "bernstein-coupling", "mixture", "composite",
+               "bernstein-coupling", "circular-ar", "circular-coupling", "mixture", "composite",
                "multiscale"}
 
 
@@ -163,7 +168,7 @@ def test_gradcheck(name):
     assert torch.autograd.gradcheck(g, inv_inputs, eps=1e-6, atol=1e-5)
 
 
-PARAMETER_FREE = {"squeeze", "reverse", "random-perm", "softclip"}
+PARAMETER_FREE = {"squeeze", "reverse", "random-perm", "softclip", "circular-wrap"}
 
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - PARAMETER_FREE))
