@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 BASELINES = {"spline": "nflows", "coupling": "eager", "lu": "torch_eager", "laws": "zuko"}
 TITLES = {"spline": "Rational-quadratic spline (`rq_spline`)", "coupling": "Couplings (`affine_coupling`, ...)",
           "lu": "LU linear maps and 1x1 convolutions",
-          "laws": "Polynomial laws (`bernstein`, `sos_polynomial`) against zuko's own transforms"}
+          "laws": "More laws (`bernstein`, `sos_polynomial`, `rq_spline_circular`) against zuko's own transforms"}
 
 
 def _fmt(v) -> str:

@@ -9,8 +9,9 @@ The implementations of one case are timed in alternation, round by round
 runs every law at 2^16, 2^20 and 2^22 elements (``--quick``: 2^12, 2^16).
 
 Laws (``LAWS``): ``bernstein`` (zuko's ``BoundedBernsteinTransform``, 17 raw coefficients per
-element as zuko's ``BPF(degree=16)``, bound 5) and ``sos_polynomial`` (zuko's
-``SOSPolynomialTransform``, 3 polynomials of degree 4 as its ``SOSPF``).
+element as zuko's ``BPF(degree=16)``, bound 5), ``sos_polynomial`` (zuko's
+``SOSPolynomialTransform``, 3 polynomials of degree 4 as its ``SOSPF``) and
+``rq_spline_circular`` (zuko's ``CircularRQSTransform``, 8 bins as its ``NCSF``).
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ TABLE_COLUMNS = ["op", "impl", "mode", "n", "median_s", "ns_per_element", "speed
 class BenchLaw:
     """A law as timed here: the op's name, ``inputs(n, device, dtype) -> (x, params)``, the op
     ``ours(x, params, inverse, backend)`` and the peer's ``peer(x, params, inverse)``, each
-    returning ``(y, logabsdet)``."""
+    returning ``(y, logabsdet)``; ``kernels``: the registry's op whose kernels it runs (default
+    ``op``)."""
 
     op: str
     inputs: Callable
     ours: Callable
     peer: Callable | None
+    kernels: str | None = None
 
 
 def _bernstein_inputs(n, device, dtype, seed=0):
@@ -97,8 +100,37 @@ def _sos_peer():
     return zuko_sos
 
 
+def _circular_inputs(n, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, generator=g) * 2 - 1) * torch.pi  # angles
+    w, h = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    d = torch.randn(n, 7, generator=g)
+    return x.to(device=device, dtype=dtype), tuple(t.to(device=device, dtype=dtype) for t in (w, h, d))
+
+
+def _circular_ours(x, p, inverse, backend):
+    from fastflow.ops import rq_spline_circular
+
+    return rq_spline_circular(x, *p, inverse=inverse, backend=backend)
+
+
+def _circular_peer():
+    try:
+        from zuko.flows.spline import CircularRQSTransform
+    except ImportError:
+        return None
+
+    def zuko_circular(x, p, inverse):
+        t = CircularRQSTransform(*p, slope=1e-3)
+        return (t.inv if inverse else t).call_and_ladj(x)
+
+    return zuko_circular
+
+
 LAWS = {"bernstein": BenchLaw("bernstein", _bernstein_inputs, _bernstein_ours, _bernstein_peer()),
-        "sos_polynomial": BenchLaw("sos_polynomial", _sos_inputs, _sos_ours, _sos_peer())}
+        "sos_polynomial": BenchLaw("sos_polynomial", _sos_inputs, _sos_ours, _sos_peer()),
+        "rq_spline_circular": BenchLaw("rq_spline_circular", _circular_inputs, _circular_ours, _circular_peer(),
+                                       kernels="rq_spline")}
 
 
 def _compiled(fn):
@@ -115,11 +147,12 @@ def _compiled(fn):
 def _impls(law: BenchLaw, device, dtype, n):
     impls = {}
     probe = torch.empty(1, device=device, dtype=dtype)
+    kernels = law.kernels or law.op
     for name in BACKENDS:
-        if law.op not in BACKENDS[name].ops or (name == "reference" and n > REFERENCE_MAX_N):
+        if kernels not in BACKENDS[name].ops or (name == "reference" and n > REFERENCE_MAX_N):
             continue
         try:
-            resolve_backend(law.op, probe, name)
+            resolve_backend(kernels, probe, name)
         except BackendUnavailableError:
             continue
         impls[name] = lambda x, p, inv, name=name: law.ours(x, p, inv, name)

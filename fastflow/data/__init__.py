@@ -3,8 +3,9 @@
 ``load(name, split=None)`` returns a float32 tensor; ``names()`` lists the datasets.
 
 - 2-D toys (``"moons"``, ``"circles"``, ``"checkerboard"``, ``"8gaussians"``, ``"pinwheel"``,
-  ``"spirals"``): ``n=10000`` points (default) drawn with ``numpy.random.default_rng(seed)``,
-  ``seed=0`` by default, so every call returns the same array.
+  ``"spirals"``, and ``"torus"``, angles in ``[-pi, pi)^2`` for circular flows): ``n=10000``
+  points (default) drawn with ``numpy.random.default_rng(seed)``, ``seed=0`` by default, so
+  every call returns the same array.
 - ``"digits"``: the 1797 8x8 grey-level digits of scikit-learn (``sklearn.datasets.load_digits``,
   BSD-3-Clause), which are the test set of the UCI "Optical Recognition of Handwritten Digits"
   data set (Alpaydin & Kaynak, 1998; CC BY 4.0), stored in ``digits.npz`` as uint8 in

@@ -62,6 +62,14 @@ def spirals(n, rng):
     return x + rng.normal(size=x.shape) * 0.1
 
 
+def torus(n, rng):
+    """Angles on ``[-pi, pi)^2``: three wrapped Gaussians (std 0.4), two centred on the seam
+    (``+-pi``), so that their mass lies at both edges of the square: a density on the torus."""
+    centers = np.array([(np.pi, 0.0), (0.0, np.pi), (-np.pi / 2, -np.pi / 2)])
+    x = centers[rng.integers(0, 3, n)] + rng.normal(size=(n, 2)) * 0.4
+    return np.remainder(x + np.pi, 2 * np.pi) - np.pi
+
+
 TOYS = {
     "moons": moons,
     "circles": circles,
@@ -69,4 +77,5 @@ TOYS = {
     "8gaussians": eight_gaussians,
     "pinwheel": pinwheel,
     "spirals": spirals,
+    "torus": torus,
 }

@@ -6,7 +6,7 @@ import torch
 
 import fastflow.data as data
 
-TOYS = ["moons", "circles", "checkerboard", "8gaussians", "pinwheel", "spirals"]
+TOYS = ["moons", "circles", "checkerboard", "8gaussians", "pinwheel", "spirals", "torus"]
 
 
 def test_names():
@@ -26,6 +26,14 @@ def test_toys_reproducible_and_split(name):
     # the splits partition the data set
     assert len(both) == len(x) and torch.equal(torch.unique(both, dim=0), torch.unique(x, dim=0))
     assert data.load(name, n=100).shape == (100, 2)
+
+
+def test_torus_is_angles_across_the_seam():
+    x = data.load("torus")
+    pi32 = float(torch.tensor(torch.pi))  # (an angle just below pi may round up to float32's pi)
+    assert float(x.min()) >= -pi32 and float(x.max()) <= pi32
+    # mass at both edges of the first angle (the mode at pi, wrapped)
+    assert float((x[:, 0] > 2.8).float().mean()) > 0.05 and float((x[:, 0] < -2.8).float().mean()) > 0.05
 
 
 def test_digits():
