@@ -160,18 +160,27 @@ class _Floor:
 
         self.zuko = importlib.import_module("fastflow.integrations.zuko")
         self.ops = importlib.import_module("fastflow.ops.rq_spline")  # the module, not the function
-        self.fused = (self.zuko._spline, self.ops.rq_spline, self.ops.rq_spline_bounded)
+        self.pkg = importlib.import_module("fastflow.ops")  # where zuko's polynomial laws find their ops
+        self.fused = (self.zuko._spline, self.ops.rq_spline, self.ops.rq_spline_bounded, self.pkg.bernstein,
+                      self.pkg.sos_polynomial)
 
     @staticmethod
     def _noop(v, w, h, d, *args, **kwargs):
         z = (w.sum(-1) + h.sum(-1) + d.sum(-1)) * 0
         return v + z, z
 
+    @staticmethod
+    def _noop_law(v, p, *args, **kwargs):  # the polynomial laws: one parameter tensor
+        z = p.flatten(v.dim()).sum(-1) * 0
+        return v + z, z
+
     def on(self):
         self.zuko._spline = self.ops.rq_spline = self.ops.rq_spline_bounded = self._noop
+        self.pkg.bernstein = self.pkg.sos_polynomial = self._noop_law
 
     def off(self):
-        self.zuko._spline, self.ops.rq_spline, self.ops.rq_spline_bounded = self.fused
+        (self.zuko._spline, self.ops.rq_spline, self.ops.rq_spline_bounded, self.pkg.bernstein,
+         self.pkg.sos_polynomial) = self.fused
 
 
 class _Switch:
@@ -407,7 +416,7 @@ def _npe_rows(name, quick, rounds):
     return rows
 
 
-def _sbi_rows(quick, rounds):
+def _sbi_rows(quick, rounds, estimators=None):
     """Every sbi estimator: train step, sampling, loss trajectory; NPE runs for NPE_ESTIMATORS."""
     try:
         import sbi  # noqa: F401
@@ -418,11 +427,11 @@ def _sbi_rows(quick, rounds):
         print(f"integrations: skipping the sbi case: {msg}")
         return [{"op": "sbi", "mode": "-", "n": SBI_BATCH, "impl": "-", "peer": "sbi", "skipped": msg}]
     rows = []
-    names = ("nsf", "zuko_nsf") if quick else tuple(integ.ESTIMATORS)
+    names = estimators or (("nsf", "zuko_nsf") if quick else tuple(integ.ESTIMATORS))
     for name in names:
         rows += _peer_rows("sbi", name, rounds, False, make=lambda name=name: _sbi(name),
                            fused=integ.ESTIMATORS[name].op is not None)
-    for name in NPE_ESTIMATORS[:1] if quick else NPE_ESTIMATORS:
+    for name in [] if estimators else NPE_ESTIMATORS[:1] if quick else NPE_ESTIMATORS:
         try:
             rows += _npe_rows(name, quick, 2 if quick else SBI_RUNS)
         except Exception as exc:  # sbi's API moves between versions: a result, not a lost run
@@ -430,16 +439,17 @@ def _sbi_rows(quick, rounds):
     return rows
 
 
-def run(device="cpu", repeats=MIN_ROUNDS, quick=False, peers=None, compile=True, sbi=True, **_):
+def run(device="cpu", repeats=MIN_ROUNDS, quick=False, peers=None, compile=True, sbi=True, estimators=None, **_):
+    """Rows of every case; ``estimators``: only these sbi estimators (no peer models, no NPE runs)."""
     if torch.device(device).type != "cpu":
         raise ValueError("fastflow bench integrations: CPU only (the peers' models, float32, one process)")
     rounds = 3 if quick else max(int(repeats), MIN_ROUNDS)
     rows = [{"op": "source", "mode": "-", "n": 0, "impl": "-", **source()}]
-    for peer in peers or PEERS:
+    for peer in () if estimators else peers or PEERS:
         for kind in KINDS.get(peer, ("coupling", "autoregressive")):
             rows += _peer_rows(peer, kind, rounds, compile and not quick, fused=FUSED.get((peer, kind), True))
-    if sbi:
-        rows += _sbi_rows(quick, rounds)
+    if sbi or estimators:
+        rows += _sbi_rows(quick, rounds, estimators)
     return rows
 
 

@@ -59,6 +59,17 @@ def _model_names(text: str) -> list[str]:
     return names
 
 
+def _estimator_names(text: str) -> list[str]:
+    from fastflow.integrations.sbi import ESTIMATORS
+
+    names = [t.strip() for t in text.split(",")]
+    bad = [n for n in names if n not in ESTIMATORS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown sbi estimator {bad[0]!r}; expected names from "
+                                         f"{', '.join(ESTIMATORS)}")
+    return names
+
+
 def add_parser(sub):
     from fastflow.bench import EXTRA_SUITES, SUITES
 
@@ -79,6 +90,9 @@ def add_parser(sub):
                    help="models suite: size names, e.g. sbi,hpc (default both; --quick: tiny)")
     p.add_argument("--models", type=_model_names, default=None,
                    help="models suite: which models, e.g. nsf-coupling,maf (default all)")
+    p.add_argument("--estimators", type=_estimator_names, default=None,
+                   help="integrations suite: only these sbi estimators, e.g. zuko_bpf,zuko_sospf (no peer models, "
+                        "no NPE runs)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     p.set_defaults(func=run)
 
@@ -149,6 +163,9 @@ def _run(args) -> int:
     if (getattr(args, "model_sizes", None) or getattr(args, "models", None)) and "models" not in names:
         print("fastflow bench: --model-sizes and --models apply to the models suite only")
         return 2
+    if getattr(args, "estimators", None) and "integrations" not in names:
+        print("fastflow bench: --estimators applies to the integrations suite only")
+        return 2
     if "models" in names and args.sizes:
         print("fastflow bench: the models suite takes size names with --model-sizes (sbi, hpc, tiny), not --sizes")
         return 2
@@ -164,6 +181,8 @@ def _run(args) -> int:
             kwargs.update(sizes=getattr(args, "model_sizes", None), models=getattr(args, "models", None),
                           rounds=args.repeats)
             kwargs.pop("repeats")
+        if name == "integrations" and getattr(args, "estimators", None):
+            kwargs["estimators"] = args.estimators
         rows = add_ratios(suite.run(**kwargs))
         payload = {"suite": name, "environment": env, "results": rows}
         stamp = env["date"].replace(":", "").replace("-", "")[:15]

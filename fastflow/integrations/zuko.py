@@ -1,4 +1,8 @@
-"""``fastflow.integrations.zuko``: zuko's spline transforms on fastflow's fused spline op.
+"""``fastflow.integrations.zuko``: zuko's spline and polynomial transforms on fastflow's fused ops.
+
+The polynomial laws (``BoundedBernsteinTransform`` of zuko's ``BPF``, ``SOSPolynomialTransform``
+of its ``SOSPF``) go to :func:`fastflow.ops.bernstein` and :func:`fastflow.ops.sos_polynomial`
+(``fastflow/integrations/_zuko_laws.py`` says how). The rest of this docstring is the spline's.
 
 ``accelerate()`` patches ``zuko.transforms.MonotonicRQSTransform`` (used by ``zuko.flows.NSF``
 and, composed with a circular shift, ``NCSF``) so that ``__call__``, ``inv``,
@@ -258,11 +262,14 @@ def _targets():
         f.__qualname__ = f"MonotonicRQSTransform.{f.__name__}"
     from zuko.nn import MaskedLinear
 
-    return [(M, name, f) for name, f in (("__init__", __init__), ("_call", _call), ("_inverse", _inverse),
-                                         ("log_abs_det_jacobian", log_abs_det_jacobian),
-                                         ("call_and_ladj", call_and_ladj), ("__getattr__", __getattr__),
-                                         ("__getstate__", __getstate__))] + \
-        [(MaskedLinear, "forward", _masked_linear_forward(MaskedLinear.__dict__["forward"]))]
+    from fastflow.integrations import _zuko_laws
+
+    spline = [(M, name, f) for name, f in (("__init__", __init__), ("_call", _call), ("_inverse", _inverse),
+                                           ("log_abs_det_jacobian", log_abs_det_jacobian),
+                                           ("call_and_ladj", call_and_ladj), ("__getattr__", __getattr__),
+                                           ("__getstate__", __getstate__))]
+    masks = [(MaskedLinear, "forward", _masked_linear_forward(MaskedLinear.__dict__["forward"]))]
+    return _zuko_laws.targets(INTEGRATION) + spline + masks
 
 
 INTEGRATION = Integration("zuko", "zuko", _tested, TESTED, _targets, required=("zuko",),
@@ -270,4 +277,5 @@ INTEGRATION = Integration("zuko", "zuko", _tested, TESTED, _targets, required=("
 
 
 accelerate, restore, is_accelerated = INTEGRATION.public_functions(
-    __name__, "Route zuko's ``MonotonicRQSTransform`` to fastflow's fused spline op.")
+    __name__, "Route zuko's ``MonotonicRQSTransform``, ``BoundedBernsteinTransform`` and "
+    "``SOSPolynomialTransform`` to fastflow's fused ops.")

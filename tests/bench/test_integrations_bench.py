@@ -70,3 +70,42 @@ def test_glasflow_and_sbi_rows(monkeypatch):
     assert set(npe) == {"plain", "accelerated", floor}
     assert npe["accelerated"]["loss_max_rel_deviation"] <= 1e-4 and npe["plain"]["epochs"] == 2
     assert not [r for r in rows if "error" in r]
+
+
+def test_estimators_option_runs_only_those_and_floors_the_polynomial_laws(monkeypatch):
+    """``estimators=``: those sbi estimators only (no peer models, no NPE runs); the floor of a
+    polynomial-law estimator replaces its fused law too (so it differs from accelerated)."""
+    pytest.importorskip("sbi")
+    monkeypatch.setattr(bench, "WARMUP", 1)
+    monkeypatch.setattr(bench, "TRAJECTORY_STEPS", 3)
+    import fastflow.ops
+
+    seen = []
+    real_on = bench._Floor.on
+
+    def on(self):
+        real_on(self)
+        seen.append(fastflow.ops.bernstein is bench._Floor._noop_law)
+
+    monkeypatch.setattr(bench._Floor, "on", on)
+    rows = bench.run(repeats=1, estimators=["zuko_bpf"])
+    ops = {r["op"] for r in rows} - {"source"}
+    assert ops == {"sbi zuko_bpf"}
+    assert {"plain", "accelerated", "floor: spline a no-op"} <= {r["impl"] for r in rows}
+    assert seen and all(seen)
+    assert fastflow.ops.bernstein is not bench._Floor._noop_law  # put back
+
+
+@pytest.mark.parametrize("args,message", [
+    (["integrations", "--estimators", "zuko_glow"], "unknown sbi estimator"),
+    (["laws", "--estimators", "zuko_bpf"], "applies to the integrations suite only"),
+])
+def test_cli_refuses_bad_estimator_options(tmp_path, capsys, args, message):
+    from fastflow.cli.main import main
+
+    try:
+        code = main(["bench", *args, "--out", str(tmp_path)])
+    except SystemExit as e:  # argparse's refusal
+        code = e.code
+    out = capsys.readouterr()
+    assert code == 2 and message in out.out + out.err

@@ -191,18 +191,20 @@ def check_untested_version(module_mod, targets, monkeypatch):
 
 
 def record_backends(monkeypatch) -> list:
-    """The ``backend`` argument of every backend resolution of the spline ops from now on."""
+    """The ``backend`` argument of every backend resolution of the spline and polynomial ops from
+    now on."""
     import importlib
 
-    rqs = importlib.import_module("fastflow.ops.rq_spline")  # the module (fastflow.ops.rq_spline is the function)
     seen = []
-    real = rqs.resolve_backend
+    # the modules (fastflow.ops.rq_spline is the function)
+    for module in map(importlib.import_module, ("fastflow.ops.rq_spline", "fastflow.ops.polynomial")):
+        real = module.resolve_backend
 
-    def spy(op, tensor, backend=None, **kwargs):
-        seen.append(backend)
-        return real(op, tensor, backend, **kwargs)
+        def spy(op, tensor, backend=None, real=real, **kwargs):
+            seen.append(backend)
+            return real(op, tensor, backend, **kwargs)
 
-    monkeypatch.setattr(rqs, "resolve_backend", spy)
+        monkeypatch.setattr(module, "resolve_backend", spy)
     return seen
 
 

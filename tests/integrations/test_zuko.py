@@ -1,4 +1,4 @@
-"""fastflow.integrations.zuko on zuko's own NSF (coupling and autoregressive) and NCSF."""
+"""fastflow.integrations.zuko on zuko's own NSF (coupling and autoregressive), NCSF, BPF and SOSPF."""
 
 from __future__ import annotations
 
@@ -192,10 +192,90 @@ def test_no_nan_near_the_bounds():
     assert (x.double() - x64).abs().max() <= 1e-4 * 5
 
 
+# ------------------------------------------------------------------ the polynomial laws
+
+POLY = {"bpf": lambda c: zuko.flows.BPF(D, c, transforms=2, hidden_features=(16, 16), degree=8),
+        "sospf": lambda c: zuko.flows.SOSPF(D, c, transforms=2, hidden_features=(16, 16))}
+
+
+def poly(name, context):
+    torch.manual_seed(0)
+    return perturb(POLY[name](context), 0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("context", [0, C])
+@pytest.mark.parametrize("name", sorted(POLY))
+def test_polynomial_flows_equal(name, context, dtype):
+    """log_prob and the transform with its log-det: zuko's numbers (float64 to 1e-10, float32 in
+    zuko's own error class), gradients included."""
+    flow = poly(name, context)
+    x, c = data(context)
+    for fn in (log_prob, transform):
+        check_equal(fn, flow, [x, c], ffz.accelerate, dtype)
+
+
+@pytest.mark.parametrize("name", sorted(POLY))
+def test_polynomial_flows_run_the_fused_ops_and_invert_exactly(name, monkeypatch):
+    """Accelerated, the laws run fastflow's ops (log_prob, backward, sampling; never zuko's
+    autograd log-det or bisection); the inverse is the fused one, exact where zuko's bisection
+    stops at its tolerance."""
+    import zuko.transforms as zt
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("zuko's own law ran")
+
+    flow = poly(name, C).double()
+    x, c = data(C)
+    x = x / 2  # inside zuko's bisection interval, where its inverse is its best
+    with ffz.accelerate(backend=BACKEND):
+        monkeypatch.setattr(zt.MonotonicTransform, "call_and_ladj", refuse)
+        monkeypatch.setattr(zt, "bisection", refuse)
+        monkeypatch.setattr(zt.UnconstrainedMonotonicTransform, "f", refuse)
+        flow(c).log_prob(x).sum().backward()
+        z = flow(c).transform(x)
+        back = flow(c).transform.inv(z)
+        flow(c).sample((3,))
+        monkeypatch.undo()
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-9)
+    with torch.no_grad():
+        plain = flow(c).transform.inv(z)  # zuko's bisection: to about its eps
+    assert float((plain - x).abs().max()) < 1e-4
+
+
+def test_polynomial_transforms_changed_or_subclassed_run_zukos_code():
+    import zuko.transforms as zt
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, generator=g, dtype=torch.float64)
+    theta = torch.randn(50, 9, generator=g, dtype=torch.float64)
+    a = torch.randn(50, 2, 4, generator=g, dtype=torch.float64)
+    plain_b = zt.BoundedBernsteinTransform(theta).call_and_ladj(x)
+    with ffz.accelerate(backend=BACKEND):
+        t = zt.BoundedBernsteinTransform(theta)
+        t.theta = t.theta * 1.01  # values changed after construction: zuko's code on them
+        torch.testing.assert_close(t(x), zt.BernsteinTransform.f(t, x), rtol=0, atol=0)
+        t = zt.BoundedBernsteinTransform(theta, eps=1e-4)  # another eps: zuko's code
+        torch.testing.assert_close(t(x), zt.BernsteinTransform.f(t, x), rtol=0, atol=0)
+        got = zt.BoundedBernsteinTransform(theta).call_and_ladj(x)
+        s = zt.SOSPolynomialTransform(a)
+        s.g = lambda u: u * u + 1  # an own integrand: zuko's code
+        torch.testing.assert_close(s(x), zt.UnconstrainedMonotonicTransform.f(s, x), rtol=0, atol=0)
+        half = zt.SOSPolynomialTransform(a.half()).call_and_ladj(x.half())  # half precision: zuko's code
+        assert half[0].dtype == torch.float16
+    for ours, theirs in zip(got, plain_b):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 def test_restore_exactly():
     targets = [(MonotonicRQSTransform, n) for n in ("__init__", "_call", "_inverse", "log_abs_det_jacobian",
                                                    "call_and_ladj", "__getattr__", "__getstate__")]
     targets.append((zuko.nn.MaskedLinear, "forward"))
+    from zuko.transforms import BoundedBernsteinTransform, SOSPolynomialTransform
+
+    methods = ("_call", "_inverse", "log_abs_det_jacobian", "call_and_ladj")
+    targets += [(BoundedBernsteinTransform, n) for n in ("__init__", *methods)]
+    targets += [(SOSPolynomialTransform, n) for n in methods]
     check_restore(ffz, targets + [(MonotonicRQSTransform, n) for n in ("bins", "__repr__")], patched=len(targets))
 
 
