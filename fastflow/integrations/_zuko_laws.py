@@ -15,7 +15,8 @@ solved to the float64 resolution: zuko bisects on ``[-bound, bound]`` to ``eps =
 sampling moves by zuko's own bisection error (and for SOS, where zuko clamps beyond
 ``f(+-bound)``, ours is the inverse). A transform whose values were changed since it was built,
 a subclass, another ``eps``, half precision, mixed devices or shapes the op refuses run zuko's own
-code, as does a forced backend without the op's kernels.
+code, as does a forced backend without the op's kernels and, with none forced, a device where
+only the reference (the oracle) has the law.
 """
 
 from __future__ import annotations
@@ -46,12 +47,16 @@ def _remember(t, theta, bound) -> None:
     _BERNSTEIN[key] = (weakref.ref(t, forget), t.__dict__.get("theta"), theta, bound)
 
 
-def _runs(op: str, integration) -> bool:
-    """Whether the backend in force has kernels for ``op`` (None: fastflow picks per call)."""
-    from fastflow.backends import BACKENDS
+def _runs(op: str, integration, v) -> bool:
+    """Whether fastflow has a fast path for ``op`` at ``v``: the forced backend's kernels, or
+    with none forced a compiled backend for ``v``'s device (the reference is the oracle, not
+    faster than zuko's own code: a GPU without a Triton kernel for the law keeps zuko's)."""
+    from fastflow.backends import BACKENDS, resolve_backend
 
     name = integration.backend
-    return name is None or op in BACKENDS[name].ops
+    if name is not None:
+        return op in BACKENDS[name].ops
+    return resolve_backend(op, v) != "reference"
 
 
 def _aligned(v, p, event: int):
@@ -85,13 +90,12 @@ def _bernstein(t, v, inverse, integration):
     if entry is None or entry[0]() is not t or type(t) is not BoundedBernsteinTransform:
         return None
     _, theta_set, theta, bound = entry
-    if t.__dict__.get("theta") is not theta_set or t.bound != bound or t.eps != _EPS or not _runs("bernstein",
-                                                                                                   integration):
+    if t.__dict__.get("theta") is not theta_set or t.bound != bound or t.eps != _EPS:
         return None
     if type(bound) not in (float, int) or not 0.0 < bound < math.inf:
         return None
     got = _aligned(v, theta, 1)
-    if got is None or not 2 <= got[1].shape[-1] <= 507:
+    if got is None or not 2 <= got[1].shape[-1] <= 507 or not _runs("bernstein", integration, got[0]):
         return None
     from fastflow.ops import bernstein
 
@@ -102,7 +106,7 @@ def _sos(t, v, inverse, integration):
     """(values, log-det) of the SOS transform ``t`` at ``v`` by fastflow, or None."""
     from zuko.transforms import SOSPolynomialTransform
 
-    if type(t) is not SOSPolynomialTransform or not _runs("sos_polynomial", integration):
+    if type(t) is not SOSPolynomialTransform:
         return None
     d = t.__dict__
     a, bound, slope = d.get("a"), d.get("bound"), d.get("slope")
@@ -110,7 +114,7 @@ def _sos(t, v, inverse, integration):
             and 0.0 < bound < math.inf and 0.0 < slope < math.inf and "g" not in d):
         return None
     got = _aligned(v, a, 2)
-    if got is None:
+    if got is None or not _runs("sos_polynomial", integration, got[0]):
         return None
     from fastflow.ops import sos_polynomial
     from fastflow.ops.polynomial import MAX_SOS_DEGREE

@@ -267,6 +267,34 @@ def test_polynomial_transforms_changed_or_subclassed_run_zukos_code():
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
+def test_polynomial_laws_keep_zukos_code_where_only_the_reference_has_them(monkeypatch):
+    """With no backend forced, a device where fastflow would pick the reference (a GPU without
+    the law's Triton kernel, a machine without numba) keeps zuko's own code: the oracle is no
+    fast path. A forced backend="reference" is honoured."""
+    import fastflow.backends
+    import zuko.transforms as zt
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, generator=g, dtype=torch.float64)
+    a = torch.randn(40, 2, 4, generator=g, dtype=torch.float64)
+    real = fastflow.backends.resolve_backend
+
+    def only_the_reference(op, t, backend=None, **kw):
+        return "reference" if backend is None else real(op, t, backend, **kw)
+
+    monkeypatch.setattr(fastflow.backends, "resolve_backend", only_the_reference)
+    calls = []
+    import fastflow.ops
+
+    monkeypatch.setattr(fastflow.ops, "sos_polynomial", lambda *args, **kw: calls.append(kw) or (args[0], args[0]))
+    with ffz.accelerate():
+        zt.SOSPolynomialTransform(a).call_and_ladj(x)
+    assert not calls
+    with ffz.accelerate(backend="reference"):
+        zt.SOSPolynomialTransform(a).call_and_ladj(x)
+    assert calls and calls[0]["backend"] == "reference"
+
+
 def test_restore_exactly():
     targets = [(MonotonicRQSTransform, n) for n in ("__init__", "_call", "_inverse", "log_abs_det_jacobian",
                                                    "call_and_ladj", "__getattr__", "__getstate__")]
