@@ -54,18 +54,16 @@ def f64(value) -> object:
     kernel the Python float, which ``tl.cast`` first turns into an fp32 constant (pi arrives 9e-8
     off): there it travels as a float64 interpreter tensor instead, so float64 tests see what a
     GPU computes."""
+    from fastflow.kernels._facts import interpreting
+
     value = float(value)
-    if not _interpreting():
+    if not interpreting():
         return value
     import numpy as np
     import triton.language as tl
     from triton.runtime.interpreter import TensorHandle
 
     return tl.tensor(TensorHandle(np.array([value], dtype=np.float64), tl.float64), tl.float64)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def make_spec(kernel, types: dict, constexprs: dict, num_warps: int, label: str = "", ints: dict | None = None) -> Spec:
