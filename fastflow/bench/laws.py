@@ -48,6 +48,24 @@ class BenchLaw:
     kernels: str | None = None
 
 
+def _zuko_peer(module: str, name: str, **kwargs):
+    """zuko's transform ``module.name(*params, **kwargs)`` as ``peer(x, params, inverse)``, or
+    None without zuko."""
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError:
+        return None
+
+    def peer(x, p, inverse):
+        t = cls(*p, **kwargs)
+        return (t.inv if inverse else t).call_and_ladj(x)
+
+    peer.__name__ = f"zuko_{name}"
+    return peer
+
+
 def _bernstein_inputs(n, device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g) * 2.0  # mostly inside [-5, 5], as after standardisation
@@ -61,19 +79,6 @@ def _bernstein_ours(x, p, inverse, backend):
     return bernstein(x, *p, inverse=inverse, bound=5.0, backend=backend)
 
 
-def _bernstein_peer():
-    try:
-        from zuko.transforms import BoundedBernsteinTransform
-    except ImportError:
-        return None
-
-    def zuko_bernstein(x, p, inverse):
-        t = BoundedBernsteinTransform(p[0], bound=5.0)
-        return (t.inv if inverse else t).call_and_ladj(x)
-
-    return zuko_bernstein
-
-
 def _sos_inputs(n, device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g) * 2.0
@@ -85,19 +90,6 @@ def _sos_ours(x, p, inverse, backend):
     from fastflow.ops import sos_polynomial
 
     return sos_polynomial(x, *p, inverse=inverse, backend=backend)
-
-
-def _sos_peer():
-    try:
-        from zuko.transforms import SOSPolynomialTransform
-    except ImportError:
-        return None
-
-    def zuko_sos(x, p, inverse):
-        t = SOSPolynomialTransform(p[0], slope=1e-3)
-        return (t.inv if inverse else t).call_and_ladj(x)
-
-    return zuko_sos
 
 
 def _circular_inputs(n, device, dtype, seed=0):
@@ -114,22 +106,12 @@ def _circular_ours(x, p, inverse, backend):
     return rq_spline_circular(x, *p, inverse=inverse, backend=backend)
 
 
-def _circular_peer():
-    try:
-        from zuko.flows.spline import CircularRQSTransform
-    except ImportError:
-        return None
-
-    def zuko_circular(x, p, inverse):
-        t = CircularRQSTransform(*p, slope=1e-3)
-        return (t.inv if inverse else t).call_and_ladj(x)
-
-    return zuko_circular
-
-
-LAWS = {"bernstein": BenchLaw("bernstein", _bernstein_inputs, _bernstein_ours, _bernstein_peer()),
-        "sos_polynomial": BenchLaw("sos_polynomial", _sos_inputs, _sos_ours, _sos_peer()),
-        "rq_spline_circular": BenchLaw("rq_spline_circular", _circular_inputs, _circular_ours, _circular_peer(),
+LAWS = {"bernstein": BenchLaw("bernstein", _bernstein_inputs, _bernstein_ours,
+                              _zuko_peer("zuko.transforms", "BoundedBernsteinTransform", bound=5.0)),
+        "sos_polynomial": BenchLaw("sos_polynomial", _sos_inputs, _sos_ours,
+                                   _zuko_peer("zuko.transforms", "SOSPolynomialTransform", slope=1e-3)),
+        "rq_spline_circular": BenchLaw("rq_spline_circular", _circular_inputs, _circular_ours,
+                                       _zuko_peer("zuko.flows.spline", "CircularRQSTransform", slope=1e-3),
                                        kernels="rq_spline")}
 
 

@@ -101,11 +101,8 @@ def test_estimators_option_runs_only_those_and_floors_the_polynomial_laws(monkey
     (["laws", "--estimators", "zuko_bpf"], "applies to the integrations suite only"),
 ])
 def test_cli_refuses_bad_estimator_options(tmp_path, capsys, args, message):
-    from fastflow.cli.main import main
+    from tests.bench._cli import bench_exit_code
 
-    try:
-        code = main(["bench", *args, "--out", str(tmp_path)])
-    except SystemExit as e:  # argparse's refusal
-        code = e.code
+    code = bench_exit_code(tmp_path, args)
     out = capsys.readouterr()
     assert code == 2 and message in out.out + out.err

@@ -64,11 +64,8 @@ def test_floor_replaces_every_law():
     (["models", "--sizes", "1024"], "--model-sizes"),
 ])
 def test_cli_refuses_bad_model_options(tmp_path, capsys, args, message):
-    from fastflow.cli.main import main
+    from tests.bench._cli import bench_exit_code
 
-    try:
-        code = main(["bench", *args, "--out", str(tmp_path)])
-    except SystemExit as e:  # argparse's refusal
-        code = e.code
+    code = bench_exit_code(tmp_path, args)
     out = capsys.readouterr()
     assert code == 2 and message in out.out + out.err
