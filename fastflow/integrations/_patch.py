@@ -264,3 +264,30 @@ def float_tensors(*ts) -> bool:
     t0 = ts[0]
     return all(isinstance(t, torch.Tensor) and t.dtype == t0.dtype and t.device == t0.device for t in ts) and \
         t0.dtype in (torch.float32, torch.float64)
+
+
+def aligned(v, params, event: int):
+    """``v`` and ``params`` (each with ``event`` trailing parameter dims) in one float dtype and
+    device, ``v`` and the parameters' leading dims broadcast to one shape (views): ``(v, params)``,
+    or None where the peer's own code must run (not tensors of one float dtype and device, an
+    empty ``v``, shapes that do not broadcast: the peer raises its own error)."""
+    import torch
+
+    if not (isinstance(v, torch.Tensor) and float_tensors(*params) and v.numel() > 0
+            and all(p.dim() > event for p in params) and v.device == params[0].device):
+        return None
+    if v.dtype != params[0].dtype:
+        dtype = torch.promote_types(v.dtype, params[0].dtype)
+        if dtype not in (torch.float32, torch.float64):
+            return None
+        v, params = v.to(dtype), [p.to(dtype) for p in params]
+    leads = [p.shape[:p.dim() - event] for p in params]
+    if any(lead != v.shape for lead in leads):
+        try:
+            shape = torch.broadcast_shapes(v.shape, *leads)
+        except RuntimeError:
+            return None
+        v = v if v.shape == shape else v.expand(shape)
+        params = [p if lead == shape else p.expand(*shape, *p.shape[p.dim() - event:])
+                  for p, lead in zip(params, leads)]
+    return v, tuple(params)

@@ -26,7 +26,7 @@ import weakref
 
 import torch
 
-from fastflow.integrations._patch import float_tensors
+from fastflow.integrations._patch import aligned
 
 __all__ = ["targets"]
 
@@ -59,29 +59,6 @@ def _runs(op: str, integration, v) -> bool:
     return resolve_backend(op, v) != "reference"
 
 
-def _aligned(v, p, event: int):
-    """``v`` and parameters ``p`` (``event`` trailing parameter dims) in one float dtype and
-    device, ``p`` broadcast to ``v``'s shape (views), or None where zuko's code must run."""
-    if not (isinstance(v, torch.Tensor) and float_tensors(p) and v.numel() > 0 and p.dim() > event):
-        return None
-    if v.device != p.device:
-        return None
-    if v.dtype != p.dtype:
-        dtype = torch.promote_types(v.dtype, p.dtype)
-        if dtype not in (torch.float32, torch.float64):
-            return None
-        v, p = v.to(dtype), p.to(dtype)
-    lead = p.shape[: p.dim() - event]
-    if lead != v.shape:
-        try:
-            shape = torch.broadcast_shapes(v.shape, lead)
-        except RuntimeError:
-            return None  # zuko's own code raises its own error
-        v = v.expand(shape) if v.shape != shape else v
-        p = p.expand(*shape, *p.shape[p.dim() - event:]) if lead != shape else p
-    return v, p
-
-
 def _bernstein(t, v, inverse, integration):
     """(values, log-det) of the Bernstein transform ``t`` at ``v`` by fastflow, or None."""
     from zuko.transforms import BoundedBernsteinTransform
@@ -94,12 +71,15 @@ def _bernstein(t, v, inverse, integration):
         return None
     if type(bound) not in (float, int) or not 0.0 < bound < math.inf:
         return None
-    got = _aligned(v, theta, 1)
-    if got is None or not 2 <= got[1].shape[-1] <= 507 or not _runs("bernstein", integration, got[0]):
+    got = aligned(v, (theta,), 1)
+    if got is None:
+        return None
+    v, (theta,) = got
+    if not 2 <= theta.shape[-1] <= 507 or not _runs("bernstein", integration, v):
         return None
     from fastflow.ops import bernstein
 
-    return bernstein(got[0], got[1], inverse=inverse, bound=float(bound), backend=integration.backend)
+    return bernstein(v, theta, inverse=inverse, bound=float(bound), backend=integration.backend)
 
 
 def _sos(t, v, inverse, integration):
@@ -113,15 +93,16 @@ def _sos(t, v, inverse, integration):
     if not (isinstance(a, torch.Tensor) and type(bound) in (float, int) and type(slope) in (float, int)
             and 0.0 < bound < math.inf and 0.0 < slope < math.inf and "g" not in d):
         return None
-    got = _aligned(v, a, 2)
-    if got is None or not _runs("sos_polynomial", integration, got[0]):
+    got = aligned(v, (a,), 2)
+    if got is None:
         return None
+    v, (a,) = got
     from fastflow.ops import sos_polynomial
     from fastflow.ops.polynomial import MAX_SOS_DEGREE
 
-    if got[1].shape[-1] - 1 > MAX_SOS_DEGREE:
+    if a.shape[-1] - 1 > MAX_SOS_DEGREE or not _runs("sos_polynomial", integration, v):
         return None
-    return sos_polynomial(got[0], got[1], inverse=inverse, bound=float(bound), slope=float(slope),
+    return sos_polynomial(v, a, inverse=inverse, bound=float(bound), slope=float(slope),
                           backend=integration.backend)
 
 

@@ -46,7 +46,7 @@ import weakref
 
 import torch
 
-from fastflow.integrations._patch import Integration, float_tensors
+from fastflow.integrations._patch import Integration, aligned
 
 __all__ = ["accelerate", "restore", "is_accelerated", "TESTED"]
 
@@ -186,26 +186,13 @@ def evaluate(t, v, inverse):
     if raw is None:
         return None
     w, h, d, bound, slope = raw
-    if not (isinstance(v, torch.Tensor) and type(bound) in (float, int) and type(slope) in (float, int)
-            and 0.0 < bound < math.inf and 0.0 < slope < 1.0 and float_tensors(w, h, d) and w.dim() >= 1
-            and h.dim() >= 1 and d.dim() >= 1 and v.numel() > 0):
+    if not (type(bound) in (float, int) and type(slope) in (float, int) and 0.0 < bound < math.inf
+            and 0.0 < slope < 1.0):
         return None
-    if v.dtype != w.dtype:
-        dtype = torch.promote_types(v.dtype, w.dtype)
-        if dtype not in (torch.float32, torch.float64) or v.device != w.device:
-            return None
-        v, w, h, d = v.to(dtype), w.to(dtype), h.to(dtype), d.to(dtype)
-    elif v.device != w.device:
+    got = aligned(v, (w, h, d), 1)
+    if got is None:
         return None
-    lead = v.shape
-    if w.shape[:-1] != lead or h.shape[:-1] != lead or d.shape[:-1] != lead:
-        try:
-            shape = torch.broadcast_shapes(lead, w.shape[:-1], h.shape[:-1], d.shape[:-1])
-        except RuntimeError:
-            return None  # zuko's own code raises its own error
-        if v.shape != shape:
-            v = v.expand(shape)
-        w, h, d = (p if p.shape[:-1] == shape else p.expand(*shape, p.shape[-1]) for p in (w, h, d))
+    v, (w, h, d) = got
     from fastflow.ops.rq_spline import rq_spline_accepts
 
     if not rq_spline_accepts(v, w, h, d, parameterization="zuko", tail_bound=bound, slope=slope):

@@ -21,8 +21,7 @@ from fastflow.ops.rq_spline import rq_spline, rq_spline_bounded, rq_spline_zuko
 
 __all__ = ["additive_coupling", "affine_coupling", "rescale", "actnorm_conv1x1", "lu_conv1x1", "lu_linear", "rq_spline",
            "rq_spline_bounded", "rq_spline_zuko", "rq_spline_circular", "bernstein", "sos_polynomial",
-           "HigherOrderError",
-           "load_exported"]
+           "HigherOrderError", "load_exported"]
 
 # Inside torch.autocast every fastflow op computes in float32 (ops/_autocast.py), also when a
 # graph (an exported program) calls the custom op directly.

@@ -101,7 +101,6 @@ declare(OpSpec(
     **_SPLINE))
 
 
-
 def _circular_example(shape, dtype, device, gen, k=5):
     # angles inside [-pi, pi) (any real is taken mod 2 pi, so a round trip returns x mod 2 pi):
     # the spline example's range, 1.2 times [-2.58, 2.58], is [-3.096, 3.096]
